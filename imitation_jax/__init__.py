@@ -1,0 +1,1 @@
+"""imitation_jax: train and evaluate LLaMA-family imitation students with JAX/Flax."""

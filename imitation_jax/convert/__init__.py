@@ -1,0 +1,1 @@
+"""Conversion between Hugging Face LLaMA checkpoints and our parameter tree."""

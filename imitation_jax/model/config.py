@@ -1,0 +1,92 @@
+"""Model hyper-parameters: the fields of an HF `LlamaConfig` we need, plus how to compute."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax.numpy as jnp
+
+REMAT_POLICIES = ("none", "full", "save_dots")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "einsum")
+
+
+@dataclasses.dataclass
+class RopeScaling:
+    """LLaMA-3.1 style frequency scaling (HF `rope_scaling` with `rope_type: llama3`)."""
+
+    rope_type: str = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    preset: Optional[str] = None  # a name from presets.PRESETS; its fields are the defaults below it
+    # Architecture (names follow HF LlamaConfig, so conversion is a field copy).
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: Optional[int] = None  # None: multi-head attention (= num_heads)
+    head_dim: Optional[int] = None  # None: hidden_size // num_heads
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[RopeScaling] = None
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    # Computation.
+    param_dtype: str = "float32"
+    dtype: str = "float32"  # activations and matmuls; bfloat16 on accelerators
+    remat: str = "none"  # none | full | save_dots (keep matmul outputs, recompute the rest)
+    attention: str = "auto"  # auto | xla | cudnn | einsum
+
+    def __post_init__(self) -> None:
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"model.remat={self.remat!r} is not one of {', '.join(REMAT_POLICIES)}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"model.attention={self.attention!r} is not one of {', '.join(ATTENTION_IMPLS)}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def weight_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    def validate(self) -> None:
+        if self.num_heads % self.kv_heads:
+            raise ValueError(f"model.num_heads={self.num_heads} is not a multiple of num_kv_heads={self.kv_heads}")
+        if self.dim_per_head % 2:
+            raise ValueError(f"head dim {self.dim_per_head} must be even for rotary embeddings")
+        if self.vocab_size <= 0:
+            raise ValueError("model.vocab_size must be set (it is taken from the tokenizer when 0)")
+
+    def num_params(self) -> int:
+        """Parameter count computed from the shapes (embedding and head counted separately unless tied)."""
+        d, h, kv, hd = self.hidden_size, self.num_heads, self.kv_heads, self.dim_per_head
+        attn = d * h * hd * 2 + d * kv * hd * 2
+        mlp = 3 * d * self.intermediate_size
+        per_layer = attn + mlp + 2 * d
+        emb = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * per_layer + emb + d
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward = 3x forward), PaLM appendix B style."""
+        matmul_params = self.num_params() - self.vocab_size * self.hidden_size * (0 if self.tie_word_embeddings else 1)
+        matmul_params -= (2 * self.num_layers + 1) * self.hidden_size  # norms do no matmuls
+        attn = 2 * self.num_layers * self.num_heads * self.dim_per_head * seq_len  # QK^T and AV (PaLM's 12*L*H*Q*T)
+        return 6 * matmul_params + 6 * attn

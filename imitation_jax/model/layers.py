@@ -1,0 +1,86 @@
+"""Building blocks of a LLaMA decoder: RMSNorm, rotary embeddings, projections, SwiGLU MLP."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from imitation_jax.model.config import ModelConfig, RopeScaling
+from imitation_jax.sharding import constrain
+
+
+def param(rngs: nnx.Rngs, shape, names, dtype, std: float | None) -> nnx.Param:
+    """A parameter annotated with logical axis names; std=None means ones (norm scales)."""
+    if std is None:
+        value = jnp.ones(shape, dtype)
+    else:
+        value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    # eager_sharding=False: placement happens once, from the rules table, when the state is jitted.
+    return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.weight = param(rngs, (cfg.hidden_size,), ("norm",), cfg.weight_dtype, None)
+        self.eps = cfg.rms_norm_eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # Statistics in fp32 whatever the compute dtype, as HF LlamaRMSNorm does.
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * xf.astype(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
+    """Inverse frequencies of rotate-half RoPE, with LLaMA-3.1 scaling when configured (HF's
+    `_compute_llama3_parameters`), computed in float64 numpy then cast, so they are exact."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    if scaling is None:
+        return inv_freq.astype(np.float32)
+    if scaling.rope_type != "llama3":
+        raise ValueError(f"rope_scaling type {scaling.rope_type!r} is not supported (only 'llama3')")
+    old_len = scaling.original_max_position_embeddings
+    low_wavelen = old_len / scaling.low_freq_factor
+    high_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """cos/sin of shape (batch, seq, head_dim) for integer positions (batch, seq)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half RoPE (HF layout) on x of shape (batch, seq, heads, head_dim)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f, dt, std = cfg.hidden_size, cfg.intermediate_size, cfg.weight_dtype, cfg.initializer_range
+        self.gate = param(rngs, (d, f), ("embed", "mlp"), dt, std)
+        self.up = param(rngs, (d, f), ("embed", "mlp"), dt, std)
+        self.down = param(rngs, (f, d), ("mlp", "embed"), dt, std)
+        self.dtype = cfg.compute_dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = self.dtype
+        h = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
+        h = constrain(h, ("batch", "seq", "act_mlp"))
+        return h @ self.down[...].astype(dt)

@@ -1,0 +1,116 @@
+"""The LLaMA decoder in Flax NNX, with its layers stacked and run by `nnx.scan`.
+
+Parameter layout mirrors Hugging Face's `LlamaForCausalLM` (rotate-half RoPE, q/k/v/o, gate/up/down)
+so conversion is a transpose and reshape; projections keep heads as their own axis so tensor
+parallelism shards heads, not an opaque fused dimension.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from imitation_jax.model.attention import attention
+from imitation_jax.model.config import ModelConfig
+from imitation_jax.model.layers import MLP, RMSNorm, apply_rope, param, rope_inv_freq, rope_tables
+from imitation_jax.sharding import constrain
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
+        dt, std = cfg.weight_dtype, cfg.initializer_range
+        self.q = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), dt, std)
+        self.k = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), dt, std)
+        self.v = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), dt, std)
+        self.o = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), dt, std)
+        self.dtype = cfg.compute_dtype
+        self.impl = cfg.attention
+
+    def __call__(self, x, cos, sin, segment_ids):
+        dt = self.dtype
+        q = jnp.einsum("btd,dhk->bthk", x, self.q[...].astype(dt))
+        k = jnp.einsum("btd,dhk->bthk", x, self.k[...].astype(dt))
+        v = jnp.einsum("btd,dhk->bthk", x, self.v[...].astype(dt))
+        q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "act_heads", None))
+        k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "act_kv_heads", None))
+        v = constrain(v, ("batch", "seq", "act_kv_heads", None))
+        out = attention(q, k, v, segment_ids, self.impl)
+        return jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(dt))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg, rngs)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = RMSNorm(cfg, rngs)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x, cos, sin, segment_ids):
+        x = x + self.attn(self.attn_norm(x), cos, sin, segment_ids)
+        x = x + self.mlp(self.mlp_norm(x))
+        return constrain(x, ("batch", "seq", "act_embed"))
+
+
+class Llama(nnx.Module):
+    """`__call__` returns final hidden states; `logits` applies the output layer. Training computes
+    the loss from hidden states in chunks so the full fp32 logits tensor is never materialised."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        cfg.validate()
+        self.cfg = cfg
+        self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
+                           cfg.weight_dtype, cfg.initializer_range)
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_layers(rngs: nnx.Rngs) -> Block:
+            return Block(cfg, rngs)
+
+        self.layers = make_layers(rngs)
+        self.norm = RMSNorm(cfg, rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
+                                 cfg.weight_dtype, cfg.initializer_range)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        """tokens, positions, segment_ids: (batch, seq) int; returns (batch, seq, hidden)."""
+        cfg = self.cfg
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(tokens)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype)
+        x = constrain(x, ("batch", "seq", "act_embed"))
+        # A trace-time constant, not a state variable (so checkpoints hold parameters only).
+        cos, sin = rope_tables(positions, rope_inv_freq(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling))
+
+        def run_block(block: Block, x):
+            return block(x, cos, sin, segment_ids)
+
+        if cfg.remat != "none":
+            run_block = nnx.remat(run_block, policy=_REMAT[cfg.remat], prevent_cse=False)
+
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
+                  transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def scan_layers(x, block):
+            return run_block(block, x)
+
+        x = scan_layers(x, self.layers)
+        return self.norm(x)
+
+    def output_kernel(self) -> jax.Array:
+        """(hidden, vocab) output projection, the transposed embedding when tied."""
+        return self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """fp32 logits for hidden states (..., hidden)."""
+        return jnp.einsum("...d,dv->...v", hidden, self.output_kernel().astype(hidden.dtype),
+                          preferred_element_type=jnp.float32)

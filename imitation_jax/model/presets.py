@@ -1,0 +1,51 @@
+"""Named model sizes with the numbers of the published Hugging Face `config.json` files."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from imitation_jax.model.config import ModelConfig, RopeScaling
+
+_LLAMA1 = dict(vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=10000.0)
+_LLAMA2 = dict(vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0)
+_LLAMA3 = dict(vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0)
+_LLAMA31 = dict(_LLAMA3, max_position_embeddings=131072)
+
+
+def _size(hidden: int, inter: int, layers: int, heads: int, kv: int | None = None) -> dict:
+    return dict(hidden_size=hidden, intermediate_size=inter, num_layers=layers, num_heads=heads, num_kv_heads=kv)
+
+
+# Architecture fields only; how to compute (dtypes, remat, attention) comes from the run config.
+PRESETS: dict[str, dict] = {
+    "llama-7b": dict(_LLAMA1, **_size(4096, 11008, 32, 32)),
+    "llama-13b": dict(_LLAMA1, **_size(5120, 13824, 40, 40)),
+    "llama-30b": dict(_LLAMA1, **_size(6656, 17920, 60, 52)),
+    "llama-65b": dict(_LLAMA1, **_size(8192, 22016, 80, 64), rms_norm_eps=1e-5),
+    "llama2-7b": dict(_LLAMA2, **_size(4096, 11008, 32, 32, 32)),
+    "llama2-13b": dict(_LLAMA2, **_size(5120, 13824, 40, 40, 40)),
+    "llama2-70b": dict(_LLAMA2, **_size(8192, 28672, 80, 64, 8)),
+    "llama3-8b": dict(_LLAMA3, **_size(4096, 14336, 32, 32, 8)),
+    "llama3-70b": dict(_LLAMA3, **_size(8192, 28672, 80, 64, 8)),
+    "llama3.1-8b": dict(_LLAMA31, **_size(4096, 14336, 32, 32, 8), rope_scaling=RopeScaling()),
+    "llama3.1-70b": dict(_LLAMA31, **_size(8192, 28672, 80, 64, 8), rope_scaling=RopeScaling()),
+    # A few million parameters: the CPU demo and the tests. vocab_size=0 takes the tokenizer's.
+    "tiny": dict(
+        vocab_size=0, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
+        **_size(256, 688, 4, 8, 4),
+    ),
+}
+
+
+def preset_fields(name: str) -> dict:
+    """The architecture fields of preset `name`; a one-line error lists the known names."""
+    if name not in PRESETS:
+        raise ValueError(f"model.preset={name!r} is not one of {', '.join(PRESETS)}")
+    fields = dict(PRESETS[name])
+    if isinstance(fields.get("rope_scaling"), RopeScaling):
+        fields["rope_scaling"] = dataclasses.replace(fields["rope_scaling"])
+    return fields
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    return ModelConfig(**{**preset_fields(name), **overrides})

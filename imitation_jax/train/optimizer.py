@@ -1,0 +1,40 @@
+"""AdamW with warmup + decay, global-norm clipping and no weight decay on norms or embeddings."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+from imitation_jax.config import OptimConfig
+
+
+def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    decay_steps = max(total_steps - warmup, 1)
+    end = cfg.lr * cfg.end_lr_ratio
+    if cfg.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.end_lr_ratio)
+    elif cfg.schedule == "linear":
+        decay = optax.linear_schedule(cfg.lr, end, decay_steps)
+    else:
+        decay = optax.constant_schedule(cfg.lr)
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), decay], [warmup])
+
+
+def decay_mask(params) -> object:
+    """True for weight matrices only: norms and the token embedding are not decayed."""
+    def keep(path, leaf):
+        names = [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
+        return "embed" not in names and not any(n.endswith("norm") for n in names)
+
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    schedule = learning_rate_schedule(cfg, total_steps)
+    chain = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
+    chain.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                             weight_decay=cfg.weight_decay, mask=decay_mask))
+    return optax.chain(*chain), schedule

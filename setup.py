@@ -1,0 +1,36 @@
+from setuptools import find_packages, setup
+
+# jax/flax/orbax minor versions are pinned: the NNX and Orbax APIs still move between minors.
+JAX = "0.10.2"
+
+setup(
+    name="imitation_jax",
+    version="0.1.0",
+    description="Train and evaluate LLaMA-family imitation students with JAX/Flax",
+    python_requires=">=3.11",
+    packages=find_packages(include=["imitation_jax", "imitation_jax.*"]),
+    install_requires=[
+        f"jax=={JAX}",
+        "flax>=0.12.8,<0.13",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "grain>=0.2.18,<0.3",
+        "omegaconf>=2.3,<2.5",
+        "numpy>=1.26",
+        "sentencepiece>=0.2",
+        "transformers>=5.24,<6",
+        "safetensors>=0.5",
+        "tensorboardX>=2.6",
+        "tqdm>=4.66",
+        "pyyaml>=6",
+    ],
+    extras_require={
+        # torch is pinned: an unpinned torch would pull a multi-GB CUDA build.
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0"],
+        "cpu": [f"jax[cpu]=={JAX}"],
+        "gpu": [f"jax[cuda13]=={JAX}"],
+        "tpu": [f"jax[tpu]=={JAX}"],
+        "wandb": ["wandb"],
+    },
+    entry_points={"console_scripts": ["imitation-jax=imitation_jax.cli:main"]},
+)
