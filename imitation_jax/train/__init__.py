@@ -1,0 +1,1 @@
+"""Training: loss, optimizer, sharded state, the jitted step and the loop."""
