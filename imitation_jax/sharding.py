@@ -43,8 +43,8 @@ LOGICAL_RULES: dict[str, Any] = {
 class MeshConfig:
     """Mesh axis sizes; one of them may be -1 to take the devices left over."""
 
-    data: int = 1
-    fsdp: int = -1
+    data: int = -1
+    fsdp: int = 1
     tensor: int = 1
 
 

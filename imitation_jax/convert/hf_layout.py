@@ -91,10 +91,13 @@ def model_config_from_hf(hf: dict) -> dict:
     scaling = hf.get("rope_scaling") or (hf.get("rope_parameters") if
                                           (hf.get("rope_parameters") or {}).get("rope_type") == "llama3" else None)
     rope_theta = hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+    head_dim = hf.get("head_dim")
+    if head_dim == hf["hidden_size"] // hf["num_attention_heads"]:
+        head_dim = None  # the default: keep configs from HF and from presets equal
     return dict(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
         num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
-        num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"], head_dim=hf.get("head_dim"),
+        num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"], head_dim=head_dim,
         max_position_embeddings=hf.get("max_position_embeddings", 2048), rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         rope_theta=float(rope_theta), tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         rope_scaling=None if not scaling else RopeScaling(

@@ -69,7 +69,10 @@ def train(cfg: Config) -> dict[str, Any]:
     eval_rows = (build_rows(cfg.data.eval_files, tokenizer, cfg.data.template, cfg.data.seq_len, cfg.data.pack)
                  if cfg.data.eval_files else None)
 
-    mesh = make_mesh(cfg.mesh)
+    try:
+        mesh = make_mesh(cfg.mesh)
+    except ValueError as exc:
+        raise ConfigError(f"config: {exc}") from None
     t = cfg.train
     micro = t.batch_size // t.grad_accum
     batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]

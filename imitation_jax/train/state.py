@@ -28,9 +28,10 @@ def model_graph(cfg: ModelConfig) -> tuple[nnx.GraphDef, Params, Params]:
     def build():
         graphdef, state = nnx.split(Llama(cfg, rngs=nnx.Rngs(0)))
         found["graphdef"] = graphdef
-        found["names"] = jax.tree.map(lambda v: tuple(v.get_metadata().get("out_sharding") or (None,) * v.ndim),
-                                      state, is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
-        return state.to_pure_dict()
+        found["names"] = nnx.to_pure_dict(jax.tree.map(
+            lambda v: tuple(v.get_metadata().get("out_sharding") or (None,) * v.ndim),
+            state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+        return nnx.to_pure_dict(state)
 
     shapes = jax.eval_shape(build)
     return found["graphdef"], shapes, found["names"]
@@ -50,7 +51,7 @@ def abstract_params(cfg: ModelConfig, mesh: Mesh) -> Params:
 
 def init_params(cfg: ModelConfig, mesh: Mesh, seed: int) -> Params:
     def init():
-        return nnx.split(Llama(cfg, rngs=nnx.Rngs(seed)))[1].to_pure_dict()
+        return nnx.to_pure_dict(nnx.split(Llama(cfg, rngs=nnx.Rngs(seed)))[1])
 
     return jax.jit(init, out_shardings=param_shardings(cfg, mesh))()
 

@@ -1,0 +1,34 @@
+# make install: .venv with the package and its dev extra (re-run only when setup.py changes)
+# make demo:    generate demo data, train the tiny student on the CPU, print the summary
+# make test:    the test suite (CPU only, simulated devices where a mesh is needed)
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DATA := data/demo
+DEMO_RUN ?= runs/demo
+
+.PHONY: install demo test bench clean-demo
+
+install: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev,cpu]"
+	touch $(STAMP)
+
+demo: install
+	$(PY) tools/make_demo_data.py --out $(DEMO_DATA)
+	rm -rf $(DEMO_RUN)  # the demo starts fresh each time
+	$(VENV)/bin/imitation-jax train configs/tiny.yaml run_dir=$(DEMO_RUN)
+
+test: install
+	$(PY) -m pytest -q -n 2 tests
+
+bench: install
+	$(PY) tools/bench_train.py
+
+clean-demo:
+	rm -rf $(DEMO_RUN) $(DEMO_DATA)

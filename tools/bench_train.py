@@ -1,0 +1,266 @@
+#!/usr/bin/env python
+"""Training-step throughput of our JAX trainer against Hugging Face transformers + torch.
+
+    python tools/bench_train.py                       # ~58M-param LLaMA, seq 512, batch 4
+    python tools/bench_train.py --steps 10 --loss-chunk 128 --attention einsum
+
+Both sides train the same LLaMA configuration on the same batch (random tokens, two examples
+packed in each row, about half of the tokens trained): ours is the jitted train step of
+`imitation_jax.train.step` (AdamW from `make_optimizer`, our masked cross entropy); theirs is
+`LlamaForCausalLM` in fp32 (attention "sdpa" and "eager" are both timed, the faster is reported)
+with `torch.optim.AdamW` and the same clipping. Compilation and the first steps are excluded
+(`--warmup`), every timed JAX step ends in `block_until_ready`, torch uses every core.
+
+MFU = model training FLOPs/token (`ModelConfig.flops_per_token`) x tokens/s / peak, where the
+peak is a large fp32 matmul measured in the same run on a CPU, and the chip's published bf16
+peak on an accelerator (compute then defaults to bf16). The last line is
+
+    speedup_vs_hf_torch=<x.xx> mfu=<0.xx>
+
+(speedup is nan when the torch side did not run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=None, help="default: --heads (multi-head attention)")
+    p.add_argument("--intermediate", type=int, default=1376)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--batch", type=int, default=4, help="rows per step (one micro-batch)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per side")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per side after compilation")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="alternate the sides this many times (each side reports its best round)")
+    p.add_argument("--attention", default="auto", choices=("auto", "xla", "einsum", "cudnn"))
+    p.add_argument("--remat", default="none", choices=("none", "full", "save_dots"))
+    p.add_argument("--loss-chunk", type=int, default=0, help="train.loss_chunk (0: whole sequence at once)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                   help="compute dtype (default float32 on CPU, bfloat16 on accelerators)")
+    p.add_argument("--no-torch", action="store_true", help="skip the transformers + torch side")
+    p.add_argument("--torch-attn", default="sdpa,eager",
+                   help="comma-separated HF attn_implementation values to time (the fastest is reported)")
+    p.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before JAX starts")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+ARGS = parse_args() if __name__ == "__main__" else None
+if ARGS is not None and ARGS.xla_flags:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + ARGS.xla_flags).strip()
+
+import jax  # noqa: E402  (XLA_FLAGS must be set first)
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------- batch
+
+def make_batch(vocab: int, batch: int, seq: int, seed: int) -> dict[str, np.ndarray]:
+    """Rows of two packed examples each (a boundary at a random point near the middle); in each
+    example the first ~half (the "prompt") is not trained and the rest (the "answer") is."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(3, vocab, size=(batch, seq + 1), dtype=np.int64)
+    segment_ids = np.ones((batch, seq), np.int32)
+    positions = np.zeros((batch, seq), np.int32)
+    loss_mask = np.zeros((batch, seq), np.int32)
+    for r in range(batch):
+        cut = int(rng.integers(seq // 3, 2 * seq // 3))
+        for s, (lo, hi) in enumerate(((0, cut), (cut, seq))):
+            segment_ids[r, lo:hi] = s + 1
+            positions[r, lo:hi] = np.arange(hi - lo)
+            answer = lo + (hi - lo) // 2
+            loss_mask[r, answer:hi - 1] = 1  # the last token of an example predicts across the boundary
+        loss_mask[r, seq - 1] = 1
+    return {"inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32),
+            "loss_mask": loss_mask, "segment_ids": segment_ids, "positions": positions}
+
+
+# ----------------------------------------------------------------------------------------- ours
+
+def model_config(args, dtype: str):
+    from imitation_jax.model import ModelConfig
+    return ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                       num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads,
+                       max_position_embeddings=max(2048, args.seq), rms_norm_eps=1e-5, rope_theta=10000.0,
+                       param_dtype="float32", dtype=dtype, remat=args.remat, attention=args.attention)
+
+
+def setup_ours(args, cfg, batch_np: dict) -> dict:
+    """Our jitted train step, compiled; `step()` runs one step and blocks until it is done."""
+    from imitation_jax.config import OptimConfig
+    from imitation_jax.sharding import MeshConfig, make_mesh
+    from imitation_jax.train.optimizer import make_optimizer
+    from imitation_jax.train.state import init_opt_state, init_params, model_graph, shardings_of, step_scalar
+    from imitation_jax.train.step import accum_batch_sharding, make_train_step
+
+    mesh = make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1), jax.devices()[:1])
+    optimizer, _ = make_optimizer(OptimConfig(warmup_steps=0), total_steps=1000)
+    graphdef = model_graph(cfg)[0]
+    with jax.set_mesh(mesh):
+        params = init_params(cfg, mesh, args.seed)
+        state = {"params": params, "opt_state": init_opt_state(optimizer, params, mesh), "step": step_scalar(0, mesh)}
+        train_step = make_train_step(graphdef, optimizer, mesh, shardings_of(state), args.loss_chunk)
+        batch = {k: jax.device_put(v[None], accum_batch_sharding(mesh)) for k, v in batch_np.items()}
+        t0 = time.perf_counter()
+        compiled = train_step.lower(state, batch).compile()
+        compile_s = time.perf_counter() - t0
+    box = {"state": state}
+    losses = []
+
+    def step() -> None:
+        box["state"], metrics = compiled(box["state"], batch)
+        jax.block_until_ready((box["state"], metrics))  # async dispatch: the step is done only here
+        losses.append(float(metrics["loss"]))
+
+    return {"step": step, "losses": losses, "compile_s": compile_s, "compiled": compiled}
+
+
+def setup_torch(args, batch_np: dict, attn_impl: str) -> dict:
+    """LlamaForCausalLM (fp32) + AdamW on the same batch and mask; `step()` runs one step."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(args.seed)
+    hf_cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                         num_key_value_heads=args.kv_heads or args.heads,
+                         max_position_embeddings=max(2048, args.seq), rms_norm_eps=1e-5, rope_theta=10000.0,
+                         tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+                         attn_implementation=attn_impl, dtype=torch.float32)
+    model = LlamaForCausalLM(hf_cfg).to(torch.float32).train()
+    named = list(model.named_parameters())
+    decay = [p for n, p in named if p.ndim >= 2 and "embed_tokens" not in n]
+    no_decay = [p for n, p in named if not (p.ndim >= 2 and "embed_tokens" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=3e-4, betas=(0.9, 0.95), eps=1e-8)
+
+    inputs = torch.from_numpy(batch_np["inputs"]).long()
+    targets = torch.from_numpy(batch_np["targets"]).long().reshape(-1)
+    mask = torch.from_numpy(batch_np["loss_mask"]).float().reshape(-1)
+    positions = torch.from_numpy(batch_np["positions"]).long()
+    seg = torch.from_numpy(batch_np["segment_ids"])
+    t = seg.shape[1]
+    # The same packed-row mask as ours (causal AND same example) as a 4D mask, which HF passes
+    # through untouched: boolean for sdpa; eager *adds* the mask to the scores, so it gets 0 / min.
+    attn_mask = ((seg[:, :, None] == seg[:, None, :]) & torch.ones(t, t, dtype=torch.bool).tril())[:, None]
+    if attn_impl != "sdpa":
+        attn_mask = torch.zeros(attn_mask.shape).masked_fill(~attn_mask, torch.finfo(torch.float32).min)
+    losses = []
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        logits = model(input_ids=inputs, position_ids=positions, attention_mask=attn_mask).logits
+        per_token = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets, reduction="none")
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+
+    return {"step": step, "losses": losses}
+
+
+def time_steps(runner: dict, steps: int) -> list[float]:
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        runner["step"]()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+# ----------------------------------------------------------------------------------------- main
+
+def main(args) -> int:
+    from imitation_jax.train.flops import measured_matmul_flops, peak_flops_per_device
+
+    device = jax.devices()[0]
+    on_cpu = device.platform == "cpu"
+    dtype = args.dtype or ("float32" if on_cpu else "bfloat16")
+    cfg = model_config(args, dtype)
+    cfg.validate()
+    batch_np = make_batch(args.vocab, args.batch, args.seq, args.seed)
+    flops_tok = cfg.flops_per_token(args.seq)
+    print(f"device: {device.device_kind} ({device.platform}), {os.cpu_count()} CPU cores, jax {jax.__version__}")
+    print(f"model: {cfg.num_params() / 1e6:.1f}M params, hidden {cfg.hidden_size}, layers {cfg.num_layers}, "
+          f"heads {cfg.num_heads}/{cfg.kv_heads}, mlp {cfg.intermediate_size}, vocab {cfg.vocab_size}; "
+          f"batch {args.batch} x seq {args.seq}, {dtype}; trained tokens "
+          f"{int(batch_np['loss_mask'].sum())}/{batch_np['loss_mask'].size}")
+    print(f"ours: attention={cfg.attention} remat={cfg.remat} loss_chunk={args.loss_chunk} "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
+
+    runners = {"ours": setup_ours(args, cfg, batch_np)}
+    if args.no_torch:
+        print("torch: skipped (--no-torch)")
+    elif not on_cpu:
+        print("torch: skipped (the torch side runs on the CPU; comparing it with an accelerator says nothing)")
+    else:
+        try:
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError as exc:
+            print(f"torch: skipped ({exc.name} is not installed)")
+        else:
+            for impl in [s.strip() for s in args.torch_attn.split(",") if s.strip()]:
+                try:
+                    runners[f"torch/{impl}"] = setup_torch(args, batch_np, impl)
+                except Exception as exc:  # an attn implementation this transformers lacks
+                    print(f"torch {impl}: failed: {type(exc).__name__}: {exc}")
+
+    # Warm-up (after compilation): first steps allocate, fill caches, build torch's kernels.
+    for runner in runners.values():
+        for _ in range(max(args.warmup, 1)):
+            runner["step"]()
+    # Peak: a large f32 matmul measured on CPU in this run (same load); the bf16 figure elsewhere.
+    matmul_flops = measured_matmul_flops(n=4096 if on_cpu else 8192,
+                                         dtype=jnp.float32 if on_cpu else jnp.bfloat16, repeats=5)
+    peak = matmul_flops if on_cpu else peak_flops_per_device()
+    peak_what = "measured f32 matmul" if on_cpu else f"{device.device_kind} bf16 peak"
+    # Rounds alternate the sides, so a neighbour's load hits both alike; each side's figure is its
+    # best round's median step.
+    times = {name: [] for name in runners}
+    for _ in range(args.rounds):
+        for name, runner in runners.items():
+            times[name].append(time_steps(runner, args.steps))
+    step_s = {name: min(statistics.median(r) for r in rounds) for name, rounds in times.items()}
+    best_s = {name: min(min(r) for r in rounds) for name, rounds in times.items()}
+
+    def tps(name):
+        return args.batch * args.seq / step_s[name]
+
+    torch_names = [n for n in runners if n.startswith("torch/")]
+    ref = max(torch_names, key=tps, default=None)
+    print()
+    print(f"compile {runners['ours']['compile_s']:.1f}s; loss " + "; ".join(
+        f"{n} {r['losses'][0]:.4f}->{r['losses'][-1]:.4f}" for n, r in runners.items()))
+    print(f"peak ({peak_what}): {peak / 1e9:.1f} GFLOP/s; model train FLOPs/token {flops_tok / 1e6:.1f}M; "
+          f"{args.rounds} round(s) x {args.steps} steps")
+    labels = {"ours": f"ours jax ({cfg.attention}, loss_chunk {args.loss_chunk}, remat {cfg.remat})"}
+    print(f"{'':48s} {'tokens/s':>9s} {'ms/step':>9s} {'best ms':>9s} {'MFU':>6s} {'vs torch':>9s}")
+    for name in runners:
+        ratio = f"{tps(name) / tps(ref):8.2f}x" if ref else f"{'-':>9s}"
+        label = labels[name] if name in labels else f"hf torch ({name.split('/', 1)[1]})" + (" *" if name == ref else "")
+        print(f"{label:48s} {tps(name):9.1f} {1e3 * step_s[name]:9.1f} {1e3 * best_s[name]:9.1f} "
+              f"{flops_tok * tps(name) / peak:6.3f} {ratio}")
+    speedup = tps("ours") / tps(ref) if ref else float("nan")
+    print(f"speedup_vs_hf_torch={speedup:.2f} mfu={flops_tok * tps('ours') / peak:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(ARGS))
