@@ -59,7 +59,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
             (grads, loss, correct), _ = jax.lax.scan(micro_step, (zeros, zero, zero), batch)
         # Every trained token of the global batch weighs the same: divide the summed gradient once.
         grads = jax.tree.map(lambda g: g / total, grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         params = optax.apply_updates(params, updates)
         metrics = {"loss": loss / total, "accuracy": correct / total, "grad_norm": grad_norm, "loss_tokens": total}
