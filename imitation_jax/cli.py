@@ -10,11 +10,20 @@ EXIT_USER_ERROR = 2
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from imitation_jax.config import load_config
+    import jax
+
+    from imitation_jax import distributed
+    from imitation_jax.config import ConfigError, load_config
     from imitation_jax.train.loop import train
 
     cfg = load_config(args.config, args.overrides)
+    try:
+        distributed.initialize(cfg.distributed)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     summary = train(cfg)
+    if jax.process_index() != 0:
+        return 0
     print(f"run dir:    {summary['run_dir']}")
     print(f"steps:      {summary['steps']}")
     print(f"first loss: {summary['first_loss']:.4f}")

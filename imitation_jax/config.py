@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from imitation_jax.distributed import DistributedConfig
 from imitation_jax.model.config import ModelConfig
 from imitation_jax.model.presets import preset_fields
 from imitation_jax.sharding import MeshConfig
@@ -88,6 +89,7 @@ class Config:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     init: InitConfig = dataclasses.field(default_factory=InitConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
 
 def _one_line(exc: OmegaConfBaseException, where: str) -> str:

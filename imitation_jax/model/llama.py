@@ -87,7 +87,10 @@ class Llama(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype)
+        # Gather from a replicated table: a row lookup from a table sharded on both axes makes
+        # the partitioner replicate it anyway, with a warning and a worse schedule.
+        table = constrain(self.embed[...], (None, None))
+        x = jnp.take(table, tokens, axis=0).astype(cfg.compute_dtype)
         x = constrain(x, ("batch", "seq", "act_embed"))
         # A trace-time constant, not a state variable (so checkpoints hold parameters only).
         cos, sin = rope_tables(positions, rope_inv_freq(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling))
