@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from imitation_jax.data.templates import get_template
 from imitation_jax.distributed import DistributedConfig
 from imitation_jax.model.config import ModelConfig
 from imitation_jax.model.presets import preset_fields
@@ -162,6 +163,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config: optim.schedule={cfg.optim.schedule!r} is not one of cosine, linear, constant")
     if not cfg.data.train_files:
         raise ConfigError("config: data.train_files is empty")
+    try:
+        get_template(cfg.data.template)
+    except ValueError as exc:
+        raise ConfigError(f"config: data.template: {exc}") from None
 
 
 def to_yaml(cfg: Config) -> str:

@@ -213,6 +213,9 @@ def test_params_and_optimizer_state_carry_rule_shardings():
     ("train.steps=abc", "train.steps"),
     ("model.preset=llama-8b", "llama-8b"),
     ("model.remat=sometimes", "model.remat"),
+    ("data.template=alpaca", "alpaca"),
+    ("train.batch_size=100000", "100000"),
+    ("mesh.tensor=3", "mesh"),
 ])
 def test_bad_config_fails_with_one_line_naming_the_key(small_overrides, override, named):
     out = _cli(["train", TINY, *small_overrides, override])

@@ -79,12 +79,23 @@ def train(cfg: Config) -> dict[str, Any]:
     if micro % batch_ways or micro % jax.process_count():
         raise ConfigError(f"config: the micro-batch of {micro} rows (train.batch_size / train.grad_accum) is not "
                           f"divisible by data x fsdp = {batch_ways} and the {jax.process_count()} processes")
-    loader = BatchLoader(train_rows, t.batch_size, seed=cfg.data.seed,
-                         process_index=jax.process_index(), process_count=jax.process_count())
+    eval_batch = cfg.eval.batch_size or micro
+    if eval_rows is not None and (eval_batch % batch_ways or eval_batch % jax.process_count()):
+        raise ConfigError(f"config: eval.batch_size={eval_batch} is not divisible by data x fsdp = {batch_ways} "
+                          f"and the {jax.process_count()} processes")
+    try:
+        loader = BatchLoader(train_rows, t.batch_size, seed=cfg.data.seed,
+                             process_index=jax.process_index(), process_count=jax.process_count())
+    except ValueError as exc:  # too few rows for one batch, a bad seed
+        raise ConfigError(f"data.train_files: {exc}") from None
     total_steps = t.steps if t.steps is not None else max(1, math.ceil(t.epochs * loader.batches_per_epoch))
     optimizer, schedule = make_optimizer(cfg.optim, total_steps)
     if jax.process_index() == 0:
         save_resolved(cfg, os.path.join(run_dir, "config.yaml"))
+        st = train_rows.stats
+        print(f"data: {st.examples} conversations -> {st.rows} rows of {st.seq_len} tokens "
+              f"({st.non_pad_fraction:.0%} filled, {st.trained_tokens} trained tokens, {st.truncated} truncated); "
+              f"{loader.batches_per_epoch} steps per epoch, {total_steps} steps", flush=True)
     logger = MetricsLogger(run_dir, cfg.logging.tensorboard, cfg.logging.wandb_project,
                            config=dataclasses.asdict(cfg))
     flops_per_step = cfg.model.flops_per_token(cfg.data.seq_len) * t.batch_size * cfg.data.seq_len
@@ -103,7 +114,7 @@ def train(cfg: Config) -> dict[str, Any]:
         eval_step = eval_loader = None
         if eval_rows is not None:
             eval_step = make_eval_step(graphdef, mesh, state_sh["params"], t.loss_chunk)
-            eval_loader = BatchLoader(eval_rows, cfg.eval.batch_size or micro, seed=0, shuffle=False,
+            eval_loader = BatchLoader(eval_rows, eval_batch, seed=0, shuffle=False,
                                       drop_remainder=False, process_index=jax.process_index(),
                                       process_count=jax.process_count())
 
@@ -129,6 +140,7 @@ def train(cfg: Config) -> dict[str, Any]:
                     and done != total_steps:
                 logger.log(done, evaluate(eval_step, state["params"], eval_loader, eval_sh,
                                           cfg.eval.max_batches), prefix="eval_")
+                window_start, window_steps = time.perf_counter(), 0  # keep eval time out of tokens/s
             bar.update(1)
         bar.close()
         eval_metrics = None
