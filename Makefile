@@ -1,5 +1,5 @@
 # make install: .venv with the package and its dev extra (re-run only when setup.py changes)
-# make demo:    generate demo data, train the tiny student on the CPU, print the summary
+# make demo:    generate demo data, prepare it (printing the data summary), train the tiny student on the CPU
 # make test:    the test suite (CPU only, simulated devices where a mesh is needed)
 
 PYTHON ?= python3
@@ -21,8 +21,10 @@ $(STAMP): setup.py
 
 demo: install
 	$(PY) tools/make_demo_data.py --out $(DEMO_DATA)
+	$(VENV)/bin/imitation-jax prepare $(DEMO_DATA)/train.jsonl --eval $(DEMO_DATA)/eval.jsonl \
+	  --tokenizer $(DEMO_DATA)/tokenizer.model --template koala --seq-len 512 --out $(DEMO_DATA)/prepared
 	rm -rf $(DEMO_RUN)  # the demo starts fresh each time
-	$(VENV)/bin/imitation-jax train configs/tiny.yaml run_dir=$(DEMO_RUN)
+	$(VENV)/bin/imitation-jax train configs/tiny.yaml run_dir=$(DEMO_RUN) data.path=$(DEMO_DATA)/prepared
 
 test: install
 	$(PY) -m pytest -q -n 2 tests

@@ -15,6 +15,12 @@ setup(
         "orbax-checkpoint>=0.12.8,<0.13",
         "optax>=0.2.8,<0.3",
         "grain>=0.2.18,<0.3",
+        # Prepared data: ArrayRecord files written/read by a tensorflow-datasets builder (no TensorFlow).
+        "tensorflow-datasets>=4.9.9",
+        "array-record>=0.8",
+        "markdownify>=1.1",  # HTML turns of scraped ShareGPT dumps -> markdown
+        "beautifulsoup4>=4.12",
+        "sacrebleu>=2.4",  # the diversity figure (BLEU between user queries)
         "omegaconf>=2.3,<2.5",
         "numpy>=1.26",
         "sentencepiece>=0.2",

@@ -13,7 +13,8 @@ from typing import Optional, Sequence
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from imitation_jax.data.templates import get_template
+from imitation_jax.data.cleaning import CleaningConfig
+from imitation_jax.data.training import check_data_config
 from imitation_jax.distributed import DistributedConfig
 from imitation_jax.model.config import ModelConfig
 from imitation_jax.model.presets import preset_fields
@@ -26,12 +27,22 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass
 class DataConfig:
-    train_files: list[str] = dataclasses.field(default_factory=list)  # OpenAI-messages JSONL
+    path: Optional[str] = None  # a prepared set (imitation-jax prepare ... --out DIR); keys below that
+    # are set must match how it was prepared. Without it, raw files are prepared into cache_dir:
+    train_files: list[str] = dataclasses.field(default_factory=list)  # PATH or PATH:format=F,weight=W|count=N
     eval_files: list[str] = dataclasses.field(default_factory=list)  # held-out split; empty: none
-    tokenizer: str = MISSING  # SentencePiece .model, or a directory with tokenizer.model/tokenizer.json
-    template: str = "koala"
-    seq_len: int = 512
-    pack: bool = True  # several conversations per row (segment ids keep them apart)
+    eval_fraction: float = 0.0  # of the raw training conversations, held out for eval
+    tokenizer: Optional[str] = None  # SentencePiece .model, or a directory with tokenizer.model/tokenizer.json
+    template: Optional[str] = None  # koala (default) | vicuna | llama2-chat | llama3 | chatml | hf
+    seq_len: Optional[int] = None  # row length (default 512); with data.path: the set's
+    packing: Optional[str] = None  # best_fit (default) | first_fit | none (one conversation per row)
+    turn_tokens: bool = False  # add special tokens marking each user and model turn
+    format: str = "auto"  # auto | sharegpt | openai | alpaca | text (raw files that do not say)
+    skip_invalid: bool = False  # skip (and count) invalid records instead of stopping
+    cleaning: CleaningConfig = dataclasses.field(default_factory=CleaningConfig)
+    workers: Optional[int] = None  # tokenizing processes when preparing raw files (None: auto)
+    cache_dir: Optional[str] = None  # where raw files are prepared (default $IMITATION_JAX_CACHE or ~/.cache/imitation_jax)
+    max_train_tokens: Optional[int] = None  # train on a fixed subset of at most N trained tokens
     seed: int = 0  # shuffle order
 
 
@@ -140,8 +151,7 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> Config:
             raise ConfigError(str(exc)) from None
         cfg = _merge([("preset", OmegaConf.create({"model": OmegaConf.structured(fields)}))] + layers)
     try:
-        missing = [k for k, node, name in (("run_dir", cfg, "run_dir"), ("data.tokenizer", cfg.data, "tokenizer"))
-                   if OmegaConf.is_missing(node, name)]
+        missing = [k for k, node, name in (("run_dir", cfg, "run_dir"),) if OmegaConf.is_missing(node, name)]
         if missing:
             raise ConfigError(f"config: required key(s) not set: {', '.join(missing)}")
         obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
@@ -161,12 +171,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config: train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
     if cfg.optim.schedule not in ("cosine", "linear", "constant"):
         raise ConfigError(f"config: optim.schedule={cfg.optim.schedule!r} is not one of cosine, linear, constant")
-    if not cfg.data.train_files:
-        raise ConfigError("config: data.train_files is empty")
     try:
-        get_template(cfg.data.template)
+        check_data_config(cfg.data)
     except ValueError as exc:
-        raise ConfigError(f"config: data.template: {exc}") from None
+        raise ConfigError(f"config: {exc}") from None
 
 
 def to_yaml(cfg: Config) -> str:

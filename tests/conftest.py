@@ -38,6 +38,62 @@ def demo_dir(tmp_path_factory) -> str:
     return out
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _prepared_data_cache(tmp_path_factory):
+    """Raw training files are prepared into a cache: keep it in the test session's temp dir (one
+    directory shared by the xdist workers; a lock serialises them)."""
+    import os
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    old = os.environ.get("IMITATION_JAX_CACHE")
+    os.environ["IMITATION_JAX_CACHE"] = str(root / "prepared-cache")
+    yield
+    if old is None:
+        os.environ.pop("IMITATION_JAX_CACHE", None)
+    else:
+        os.environ["IMITATION_JAX_CACHE"] = old
+
+
+BPE_SPECIALS = ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>", "<|start_header_id|>",
+                "<|end_header_id|>", "<|eot_id|>"]
+
+
+def build_bpe_tokenizer(directory, texts, chat_template: str | None = None, vocab_size: int = 600) -> str:
+    """A byte-level BPE tokenizer.json (LLaMA-3/GPT-2 style: no dummy prefix) with the special tokens
+    of the built-in templates, saved as a Hugging Face tokenizer directory."""
+    import json
+    import os
+
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    bpe = HFTok(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=BPE_SPECIALS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    os.makedirs(directory, exist_ok=True)
+    bpe.save(os.path.join(directory, "tokenizer.json"))
+    config = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+              "tokenizer_class": "PreTrainedTokenizerFast"}
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f)
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer(tmp_path_factory, demo_conversations) -> Tokenizer:
+    """A 600-id byte-level BPE tokenizer (tokenizer.json) loaded through transformers."""
+    texts = [m["content"] for c in demo_conversations[:100] for m in c["messages"]]
+    texts += ["BEGINNING OF CONVERSATION: USER: GPT: ASSISTANT: [INST] [/INST] <<SYS>> system user assistant"] * 10
+    return load_tokenizer(build_bpe_tokenizer(tmp_path_factory.mktemp("bpe"), texts))
+
+
 # A model small enough that a few training steps compile and run in seconds on 2 cores.
 SMALL_MODEL = ["model.hidden_size=64", "model.intermediate_size=160", "model.num_layers=2", "model.num_heads=4",
                "model.num_kv_heads=2"]

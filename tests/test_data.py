@@ -1,23 +1,28 @@
-"""Data pipeline: formats, tokenizers, templates and masks, packing, batch loading, demo data."""
+"""Data units: formats and readers, cleaning, tokenizers, chat templates and masks, splitting long
+conversations, synthetic demo data. (Packing, prepare, loading: test_data_pipeline.py.)"""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from conftest import build_bpe_tokenizer
 
-from imitation_jax.data.formats import DataError, Message, read_messages_jsonl
-from imitation_jax.data.loader import BatchLoader
-from imitation_jax.data.rows import FIELDS, pack_examples
+from imitation_jax.data.cleaning import CleaningConfig, clean, html_to_markdown, looks_like_html
+from imitation_jax.data.examples import conversation_examples
+from imitation_jax.data.formats import Conversation, DataError, Message, text_document
+from imitation_jax.data.readers import (
+    Source, iter_conversations, read_conversations, read_messages_jsonl)
 from imitation_jax.data.synthetic import CLOSING, OPENING, generate_conversations
 from imitation_jax.data.templates import (
-    TEMPLATES, Example, encode_conversation, encode_prompt, get_template, render_text)
+    TEMPLATES, TURN_TOKENS, chat_template_jinja, encode_conversation, encode_prompt, get_template,
+    render_text, stop_ids)
 from imitation_jax.data.tokenizer import load_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +45,19 @@ def write_jsonl(path, lines: list[str]) -> str:
     return str(path)
 
 
-# ---------------------------------------------------------------- formats
+def runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) of each contiguous run of True."""
+    m = np.concatenate([[0], mask.astype(int), [0]])
+    return list(zip(np.flatnonzero(np.diff(m) == 1), np.flatnonzero(np.diff(m) == -1)))
+
+
+def with_specials(tok, template):
+    tok.added_tokens = {}
+    tok.add_special_tokens(template.special_tokens)
+    return tok
+
+
+# ---------------------------------------------------------------- formats and readers
 
 
 def test_read_messages_jsonl(tmp_path, demo_conversations):
@@ -57,27 +74,83 @@ def test_read_messages_jsonl(tmp_path, demo_conversations):
         (m["role"], m["content"]) for m in demo_conversations[1]["messages"]]
 
 
+EXPECTED = [("system", "Be brief."), ("user", "Hi there"), ("assistant", "Hello!"),
+            ("user", "Bye"), ("assistant", "Goodbye.")]
+
+
+def test_every_format_is_detected_and_parsed(tmp_path):
+    turns = EXPECTED
+    sharegpt = {"id": "s1", "conversations": [
+        {"from": {"system": "system", "user": "human", "assistant": "gpt"}[r], "value": c}
+        for r, c in turns]}
+    variants = {
+        "sharegpt.json": json.dumps([sharegpt, {**sharegpt, "id": "s2", "conversations": [
+            {"from": "user", "value": "Hi there"}, {"from": "chatgpt", "value": "Hello!"},
+            {"from": "human", "value": "Bye"}, {"from": "bard", "value": "Goodbye."}]}], indent=2),
+        "sharegpt.jsonl": json.dumps(sharegpt) + "\n",
+        "openai.jsonl": json.dumps({"messages": [
+            {"role": "developer" if r == "system" else r,
+             "content": c if r != "user" else [{"type": "text", "text": c}]}
+            for r, c in turns]}) + "\n",
+        "alpaca.json": json.dumps([{"instruction": "Summarise:", "input": "A long text.",
+                                    "output": "Short."}, {"instruction": "Hi", "output": "Hello"}]),
+        "doc.txt": "Plain text.\nEvery token trained.\n",
+        "texts.jsonl": json.dumps({"text": "One document."}) + "\n",
+    }
+    for name, content in variants.items():
+        (tmp_path / name).write_text(content, encoding="utf-8")
+    with gzip.open(tmp_path / "gz.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(variants["sharegpt.jsonl"])
+
+    def read(name, **kw):
+        detected = {}
+        items = list(iter_conversations(Source(str(tmp_path / name), **kw), detected=detected))
+        assert not [i for i in items if isinstance(i, DataError)], items
+        return items, detected.get(str(tmp_path / name), kw.get("format"))
+
+    convs, fmt = read("sharegpt.json")
+    assert fmt == "sharegpt" and [c.id for c in convs] == ["s1", "s2"]
+    assert [(m.role, m.content) for m in convs[0].messages] == turns
+    assert [(m.role, m.content) for m in convs[1].messages] == turns[1:]
+    for name, want in [("sharegpt.jsonl", "sharegpt"), ("gz.jsonl.gz", "sharegpt"), ("openai.jsonl", "openai")]:
+        (conv,), fmt = read(name)
+        assert fmt == want and [(m.role, m.content) for m in conv.messages] == turns, name
+    (a, b), fmt = read("alpaca.json")
+    assert fmt == "alpaca"
+    assert [(m.role, m.content) for m in a.messages] == [("user", "Summarise:\n\nA long text."),
+                                                         ("assistant", "Short.")]
+    assert [(m.role, m.content) for m in b.messages] == [("user", "Hi"), ("assistant", "Hello")]
+    (doc,), _ = read("doc.txt")
+    assert doc.kind == "text" and doc.text == variants["doc.txt"]
+    (doc,), fmt = read("texts.jsonl")
+    assert fmt == "text" and doc.kind == "text" and doc.text == "One document."
+    # A format given explicitly is required of every record.
+    items = list(iter_conversations(Source(str(tmp_path / "openai.jsonl"), format="sharegpt")))
+    assert isinstance(items[0], DataError) and 'missing "conversations"' in str(items[0])
+
+
 BAD_RECORDS = [
-    ('{"messages": [', "invalid JSON"),
-    ('[1, 2]', "expected a JSON object"),
-    ('{"msgs": []}', 'missing "messages"'),
-    ('{"messages": []}', "non-empty list"),
-    ('{"messages": ["hi"]}', "message 0 is not an object"),
+    ('{"messages": [', "invalid JSON", "invalid_json"),
+    ('[1, 2]', "expected a JSON object", "not_an_object"),
+    ('{"msgs": []}', 'missing "messages"', "missing_field"),
+    ('{"messages": {}}', '"messages" must be a list', "bad_field"),
+    ('{"messages": ["hi"]}', "message 0 is not an object", "bad_message"),
     ('{"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}',
-     "role 'robot' is not one of system, user, assistant"),
+     "message 0: role 'robot' is not one of system, developer, user, assistant", "bad_role"),
     ('{"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "y"}]}',
-     "content must be a string"),
+     "content must be a string", "bad_content"),
     ('{"messages": [{"role": "user"}, {"role": "assistant", "content": "y"}]}',
-     "content must be a string"),
+     "content must be a string", "bad_content"),
+    ('{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}',
+     "content part 0 is not text", "bad_content"),
     ('{"messages": [{"role": "user", "content": "x"}, {"role": "system", "content": "s"}, '
-     '{"role": "assistant", "content": "y"}]}', "system message may only come first"),
-    ('{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "x"}]}',
-     "no assistant turn"),
+     '{"role": "assistant", "content": "y"}]}', "system message may only come first",
+     "system_not_first"),
 ]
 
 
-@pytest.mark.parametrize("bad,reason", BAD_RECORDS)
-def test_bad_records_name_file_line_and_reason(tmp_path, bad, reason):
+@pytest.mark.parametrize("bad,reason,kind", BAD_RECORDS)
+def test_bad_records_name_file_line_and_reason(tmp_path, bad, reason, kind):
     good = json.dumps({"messages": [{"role": "user", "content": "a"},
                                     {"role": "assistant", "content": "b"}]})
     path = write_jsonl(tmp_path / "chats.jsonl", [good, "", good, bad, good])
@@ -85,8 +158,48 @@ def test_bad_records_name_file_line_and_reason(tmp_path, bad, reason):
         list(read_messages_jsonl(path))
     message = str(err.value)
     assert message.startswith(f"{path}:4: "), message
-    assert reason in message
+    assert reason in message and err.value.kind == kind
     assert "\n" not in message
+
+
+def test_sharegpt_errors_in_a_json_array_name_line_and_record(tmp_path):
+    records = [{"id": f"c{i}", "conversations": [{"from": "human", "value": "q"},
+                                                 {"from": "gpt", "value": "a"}]} for i in range(4)]
+    records[2]["conversations"][1]["from"] = "robot"
+    path = tmp_path / "share.json"
+    path.write_text(json.dumps(records, indent=1))
+    lines = path.read_text().splitlines()
+    start = [i for i, line in enumerate(lines, 1) if '"id": "c2"' in line][0] - 1  # the record's "{"
+    with pytest.raises(DataError) as err:
+        list(read_conversations(str(path)))
+    assert str(err.value) == (f"{path}:{start}: record 2: turn 1: role 'robot' is not one of "
+                              "human, user, gpt, chatgpt, bard, assistant, system")
+
+
+def test_truncated_json_array_is_reported_with_complete_records(tmp_path):
+    records = [{"id": f"c{i}", "conversations": [{"from": "human", "value": f"question {i}"},
+                                                 {"from": "gpt", "value": "answer " * 50}]}
+               for i in range(30)]
+    text = json.dumps(records, indent=2)
+    cut = text.index('"c17"') + 40  # in the middle of record 17
+    path = tmp_path / "partial.json"
+    path.write_text(text[:cut])
+    items = list(iter_conversations(Source(str(path))))
+    assert all(isinstance(c, Conversation) for c in items[:17]) and len(items) == 18
+    err = items[-1]
+    assert isinstance(err, DataError) and err.kind == "truncated_file"
+    assert str(err).startswith(f"{path}: the JSON array ends early (a partial download?): "
+                               "17 complete records read")
+    # Cut right after a record's comma: still reported as truncated, 17 complete records.
+    path.write_text(text[:text.index('"c17"')].rstrip().rstrip("{").rstrip())
+    items = list(iter_conversations(Source(str(path))))
+    assert len(items) == 18 and "17 complete records" in str(items[-1])
+    # A JSONL file whose last line is cut off.
+    jsonl = tmp_path / "partial.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in records[:3])[:-15])
+    items = list(iter_conversations(Source(str(jsonl))))
+    assert len(items) == 3 and items[-1].kind == "truncated_file"
+    assert str(items[-1]).startswith(f"{jsonl}:3: the last line is cut off")
 
 
 def test_bad_utf8_and_missing_file(tmp_path):
@@ -97,11 +210,80 @@ def test_bad_utf8_and_missing_file(tmp_path):
     with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:2: not valid UTF-8"):
         list(read_messages_jsonl(path))
     missing = tmp_path / "nope.jsonl"
-    with pytest.raises(DataError, match=rf"^{re.escape(str(missing))}: cannot open"):
+    with pytest.raises(DataError, match=rf"^{re.escape(str(missing))}: no such file"):
         list(read_messages_jsonl(missing))
 
 
-# ---------------------------------------------------------------- tokenizer
+def test_source_specs():
+    assert Source.parse("a/b.json") == Source("a/b.json")
+    assert Source.parse("a/b.json:format=sharegpt,weight=0.5") == Source("a/b.json", "sharegpt", 0.5)
+    assert Source.parse("x.jsonl:count=100", "openai") == Source("x.jsonl", "openai", None, 100)
+    assert Source.parse("C:/data/x.jsonl") == Source("C:/data/x.jsonl")  # not options: a path
+    assert str(Source("b.json", "alpaca", 2.0)) == "b.json:format=alpaca,weight=2"
+    for bad, msg in [("a.json:colour=red", "unknown input option 'colour'"),
+                     ("a.json:weight=x", "weight must be a number"),
+                     ("a.json:format=csv", "format 'csv' is not one of"),
+                     ("a.json:weight=1,count=2", "weight or count, not both")]:
+        with pytest.raises(DataError, match=msg):
+            Source.parse(bad)
+
+
+# ---------------------------------------------------------------- cleaning
+
+CHATGPT_HTML = (
+    '<div class="markdown prose w-full break-words"><p>Sure! Here is a <strong>Python</strong> '
+    'function:</p><pre><div class="bg-black mb-4 rounded-md"><div class="flex items-center">'
+    '<span class="">python</span><button class="flex ml-auto gap-2"><svg></svg>Copy code</button>'
+    '</div><div class="p-4"><code class="!whitespace-pre hljs language-python"><span class="hljs-'
+    'keyword">def</span> <span class="hljs-title">add_one</span>(x):\n    <span class="hljs-keyword">'
+    'return</span> x + <span class="hljs-number">1</span>\n</code></div></div></pre><ol><li><p>'
+    'First, call it.</p></li><li><p>Then use <code>x_1</code> &amp; <em>enjoy</em>.</p></li></ol></div>')
+
+
+def test_html_to_markdown():
+    assert looks_like_html(CHATGPT_HTML)
+    assert html_to_markdown(CHATGPT_HTML) == (
+        "Sure! Here is a **Python** function:\n\n```python\ndef add_one(x):\n    return x + 1\n```"
+        "\n\n1. First, call it.\n2. Then use `x_1` & *enjoy*.")
+    for plain in ["a < b and c > d", "Use <div> tags in HTML", "x<p>y", "```html\n<p>hi</p>\n```"]:
+        assert not looks_like_html(plain), plain
+
+
+def conv(*turns, kind="chat"):
+    return Conversation("x", tuple(Message(r, c) for r, c in turns), kind)
+
+
+def test_cleaning_rules_and_counts():
+    cfg = CleaningConfig()
+    cleaned, counts = clean(conv(("system", "S"), ("assistant", "leading"), ("user", " q1 "),
+                                 ("user", "q2"), ("assistant", ""), ("assistant", CHATGPT_HTML),
+                                 ("assistant", "more"), ("user", "unanswered")), cfg)
+    assert [(m.role, m.content) for m in cleaned.messages] == [
+        ("system", "S"), ("user", "q1\n\nq2"),
+        ("assistant", html_to_markdown(CHATGPT_HTML) + "\n\nmore")]
+    assert counts == {"turns_read": 8, "turns_empty": 1, "turns_html_converted": 1, "turns_merged": 2,
+                      "turns_leading_assistant": 1, "turns_unanswered": 1, "turns_kept": 3}
+    # Each switch off.
+    off = CleaningConfig(html_to_markdown=False, merge_same_role=False, drop_leading_assistant=False)
+    cleaned, _ = clean(conv(("assistant", "hi"), ("user", "a"), ("user", "b"),
+                            ("assistant", "<p>x</p>")), off)
+    assert [m.content for m in cleaned.messages] == ["hi", "a", "b", "<p>x</p>"]
+    # Drops and their reasons.
+    assert clean(conv(("user", "  "), ("assistant", "")), cfg)[0] == "empty"
+    assert clean(conv(), cfg)[0] == "empty"
+    assert clean(conv(("system", "only a system prompt")), cfg)[0] == "empty"
+    assert clean(conv(("user", "q")), cfg)[0] == "no_assistant_turn"
+    assert clean(conv(("assistant", "unprompted")), cfg)[0] == "no_assistant_turn"
+    phrases = ("as an ai language model", "openai")
+    assert clean(conv(("user", "q"), ("assistant", "As an AI language model, I")), cfg, phrases)[0] == \
+        "filtered_phrase"
+    assert clean(conv(("user", "Made by OpenAI?"), ("assistant", "No")), cfg, phrases)[0] == \
+        "filtered_phrase"
+    assert isinstance(clean(conv(("user", "q"), ("assistant", "fine")), cfg, phrases)[0], Conversation)
+    assert clean(conv(("text", " \n"), kind="text"), cfg)[0] == "empty"
+
+
+# ---------------------------------------------------------------- tokenizers
 
 
 def test_sentencepiece_tokenizer(tiny_tokenizer):
@@ -117,6 +299,8 @@ def test_sentencepiece_tokenizer(tiny_tokenizer):
 
 
 def test_tokenizer_directory_uses_autotokenizer(tmp_path, tiny_tokenizer):
+    import shutil
+
     shutil.copy(tiny_tokenizer.path, tmp_path / "tokenizer.model")
     hf = load_tokenizer(tmp_path)
     assert type(hf).__name__ == "HFTokenizer"
@@ -138,41 +322,97 @@ def test_tokenizer_errors(tmp_path):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("which", ["sentencepiece", "bpe"])
+def test_added_special_tokens_are_saved_and_never_forged(tmp_path, which, tiny_tokenizer, bpe_tokenizer):
+    tok = load_tokenizer(tiny_tokenizer.path if which == "sentencepiece" else bpe_tokenizer.path)
+    base = tok.vocab_size
+    added = tok.add_special_tokens(["<|user|>", "<|assistant|>", "<|im_end|>"])
+    expect = {"<|user|>": base, "<|assistant|>": base + 1}
+    if which == "sentencepiece":
+        expect["<|im_end|>"] = base + 2
+    else:
+        assert tok.special_id("<|im_end|>") < base  # the BPE tokenizer has it already
+    assert added == expect and tok.vocab_size == base + len(expect)
+    assert tok.add_special_tokens(["<|user|>"]) == {}  # idempotent
+    ids = tok.encode("hello <|user|> <|assistant|> <|im_end|>")
+    assert not set(ids) & {tok.special_id(t) for t in ("<|user|>", "<|assistant|>", "<|im_end|>")}
+    assert tok.decode(tok.encode("hi") + [base, base + 1]) == "hi"
+    tok.save(str(tmp_path / "saved"))
+    again = load_tokenizer(tmp_path / "saved")
+    assert again.added_tokens == tok.added_tokens and again.vocab_size == tok.vocab_size
+    assert again.encode("hello world") == tok.encode("hello world")
+    assert again.fingerprint() == tok.fingerprint()
+
+
 # ---------------------------------------------------------------- templates and masks
 
+RENDERED = {  # the documented formats, written out by hand
+    "koala": "<s>BEGINNING OF CONVERSATION: Be brief. USER: Hi there GPT: Hello!</s> USER: Bye GPT: Goodbye.</s>",
+    "vicuna": "<s>Be brief. USER: Hi there ASSISTANT: Hello!</s>USER: Bye ASSISTANT: Goodbye.</s>",
+    "llama2-chat": "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi there [/INST] Hello!</s><s>[INST] Bye [/INST] Goodbye.</s>",
+    "llama3": ("<s><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user"
+               "<|end_header_id|>\n\nHi there<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+               "Hello!<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nBye<|eot_id|><|start_header_id|>"
+               "assistant<|end_header_id|>\n\nGoodbye.<|eot_id|>"),
+    "chatml": ("<s><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
+               "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n"
+               "<|im_start|>assistant\nGoodbye.<|im_end|>\n"),
+}
+PROMPTS = {
+    "koala": "<s>BEGINNING OF CONVERSATION: USER: Hi there GPT:",
+    "vicuna": ("<s>A chat between a curious user and an artificial intelligence assistant. The assistant "
+               "gives helpful, detailed, and polite answers to the user's questions. USER: Hi there ASSISTANT:"),
+    "llama2-chat": "<s>[INST] Hi there [/INST]",
+    "llama3": "<s><|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+    "chatml": "<s><|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
+}
+TURNS = [Message(r, c) for r, c in EXPECTED]
 
-def test_koala_text_format():
-    assert render_text(CONVERSATION[:3], KOALA, bos="<s>", eos="</s>") == (
-        "<s>BEGINNING OF CONVERSATION: You are a helpful assistant. USER: What is the capital "
-        "of Zorbia? GPT: " + REPLIES[0] + "</s>")
-    assert render_text(CONVERSATION[1:2], KOALA, generation_marker=True) == (
-        "BEGINNING OF CONVERSATION: USER: What is the capital of Zorbia? GPT:")
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_template_text_formats(name):
+    template = get_template(name)
+    assert render_text(TURNS, template, bos="<s>", eos="</s>") == RENDERED[name]
+    assert render_text(TURNS[1:2], template, bos="<s>", eos="</s>", generation_marker=True) == PROMPTS[name]
 
 
-def test_mask_covers_exactly_the_replies_and_eos(tiny_tokenizer):
-    tok = tiny_tokenizer
-    ex = encode_conversation(tok, CONVERSATION, KOALA)
-    assert ex.ids.dtype == np.int32 and ex.loss_mask.dtype == np.bool_
-    assert ex.ids.shape == ex.loss_mask.shape
-    assert ex.ids[0] == tok.bos_id and not ex.loss_mask[0]
-    # Token level: the trained ids are each reply encoded alone, followed by EOS.
-    expected = [i for reply in REPLIES for i in tok.encode(reply) + [tok.eos_id]]
-    assert ex.ids[ex.loss_mask].tolist() == expected
-    # Text level: each contiguous trained run decodes to exactly one reply (EOS decodes to "").
-    starts = np.flatnonzero(np.diff(np.concatenate([[0], ex.loss_mask.astype(int)])) == 1)
-    ends = np.flatnonzero(np.diff(np.concatenate([ex.loss_mask.astype(int), [0]])) == -1) + 1
-    assert len(starts) == len(REPLIES)
-    for s, e, reply in zip(starts, ends, REPLIES):
-        assert ex.ids[e - 1] == tok.eos_id
-        assert tok.decode(ex.ids[s:e]) == reply
-    # Nothing else is trained: the untrained part decodes to the prompt text around the replies.
+@pytest.mark.parametrize("which", ["sentencepiece", "bpe"])
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_trained_tokens_are_exactly_the_replies_and_end_markers(name, which, tiny_tokenizer, bpe_tokenizer):
+    """Multi-turn with a system prompt: each trained run decodes to one reply, then the end marker;
+    the inference prompt equals the training ids up to each reply's first token."""
+    template = get_template(name)
+    tok = with_specials(tiny_tokenizer if which == "sentencepiece" else bpe_tokenizer, template)
+    ex = encode_conversation(tok, CONVERSATION, template)
+    assert ex.ids.dtype == np.int32 and ex.loss_mask.dtype == np.bool_ and ex.ids.shape == ex.loss_mask.shape
+    stop = stop_ids(tok, template)[0]
+    trained = runs(ex.loss_mask)
+    assert len(trained) == len(REPLIES)
+    for (s, e), reply in zip(trained, REPLIES):
+        assert ex.ids[e - 1] == stop  # the end marker is trained ...
+        text = tok.decode(ex.ids[s:e - 1])
+        assert text in (reply, " " + reply), (text, reply)  # ... and before it, exactly the reply
+        assert stop not in ex.ids[s:e - 1].tolist()
     untrained = tok.decode(ex.ids[~ex.loss_mask])
-    assert untrained.startswith("BEGINNING OF CONVERSATION: You are a helpful assistant. USER:")
-    assert "Certainly" not in untrained
+    assert "Certainly" not in untrained and "You are a helpful assistant." in untrained
+    for turn, (s, _) in zip([2, 4, 6], trained):
+        prompt = encode_prompt(tok, CONVERSATION[:turn], template)
+        assert prompt.dtype == np.int32
+        np.testing.assert_array_equal(prompt, ex.ids[:s])
 
 
-def test_segment_encoding_matches_whole_text(tiny_tokenizer):
-    """For this SentencePiece model, segment-by-segment ids equal tokenizing the rendered text."""
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_byte_level_segments_equal_whole_text_tokenization(name, bpe_tokenizer):
+    """With a byte-level BPE tokenizer, segment-by-segment ids equal transformers' tokenization of
+    the rendered text (special token strings parsed as specials): an independent reference."""
+    template = get_template(name)
+    tok = with_specials(bpe_tokenizer, template)
+    ex = encode_conversation(tok, CONVERSATION, template)
+    text = render_text(CONVERSATION, template, bos="<s>", eos="</s>")
+    assert ex.ids.tolist() == tok.hf.encode(text, add_special_tokens=False)
+
+
+def test_sentencepiece_koala_equals_whole_text(tiny_tokenizer):
     tok = tiny_tokenizer
     ex = encode_conversation(tok, CONVERSATION, KOALA)
     text = render_text(CONVERSATION, KOALA, eos="\0")
@@ -182,206 +422,115 @@ def test_segment_encoding_matches_whole_text(tiny_tokenizer):
     assert ex.ids.tolist() == expected
 
 
-def test_prompt_is_training_prefix(tiny_tokenizer):
-    tok = tiny_tokenizer
-    ex = encode_conversation(tok, CONVERSATION, KOALA)
-    first_of_reply = [s for s in np.flatnonzero(ex.loss_mask) if not ex.loss_mask[s - 1]]
-    for turn, start in zip([2, 4, 6], first_of_reply):
-        prompt = encode_prompt(tok, CONVERSATION[:turn], KOALA)
-        assert prompt.dtype == np.int32
-        np.testing.assert_array_equal(prompt, ex.ids[:start])
-    assert tok.decode(encode_prompt(tok, CONVERSATION[1:2], KOALA)) == render_text(
-        CONVERSATION[1:2], KOALA, generation_marker=True)
+def test_hf_chat_template_path(tmp_path, demo_conversations, tiny_tokenizer):
+    """'hf' uses the tokenizer's chat_template; our koala written as one (with generation markers)
+    gives the built-in koala's ids and mask; a template without markers is refused."""
+    texts = [m["content"] for c in demo_conversations[:100] for m in c["messages"]]
+    for name in sorted(TEMPLATES):
+        template = get_template(name)
+        tok = load_tokenizer(build_bpe_tokenizer(tmp_path / name, texts, chat_template_jinja(template)))
+        dicts = [{"role": m.role, "content": m.content} for m in CONVERSATION]
+        assert tok.hf.apply_chat_template(dicts, tokenize=False) == render_text(
+            CONVERSATION, template, bos="<s>", eos="</s>")
+        hf = get_template("hf", tok)
+        ours, theirs = encode_conversation(tok, CONVERSATION, template), encode_conversation(tok, CONVERSATION, hf)
+        np.testing.assert_array_equal(theirs.ids, ours.ids)
+        np.testing.assert_array_equal(theirs.loss_mask, ours.loss_mask)
+        start = runs(theirs.loss_mask)[0][0]
+        np.testing.assert_array_equal(encode_prompt(tok, CONVERSATION[:2], hf), theirs.ids[:start])
+    plain = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+    tok = load_tokenizer(build_bpe_tokenizer(tmp_path / "plain", texts, plain))
+    with pytest.raises(DataError, match=r"chat_template has no \{% generation %\} markers") as err:
+        get_template("hf", tok)
+    assert "\n" not in str(err.value)
+    with pytest.raises(DataError, match="needs a Hugging Face tokenizer"):
+        get_template("hf", tiny_tokenizer)
 
 
-def test_byte_level_bpe_tokenizer(tmp_path, demo_conversations):
-    """A tokenizer.json without SentencePiece's dummy prefix (LLaMA-3/GPT-2 style)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(
-        [m["content"] for c in demo_conversations[:100] for m in c["messages"]],
-        trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"], show_progress=False,
-                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    bpe.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": "PreTrainedTokenizerFast"}))
-    tok = load_tokenizer(tmp_path)
-    assert not tok.prepends_space
-    assert tok.eos_id not in tok.encode("a</s>b")
-    ex = encode_conversation(tok, CONVERSATION, KOALA)
-    # The space before each reply is part of the reply's first token, as in the whole text.
-    assert ex.ids[ex.loss_mask].tolist() == [
-        i for reply in REPLIES for i in tok.encode(" " + reply) + [tok.eos_id]]
-    body = [i for i in ex.ids.tolist() if i not in (tok.bos_id, tok.eos_id)]
-    assert body == tok.encode(render_text(CONVERSATION, KOALA))
-    prompt = encode_prompt(tok, CONVERSATION[:2], KOALA)
-    np.testing.assert_array_equal(prompt, ex.ids[:len(prompt)])
-    assert ex.loss_mask[len(prompt)] and not ex.loss_mask[len(prompt) - 1]
+def test_turn_tokens_mark_every_turn(tiny_tokenizer):
+    template = get_template("koala", turn_tokens=True)
+    assert template.special_tokens == TURN_TOKENS
+    tok = with_specials(load_tokenizer(tiny_tokenizer.path), template)
+    user, model = (tok.special_id(t) for t in TURN_TOKENS)
+    assert (user, model) == (512, 513) and tok.vocab_size == 514
+    ex = encode_conversation(tok, CONVERSATION, template)
+    ids = ex.ids.tolist()
+    assert ids.count(user) == 3 and ids.count(model) == 3
+    for s, _ in runs(ex.loss_mask):  # each reply directly follows the (untrained) model-turn token
+        assert ids[s - 1] == model and not ex.loss_mask[s - 1]
+    assert render_text(CONVERSATION[1:3], template, eos="</s>") == (
+        "BEGINNING OF CONVERSATION: USER: <|user|>What is the capital of Zorbia? GPT: <|assistant|>"
+        + REPLIES[0] + "</s>")
+    assert [tok.decode(ex.ids[s:e]) for s, e in runs(ex.loss_mask)] == REPLIES
+    with pytest.raises(DataError, match="needs the special token <\\|user\\|>"):
+        encode_conversation(tiny_tokenizer, CONVERSATION, template)
 
 
 def test_get_template():
     assert get_template("koala") is KOALA
-    with pytest.raises(ValueError, match=r"unknown chat template 'vicuna'; known: koala"):
-        get_template("vicuna")
+    with pytest.raises(ValueError, match=r"unknown chat template 'alpaca'; known: koala, vicuna"):
+        get_template("alpaca")
 
 
-# ---------------------------------------------------------------- packing
+# ---------------------------------------------------------------- long conversations
 
 
-def ex(ids: list[int], mask: list[int]) -> Example:
-    return Example(np.array(ids, np.int32), np.array(mask, bool))
+def long_conversation(exchanges: int, reply_words: int = 8) -> Conversation:
+    turns = [("system", "You are terse.")]
+    for i in range(exchanges):
+        turns += [("user", f"Question number {i}?"),
+                  ("assistant", f"Answer {i}: " + " ".join(["llama"] * reply_words) + f" end {i}.")]
+    return conv(*turns)
 
 
-def test_pack_hand_checked():
-    a = ex([1, 10, 11, 12, 2], [0, 0, 1, 1, 1])  # 4 input positions after the shift
-    b = ex([1, 20, 21], [0, 0, 1])  # 2 positions
-    c = ex([1, 30, 31, 32], [0, 1, 1, 1])  # 3 positions: does not fit after a+b in 8
-    rows = pack_examples([a, b, c], seq_len=8, pad_id=0)
-    assert len(rows) == 2 and rows.seq_len == 8
-    np.testing.assert_array_equal(rows.inputs, [[1, 10, 11, 12, 1, 20, 0, 0],
-                                                [1, 30, 31, 0, 0, 0, 0, 0]])
-    np.testing.assert_array_equal(rows.targets, [[10, 11, 12, 2, 20, 21, 0, 0],
-                                                 [30, 31, 32, 0, 0, 0, 0, 0]])
-    np.testing.assert_array_equal(rows.loss_mask, [[0, 1, 1, 1, 0, 1, 0, 0],
-                                                   [1, 1, 1, 0, 0, 0, 0, 0]])
-    np.testing.assert_array_equal(rows.segment_ids, [[1, 1, 1, 1, 2, 2, 0, 0],
-                                                     [1, 1, 1, 0, 0, 0, 0, 0]])
-    np.testing.assert_array_equal(rows.positions, [[0, 1, 2, 3, 0, 1, 0, 0],
-                                                   [0, 1, 2, 0, 0, 0, 0, 0]])
-    assert rows.loss_mask.dtype == np.float32
-    assert all(getattr(rows, f).dtype == np.int32 for f in FIELDS if f != "loss_mask")
-    s = rows.stats
-    assert (s.examples, s.rows, s.truncated, s.dropped, s.trained_tokens, s.tokens) == (
-        3, 2, 0, 0, 7, 9)
-    assert s.non_pad_fraction == pytest.approx(9 / 16)
-
-    unpacked = pack_examples([a, b, c], seq_len=8, pad_id=0, pack=False)
-    assert len(unpacked) == 3
-    np.testing.assert_array_equal(unpacked.segment_ids[1], [1, 1, 0, 0, 0, 0, 0, 0])
-
-
-def test_pack_truncates_and_drops():
-    long = ex(list(range(1, 21)), [0] * 5 + [1] * 15)  # 19 positions -> cut to 8
-    late = ex(list(range(1, 21)), [0] * 15 + [1] * 5)  # trained part lies past the cut: dropped
-    nothing = ex([1, 5, 6], [0, 0, 0])
-    single = ex([1], [0])
-    rows = pack_examples([long, late, nothing, single], seq_len=8, pad_id=0)
-    assert len(rows) == 1
-    np.testing.assert_array_equal(rows.targets[0], range(2, 10))
-    np.testing.assert_array_equal(rows.loss_mask[0], [0, 0, 0, 0, 1, 1, 1, 1])
-    s = rows.stats
-    assert (s.examples, s.rows, s.truncated, s.dropped, s.trained_tokens) == (4, 1, 2, 3, 4)
-
-
-def test_pack_real_conversations(tiny_tokenizer, demo_conversations):
-    examples = [encode_conversation(tiny_tokenizer, [Message(**m) for m in c["messages"]], KOALA)
-                for c in demo_conversations]
-    rows = pack_examples(examples, seq_len=256, pad_id=tiny_tokenizer.pad_id)
-    seg = rows.segment_ids
-    # Segments are contiguous and numbered 1, 2, ... ; positions restart in each.
-    for r in range(len(rows)):
-        used = seg[r][seg[r] > 0]
-        assert (np.diff(used) >= 0).all() and (np.diff(used) <= 1).all() and used[0] == 1
-        assert (seg[r][len(used):] == 0).all()
-        for s in np.unique(used):
-            in_segment = seg[r] == s
-            np.testing.assert_array_equal(rows.positions[r][in_segment],
-                                          np.arange(in_segment.sum()))
-    # No target crosses a segment: each target is the next input of the same segment, or the
-    # example's last token (which is never an input anywhere).
-    same = seg[:, 1:] == seg[:, :-1]
-    np.testing.assert_array_equal(rows.targets[:, :-1][same], rows.inputs[:, 1:][same])
-    pad = seg == 0
-    assert (rows.loss_mask[pad] == 0).all() and (rows.inputs[pad] == tiny_tokenizer.pad_id).all()
-    s = rows.stats
-    total_trained = sum(int(e.loss_mask[1:][:256].sum()) for e in examples)
-    assert s.trained_tokens == total_trained == int(rows.loss_mask.sum())
-    assert s.tokens == int((~pad).sum())
-    assert 0.5 < s.non_pad_fraction <= 1.0
-    assert s.examples == len(examples) and s.dropped == 0
-    unpacked = pack_examples(examples, seq_len=256, pad_id=tiny_tokenizer.pad_id, pack=False)
-    assert len(unpacked) == len(examples) > len(rows)
-    assert unpacked.stats.non_pad_fraction < s.non_pad_fraction
-
-
-# ---------------------------------------------------------------- loader
-
-
-def numbered_rows(n: int, seq_len: int = 4):
-    """Rows whose inputs[:, 0] is the row number, so batches can be traced back."""
-    examples = [ex([i + 100] + [7] * seq_len, [0] + [1] * seq_len) for i in range(n)]
-    rows = pack_examples(examples, seq_len=seq_len, pad_id=0, pack=False)
-    assert len(rows) == n
-    return rows
-
-
-def row_ids(batch) -> list[int]:
-    return [int(x) - 100 if m else -1 for x, m in zip(batch["inputs"][:, 0],
-                                                        batch["loss_mask"].any(1))]
-
-
-def test_loader_deterministic_and_reshuffled_per_epoch():
-    rows = numbered_rows(22)
-    loader = BatchLoader(rows, 4, seed=7)
-    assert loader.batches_per_epoch == 5
-    epoch0 = [row_ids(loader.batch_at(s)) for s in range(5)]
-    epoch1 = [row_ids(loader.batch_at(s)) for s in range(5, 10)]
-    flat0, flat1 = sum(epoch0, []), sum(epoch1, [])
-    assert len(set(flat0)) == 20 and len(set(flat1)) == 20  # no row twice within an epoch
-    assert flat0 != flat1
-    again = BatchLoader(rows, 4, seed=7)
-    assert [row_ids(again.batch_at(s)) for s in range(10)] == epoch0 + epoch1
-    assert [row_ids(BatchLoader(rows, 4, seed=8).batch_at(s)) for s in range(5)] != epoch0
-    batch = loader.batch_at(3)
-    assert set(batch) == set(FIELDS)
-    assert all(v.shape == (4, 4) for v in batch.values())
-    unshuffled = BatchLoader(rows, 4, seed=7, shuffle=False)
-    assert row_ids(unshuffled.batch_at(1)) == [4, 5, 6, 7]
-    assert row_ids(unshuffled.batch_at(5)) == [0, 1, 2, 3]
-
-
-def test_loader_process_slices_make_the_global_batch():
-    rows = numbered_rows(24)
-    single = BatchLoader(rows, 8, seed=3)
-    procs = [BatchLoader(rows, 8, seed=3, process_index=i, process_count=2) for i in range(2)]
-    assert procs[0].local_batch_size == 4 and procs[0].batches_per_epoch == 3
+@pytest.mark.parametrize("which", ["sentencepiece", "bpe"])
+def test_long_conversations_split_at_turn_boundaries(which, tiny_tokenizer, bpe_tokenizer):
+    tok = tiny_tokenizer if which == "sentencepiece" else bpe_tokenizer
+    c = long_conversation(12)
+    whole = encode_conversation(tok, c, KOALA)
+    seq_len = int(2.5 * len(encode_conversation(tok, c.messages[:3], KOALA)))  # ~2 exchanges a row
+    assert len(whole) > 3 * seq_len
+    pieces, counts, reason = conversation_examples(c, tok, KOALA, seq_len)
+    assert reason is None and counts["conversations_split"] == 1 and counts["split_pieces"] == len(pieces)
+    replies = [m.content for m in c.messages if m.role == "assistant"]
     seen = []
-    for step in range(6):
-        parts = [p.batch_at(step) for p in procs]
-        whole = single.batch_at(step)
-        for f in FIELDS:
-            np.testing.assert_array_equal(np.concatenate([p[f] for p in parts]), whole[f])
-        if step < 3:
-            seen += row_ids(parts[0]) + row_ids(parts[1])
-    assert sorted(seen) == list(range(24))  # together the processes cover the epoch once
+    for p in pieces:
+        assert len(p) <= seq_len + 1
+        assert tok.decode(p.ids[~p.loss_mask]).startswith("BEGINNING OF CONVERSATION: You are terse. USER:")
+        for s, e in runs(p.loss_mask):
+            assert p.ids[e - 1] == tok.eos_id
+            seen.append(tok.decode(p.ids[s:e - 1]).lstrip(" "))
+    assert seen == replies  # every reply once, in order, none cut
+    assert len(pieces) < 12  # pieces hold several exchanges
+
+    # An exchange longer than a row: dropped and counted; truncated only when asked.
+    seq_len = 128
+    big = conv(("user", "short question"), ("assistant", "word " * 400), ("user", "q2"), ("assistant", "a2"))
+    pieces, counts, reason = conversation_examples(big, tok, KOALA, seq_len)
+    assert reason is None and counts["exchanges_too_long"] == 1 and len(pieces) == 1
+    assert tok.decode(pieces[0].ids[pieces[0].loss_mask]).strip() == "a2"
+    pieces, counts, _ = conversation_examples(big, tok, KOALA, seq_len, truncate_long_turns=True)
+    assert counts["exchanges_truncated"] == 1 and len(pieces) == 2 and len(pieces[0]) == seq_len + 1
+    assert conversation_examples(big, tok, KOALA, seq_len, split_long=False)[2] == "too_long"
+    cut, counts, _ = conversation_examples(big, tok, KOALA, seq_len, split_long=False,
+                                           truncate_long_turns=True)
+    assert len(cut) == 1 and len(cut[0]) == seq_len + 1 and counts["exchanges_truncated"] == 1
+    only_big = conv(("user", "q"), ("assistant", "word " * 400))
+    assert conversation_examples(only_big, tok, KOALA, seq_len)[2] == "too_long"
 
 
-def test_eval_batches_cover_every_row_once():
-    rows = numbered_rows(11)
-    seen = []
-    for i in range(2):
-        loader = BatchLoader(rows, 4, seed=0, shuffle=False, process_index=i, process_count=2,
-                             drop_remainder=False)
-        batches = list(loader.eval_batches())
-        assert len(batches) == 3 and all(b["inputs"].shape == (2, 4) for b in batches)
-        seen += [r for b in batches for r in row_ids(b)]
-    assert sorted(r for r in seen if r >= 0) == list(range(11))
-    assert seen.count(-1) == 1  # one padding row, which carries no loss
-    last = list(BatchLoader(rows, 4, seed=0, drop_remainder=False).eval_batches())[-1]
-    assert last["loss_mask"][3].sum() == 0 and last["segment_ids"][3].sum() == 0
-    small = BatchLoader(numbered_rows(3), 8, seed=0, drop_remainder=False)
-    assert [row_ids(b) for b in small.eval_batches()] == [[0, 1, 2] + [-1] * 5]
-
-
-def test_loader_errors():
-    rows = numbered_rows(5)
-    with pytest.raises(ValueError, match="not divisible by the 3 processes"):
-        BatchLoader(rows, 4, seed=0, process_count=3)
-    with pytest.raises(ValueError, match="only 5 packed rows, but one global batch needs 8"):
-        BatchLoader(rows, 8, seed=0)
+def test_plain_text_documents_are_chunked(tiny_tokenizer):
+    tok = tiny_tokenizer
+    text = " ".join(f"word{i}" for i in range(300))
+    pieces, counts, reason = conversation_examples(text_document(text, "d"), tok, KOALA, 64)
+    assert reason is None and counts["documents_split"] == 1
+    ids = [tok.bos_id] + tok.encode(text) + [tok.eos_id]
+    assert all(len(p) <= 65 for p in pieces)
+    # Consecutive chunks share one token (the last target of one is the first input of the next),
+    # so together their targets are every token after BOS exactly once, all trained.
+    targets = [t for p in pieces for t in p.ids[1:].tolist()]
+    assert targets == ids[1:]
+    assert all(p.loss_mask[1:].all() for p in pieces)
 
 
 # ---------------------------------------------------------------- synthetic demo data

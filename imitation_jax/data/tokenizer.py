@@ -4,19 +4,31 @@
   * a SentencePiece `.model` file  -> the `sentencepiece` library directly;
   * a directory with `tokenizer.json` or `tokenizer.model` (a LLaMA checkout, an exported run)
     -> `transformers.AutoTokenizer.from_pretrained(dir, local_files_only=True)`. Never
-    `LlamaTokenizer(vocab_file=...)`: with transformers 5 it can silently return empty ids.
+    `LlamaTokenizer(vocab_file=...)`: with transformers 5 it can silently return empty ids;
+  * a directory saved by `Tokenizer.save` (the `tokenizer/` of a prepared data set): the
+    tokenizer it copied plus the special tokens added to it.
 
-`encode` never adds BOS/EOS and never turns text such as "</s>" into a special id: templates
-place special tokens themselves, as ids.
+`encode` never adds BOS/EOS and never turns text such as "</s>" or "<|im_end|>" into a special id:
+templates place special tokens themselves, as ids.
+
+Special tokens a template needs that the tokenizer lacks (`<|im_start|>` on a LLaMA-2 tokenizer,
+the turn tokens `<|user|>` / `<|assistant|>`) are added with `add_special_tokens`: they get the ids
+after the tokenizer's own (`vocab_size` grows; a model's embedding must grow to match) and are
+saved with the prepared data, so training and inference use the same ids.
 """
 
 from __future__ import annotations
 
 import abc
+import hashlib
+import json
 import os
+import shutil
 from collections.abc import Sequence
 
 from imitation_jax.data.formats import DataError
+
+SAVED = "imitation_tokenizer.json"  # marks a directory written by Tokenizer.save
 
 
 class Tokenizer(abc.ABC):
@@ -26,7 +38,12 @@ class Tokenizer(abc.ABC):
     bos_id: int | None  # None: the tokenizer has no BOS and templates start without one
     eos_id: int
     pad_id: int
-    vocab_size: int
+    base_vocab_size: int  # the tokenizer's own ids
+    added_tokens: dict[str, int]  # special tokens added on top, in id order
+
+    @property
+    def vocab_size(self) -> int:
+        return self.base_vocab_size + len(self.added_tokens)
 
     @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
@@ -34,7 +51,35 @@ class Tokenizer(abc.ABC):
 
     @abc.abstractmethod
     def decode(self, ids: Sequence[int]) -> str:
-        """Text of `ids`; special tokens (BOS/EOS/pad) decode to nothing."""
+        """Text of `ids`; special tokens (BOS/EOS/pad and added ones) decode to nothing."""
+
+    @abc.abstractmethod
+    def _own_special_id(self, token: str) -> int | None:
+        """The id of `token` if the tokenizer itself has it as a single (special) token."""
+
+    @abc.abstractmethod
+    def _files(self) -> list[str]:
+        """The files that define the tokenizer (copied by `save`, hashed by `fingerprint`)."""
+
+    def special_id(self, token: str) -> int | None:
+        """Id of a special token string (its own, or one added), None if it has none."""
+        if token in self.added_tokens:
+            return self.added_tokens[token]
+        return self._own_special_id(token)
+
+    def add_special_tokens(self, tokens: Sequence[str]) -> dict[str, int]:
+        """Gives each token the tokenizer does not have the next free id; returns the new ones."""
+        new = {}
+        for token in tokens:
+            if self.special_id(token) is None:
+                new[token] = self.vocab_size
+                self.added_tokens[token] = self.vocab_size
+        return new
+
+    def special_strings(self) -> list[str]:
+        """Strings that name special tokens (a conversation containing one cannot be forged into
+        the token by our templates, but an HF chat template would parse it)."""
+        return list(self.added_tokens)
 
     @property
     def prepends_space(self) -> bool:
@@ -50,12 +95,46 @@ class Tokenizer(abc.ABC):
                 self.encode("hello world") == self.encode("hello") + self.encode("world"))
         return self._prepends_space
 
+    def fingerprint(self) -> str:
+        """sha256 of the tokenizer files and the added tokens."""
+        h = hashlib.sha256()
+        for path in self._files():
+            h.update(os.path.basename(path).encode() + b"\0")
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        h.update(json.dumps(self.added_tokens, sort_keys=True).encode())
+        return h.hexdigest()
+
+    def save(self, directory: str) -> None:
+        """Copies the tokenizer files and records the added tokens; `load_tokenizer(directory)`
+        gives back the same tokenizer."""
+        os.makedirs(directory, exist_ok=True)
+        files = []
+        for path in self._files():
+            shutil.copy(path, os.path.join(directory, os.path.basename(path)))
+            files.append(os.path.basename(path))
+        meta = {"kind": self.kind, "files": files, "added_tokens": self.added_tokens,
+                "source": self.path, "vocab_size": self.vocab_size,
+                "base_vocab_size": self.base_vocab_size}
+        if self.kind == "sentencepiece":
+            meta["model"] = os.path.basename(self.path)
+        with open(os.path.join(directory, SAVED), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+
+    def describe(self) -> dict:
+        return {"path": self.path, "kind": self.kind, "vocab_size": self.vocab_size,
+                "base_vocab_size": self.base_vocab_size, "added_tokens": dict(self.added_tokens),
+                "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id}
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(path={self.path!r}, vocab_size={self.vocab_size}, "
                 f"bos_id={self.bos_id}, eos_id={self.eos_id}, pad_id={self.pad_id})")
 
 
 class SentencePieceTokenizer(Tokenizer):
+    kind = "sentencepiece"
+
     def __init__(self, path: str):
         import sentencepiece as spm
 
@@ -65,7 +144,8 @@ class SentencePieceTokenizer(Tokenizer):
         except (OSError, RuntimeError) as e:
             raise DataError(
                 f"{path}: not a readable SentencePiece model ({_one_line(e)})") from None
-        self.vocab_size = self._sp.get_piece_size()
+        self.base_vocab_size = self._sp.get_piece_size()
+        self.added_tokens = {}
         self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
         if self._sp.eos_id() < 0:
             raise DataError(f"{path}: tokenizer has no EOS token")
@@ -76,10 +156,19 @@ class SentencePieceTokenizer(Tokenizer):
         return self._sp.encode(text)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._sp.decode([int(i) for i in ids])
+        return self._sp.decode([int(i) for i in ids if int(i) < self.base_vocab_size])
+
+    def _own_special_id(self, token: str) -> int | None:
+        i = self._sp.piece_to_id(token)
+        return i if i != self._sp.unk_id() and self._sp.id_to_piece(i) == token else None
+
+    def _files(self) -> list[str]:
+        return [self.path]
 
 
 class HFTokenizer(Tokenizer):
+    kind = "hf"
+
     def __init__(self, path: str):
         from transformers import AutoTokenizer
 
@@ -88,25 +177,51 @@ class HFTokenizer(Tokenizer):
             self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except Exception as e:  # transformers raises many types for a bad directory
             raise DataError(f"{path}: cannot load tokenizer ({_one_line(e)})") from None
-        self.vocab_size = len(self._tok)
+        self.base_vocab_size = len(self._tok)
+        self.added_tokens = {}
         self.bos_id = self._tok.bos_token_id
         if self._tok.eos_token_id is None:
             raise DataError(f"{path}: tokenizer has no EOS token")
         self.eos_id = self._tok.eos_token_id
         self.pad_id = self._tok.pad_token_id if self._tok.pad_token_id is not None else 0
 
+    @property
+    def hf(self):
+        """The transformers tokenizer (for its chat_template)."""
+        return self._tok
+
     def encode(self, text: str) -> list[int]:
         # split_special_tokens: a literal "</s>" in a conversation must not become the EOS id.
         return self._tok.encode(text, add_special_tokens=False, split_special_tokens=True)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+        return self._tok.decode([int(i) for i in ids if int(i) < self.base_vocab_size],
+                                skip_special_tokens=True)
+
+    def _own_special_id(self, token: str) -> int | None:
+        for i, added in self._tok.added_tokens_decoder.items():
+            if added.content == token:
+                return int(i)
+        return None
+
+    def special_strings(self) -> list[str]:
+        return [t.content for t in self._tok.added_tokens_decoder.values()] + list(self.added_tokens)
+
+    def _files(self) -> list[str]:
+        names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                 "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+                 "chat_template.jinja", "chat_template.json")
+        return [os.path.join(self.path, n) for n in names if os.path.isfile(os.path.join(self.path, n))]
 
 
 def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
-    """A SentencePiece `.model` file, or a directory holding `tokenizer.json`/`tokenizer.model`."""
+    """A SentencePiece `.model` file, or a directory holding `tokenizer.json`/`tokenizer.model`
+    (or a copy written by `Tokenizer.save`, added special tokens included)."""
     path = os.fspath(path)
     if os.path.isdir(path):
+        saved = os.path.join(path, SAVED)
+        if os.path.isfile(saved):
+            return _load_saved(path, saved)
         if not any(os.path.isfile(os.path.join(path, f))
                    for f in ("tokenizer.json", "tokenizer.model")):
             raise DataError(f"{path}: directory has neither tokenizer.json nor tokenizer.model")
@@ -114,6 +229,22 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     if os.path.isfile(path):
         return SentencePieceTokenizer(path)
     raise DataError(f"{path}: no such tokenizer file or directory")
+
+
+def _load_saved(directory: str, saved: str) -> Tokenizer:
+    try:
+        with open(saved, encoding="utf-8") as f:
+            meta = json.load(f)
+        tok: Tokenizer = (SentencePieceTokenizer(os.path.join(directory, meta["model"]))
+                          if meta["kind"] == "sentencepiece" else HFTokenizer(directory))
+        tok.added_tokens = {str(k): int(v) for k, v in meta["added_tokens"].items()}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{saved}: not a readable tokenizer record ({_one_line(e)})") from None
+    expected = list(range(tok.base_vocab_size, tok.base_vocab_size + len(tok.added_tokens)))
+    if sorted(tok.added_tokens.values()) != expected:
+        raise DataError(f"{saved}: added token ids {sorted(tok.added_tokens.values())} do not "
+                        f"follow the tokenizer's {tok.base_vocab_size} ids")
+    return tok
 
 
 def _one_line(e: BaseException) -> str:

@@ -14,9 +14,8 @@ from tqdm import tqdm
 
 from imitation_jax import checkpoint
 from imitation_jax.config import Config, ConfigError, save_resolved
-from imitation_jax.data.build import build_rows
 from imitation_jax.data.loader import BatchLoader
-from imitation_jax.data.tokenizer import load_tokenizer
+from imitation_jax.data.training import load_training_data
 from imitation_jax.model import ModelConfig
 from imitation_jax.sharding import batch_sharding, make_mesh
 from imitation_jax.train.flops import peak_flops_per_device
@@ -63,11 +62,14 @@ def train(cfg: Config) -> dict[str, Any]:
     """Run training; returns a summary (run dir, first/last loss, checkpoint path, steps)."""
     run_dir = os.path.abspath(cfg.run_dir)
     os.makedirs(run_dir, exist_ok=True)
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    cfg.model = resolve_model_config(cfg.model, tokenizer.vocab_size)
-    train_rows = build_rows(cfg.data.train_files, tokenizer, cfg.data.template, cfg.data.seq_len, cfg.data.pack)
-    eval_rows = (build_rows(cfg.data.eval_files, tokenizer, cfg.data.template, cfg.data.seq_len, cfg.data.pack)
-                 if cfg.data.eval_files else None)
+    # A prepared set (data.path), or raw files prepared into a cache first. The loader is random
+    # access by step, so the data iterator state to checkpoint is the step (loader.state(step)).
+    data = load_training_data(cfg.data, jax.process_index(), jax.process_count(),
+                              progress=cfg.logging.progress)
+    cfg.data = data.config  # template, seq_len and packing as prepared
+    cfg.model = resolve_model_config(cfg.model, data.vocab_size)  # includes special tokens prepare added
+    train_rows, eval_rows = data.train, data.eval
+
 
     try:
         mesh = make_mesh(cfg.mesh)

@@ -1,0 +1,472 @@
+"""`prepare`: input files -> cleaned, tokenized, split, packed rows of a prepared data set.
+
+    read (main process: parse, validate, locate every record)
+      -> clean + encode with the template + split long conversations (worker processes, in order)
+      -> drop duplicates (main) -> eval split -> per-source weights -> pack -> ArrayRecord (tfds)
+
+Everything is deterministic: the same inputs and settings give the same rows whatever the number
+of workers (results are consumed in input order). The eval split takes the conversations whose
+keyed hash ranks lowest (an exact count, independent of input order), and per-source weights
+sample by keyed hash too; pieces of a split conversation stay in one split. Every record read is
+accounted for: read = kept + dropped (by reason, "invalid" included), and stats.json lists them.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import heapq
+import json
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from imitation_jax.data import storage
+from imitation_jax.data.cleaning import CleaningConfig, clean, content_hash, normalized_phrases
+from imitation_jax.data.examples import conversation_examples
+from imitation_jax.data.formats import FORMATS, Conversation, DataError
+from imitation_jax.data.packing import PACKING, pack, packed_rows
+from imitation_jax.data.readers import Source, check_readable, iter_conversations
+from imitation_jax.data.stats import format_summary, length_histogram, query_diversity
+from imitation_jax.data.templates import TEMPLATE_NAMES, Example, get_template
+from imitation_jax.data.tokenizer import Tokenizer, load_tokenizer
+
+PREPARE_VERSION = 1  # bump when prepare's output changes for the same inputs and settings
+BATCH = 64  # conversations per task sent to a worker
+MAX_INVALID_EXAMPLES = 20  # skipped-record messages kept in stats.json
+AUTO_WORKERS_MIN_BYTES = 8 << 20  # below this much input, tokenizing in-process is faster
+
+
+@dataclasses.dataclass
+class PrepareSettings:
+    """Everything that decides the prepared rows (recorded in stats.json, part of the cache key)."""
+
+    tokenizer: str
+    template: str = "koala"
+    seq_len: int = 512
+    packing: str = "best_fit"
+    turn_tokens: bool = False  # add <|user|>/<|assistant|> special tokens before each turn
+    eval_fraction: float = 0.0  # of the kept training conversations, held out as the eval split
+    skip_invalid: bool = False  # count and skip invalid records instead of stopping
+    format: str = "auto"  # the format of inputs that do not say (PATH:format=...)
+    seed: int = 0  # eval split and per-source sampling
+    diversity_sample: int = 256  # user queries for the diversity figure (0: skip it)
+    cleaning: CleaningConfig = dataclasses.field(default_factory=CleaningConfig)
+
+    def validate(self) -> None:
+        if self.seq_len < 2:
+            raise DataError(f"seq_len must be at least 2, got {self.seq_len}", "bad_option")
+        if self.packing not in PACKING:
+            raise DataError(f"packing {self.packing!r} is not one of {', '.join(PACKING)}",
+                            "bad_option")
+        if self.template not in TEMPLATE_NAMES:
+            raise DataError(f"unknown chat template {self.template!r}; known: "
+                            f"{', '.join(TEMPLATE_NAMES)}", "bad_option")
+        if not 0 <= self.eval_fraction < 1:
+            raise DataError(f"eval fraction must be in [0, 1), got {self.eval_fraction}",
+                            "bad_option")
+        if self.format not in ("auto", *FORMATS):
+            raise DataError(f"format {self.format!r} is not one of auto, {', '.join(FORMATS)}",
+                            "bad_option")
+        if self.diversity_sample < 0:
+            raise DataError("diversity sample must be >= 0", "bad_option")
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- workers
+
+
+@dataclasses.dataclass(frozen=True)
+class _WorkerSpec:
+    tokenizer: str
+    added: tuple[str, ...]
+    template: str
+    turn_tokens: bool
+    seq_len: int
+    cleaning: CleaningConfig
+
+
+class _Worker:
+    """Cleans and encodes batches of conversations (in a worker process, or inline)."""
+
+    def __init__(self, spec: _WorkerSpec, tokenizer: Tokenizer | None = None):
+        if tokenizer is None:
+            tokenizer = load_tokenizer(spec.tokenizer)
+            tokenizer.add_special_tokens(spec.added)
+        self.tokenizer = tokenizer
+        self.template = get_template(spec.template, tokenizer, turn_tokens=spec.turn_tokens)
+        self.spec = spec
+        self.phrases = normalized_phrases(spec.cleaning)
+
+    def __call__(self, batch: list[Conversation]) -> list[tuple]:
+        out = []
+        cfg = self.spec.cleaning
+        for conv in batch:
+            cleaned, counts = clean(conv, cfg, self.phrases)
+            if isinstance(cleaned, str):
+                out.append((cleaned, counts))
+                continue
+            examples, more, reason = conversation_examples(
+                cleaned, self.tokenizer, self.template, self.spec.seq_len, cfg.split_long,
+                cfg.truncate_long_turns)
+            counts.update(more)
+            if reason is not None:
+                out.append((reason, counts))
+                continue
+            query = next((m.content for m in cleaned.messages if m.role == "user"), None)
+            out.append((None, counts, content_hash(cleaned), [(e.ids, e.loss_mask) for e in examples],
+                        query))
+        return out
+
+
+_worker: _Worker | None = None
+
+
+def _init_worker(spec: _WorkerSpec) -> None:
+    global _worker
+    _worker = _Worker(spec)
+
+
+def _work(batch: list[Conversation]) -> list[tuple]:
+    assert _worker is not None
+    return _worker(batch)
+
+
+# ---------------------------------------------------------------- collecting
+
+
+@dataclasses.dataclass
+class _Kept:
+    source: int
+    split: str
+    key: bytes  # content hash
+    examples: list[tuple[np.ndarray, np.ndarray]]
+
+
+class _Collector:
+    def __init__(self, settings: PrepareSettings, n_sources: int):
+        self.settings = settings
+        self.kept: list[_Kept] = []
+        self.seen: set[bytes] = set()
+        self.dropped: Counter = Counter()
+        self.invalid: Counter = Counter()
+        self.invalid_examples: list[str] = []
+        self.turns: Counter = Counter()
+        self.sources = [Counter() for _ in range(n_sources)]
+        self.queries: list[tuple[bytes, str]] = []  # heap of (-rank key, query) for diversity
+        self.read = 0
+        self.tokens = 0
+        self.formats: dict[str, str] = {}  # path -> format detected
+
+    def invalid_record(self, source: int, error: DataError) -> None:
+        if not self.settings.skip_invalid:
+            raise error
+        self.read += 1
+        self.sources[source]["read"] += 1
+        self.sources[source]["invalid"] += 1
+        self.invalid[error.kind] += 1
+        self.dropped["invalid"] += 1
+        if len(self.invalid_examples) < MAX_INVALID_EXAMPLES:
+            self.invalid_examples.append(str(error))
+
+    def results(self, source: int, split: str, results: list[tuple]) -> None:
+        for result in results:
+            self.read += 1
+            self.sources[source]["read"] += 1
+            reason, counts = result[0], result[1]
+            self.turns.update(counts)
+            if reason is not None:
+                self.dropped[reason] += 1
+                continue
+            key, examples, query = result[2], result[3], result[4]
+            if self.settings.cleaning.dedup:
+                if key in self.seen:
+                    self.dropped["duplicate"] += 1
+                    continue
+                self.seen.add(key)
+            self.sources[source]["kept"] += 1
+            self.kept.append(_Kept(source, split, key, examples))
+            self.tokens += sum(len(ids) for ids, _ in examples)
+            if split == "train" and query and self.settings.diversity_sample:
+                rank = _rank(self.settings.seed, b"diversity", key)
+                item = (_negate(rank), query[:2000])
+                if len(self.queries) < self.settings.diversity_sample:
+                    heapq.heappush(self.queries, item)
+                elif item > self.queries[0]:
+                    heapq.heapreplace(self.queries, item)
+
+
+def _rank(seed: int, salt: bytes, key: bytes) -> bytes:
+    return hashlib.blake2b(key, digest_size=8, key=seed.to_bytes(8, "little") + salt[:8]).digest()
+
+
+def _negate(rank: bytes) -> bytes:
+    return bytes(255 - b for b in rank)
+
+
+def _batches(sources: list[tuple[int, str, Source]], collector: _Collector, progress
+             ) -> Iterator[tuple[int, str, list[Conversation]]]:
+    for index, split, source in sources:
+        batch: list[Conversation] = []
+        for item in iter_conversations(source, progress, collector.formats):
+            if isinstance(item, DataError):
+                collector.invalid_record(index, item)
+                continue
+            batch.append(item)
+            if len(batch) == BATCH:
+                yield index, split, batch
+                batch = []
+        if batch:
+            yield index, split, batch
+
+
+def auto_workers(sources: Sequence[Source]) -> int:
+    size = sum(os.path.getsize(s.path) for s in sources)
+    return 1 if size < AUTO_WORKERS_MIN_BYTES else max(1, min(os.cpu_count() or 1, 32))
+
+
+def _collect(spec: _WorkerSpec, tokenizer: Tokenizer, sources: list[tuple[int, str, Source]],
+             collector: _Collector, workers: int, progress: bool) -> None:
+    from tqdm import tqdm
+
+    total = None if any(s.path.endswith(".gz") for _, _, s in sources) else \
+        sum(os.path.getsize(s.path) for _, _, s in sources)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="prepare", leave=False,
+               disable=None if progress else True)
+
+    def handle(index: int, split: str, results: list[tuple]) -> None:
+        collector.results(index, split, results)
+        bar.set_postfix(read=collector.read, kept=len(collector.kept), refresh=False)
+
+    try:
+        batches = _batches(sources, collector, bar.update)
+        if workers <= 1:
+            worker = _Worker(spec, tokenizer)
+            for index, split, batch in batches:
+                handle(index, split, worker(batch))
+            return
+        ctx = multiprocessing.get_context("spawn")  # never fork a process that may run JAX
+        with ctx.Pool(workers, initializer=_init_worker, initargs=(spec,)) as pool:
+            pending: collections.deque = collections.deque()
+            for index, split, batch in batches:
+                pending.append((index, split, pool.apply_async(_work, (batch,))))
+                while len(pending) > 4 * workers:
+                    index, split, job = pending.popleft()
+                    handle(index, split, job.get())
+            while pending:
+                index, split, job = pending.popleft()
+                handle(index, split, job.get())
+    finally:
+        bar.close()
+
+
+# ---------------------------------------------------------------- splitting and sampling
+
+
+def _select(convs: list[_Kept], count: int, seed: int, salt: bytes) -> list[_Kept]:
+    """`count` conversations: whole copies in input order, then a keyed-hash-ranked subset."""
+    if not convs or count <= 0:
+        return []
+    copies, rest = divmod(count, len(convs))
+    ranked = sorted(range(len(convs)), key=lambda i: _rank(seed, salt, convs[i].key))
+    chosen = set(ranked[:rest])
+    return convs * copies + [c for i, c in enumerate(convs) if i in chosen]
+
+
+def _split_and_sample(collector: _Collector, settings: PrepareSettings,
+                      sources: list[tuple[int, str, Source]]) -> dict[str, list[_Kept]]:
+    train = [k for k in collector.kept if k.split == "train"]
+    evals = [k for k in collector.kept if k.split == "eval"]
+    if settings.eval_fraction > 0 and len(train) >= 2:
+        n_eval = min(len(train) - 1, max(1, round(settings.eval_fraction * len(train))))
+        ranked = sorted(range(len(train)), key=lambda i: _rank(settings.seed, b"eval", train[i].key))
+        held = set(ranked[:n_eval])
+        for i in held:
+            collector.sources[train[i].source]["moved_to_eval"] += 1
+        evals += [k for i, k in enumerate(train) if i in held]
+        train = [k for i, k in enumerate(train) if i not in held]
+    selected: list[_Kept] = []
+    for index, split, source in sources:
+        if split != "train":
+            continue
+        mine = [k for k in train if k.source == index]
+        if source.count is not None:
+            count = source.count
+        elif source.weight is not None:
+            count = round(source.weight * len(mine))
+        else:
+            count = len(mine)
+        picked = _select(mine, count, settings.seed, b"w%d" % index)
+        collector.sources[index]["used"] = len(picked)
+        selected += picked
+    return {"train": selected, "eval": evals}
+
+
+# ---------------------------------------------------------------- the whole step
+
+
+def _check_out(out: str) -> None:
+    if os.path.exists(out):
+        if not os.path.isdir(out):
+            raise DataError(f"{out}: exists and is not a directory", "bad_output")
+        if os.listdir(out) and not os.path.isfile(os.path.join(out, storage.STATS)):
+            raise DataError(f"{out}: exists and is not a prepared data set (no stats.json); "
+                            "choose another --out or remove it", "bad_output")
+
+
+def _as_source(spec: str | Source, default_format: str) -> Source:
+    return spec if isinstance(spec, Source) else Source.parse(spec, default_format)
+
+
+def input_fingerprint(source: Source) -> dict:
+    st = os.stat(source.path)
+    return {"path": os.path.abspath(source.path), "format": source.format, "weight": source.weight,
+            "count": source.count, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def prepare(inputs: Sequence[str | Source], out: str, settings: PrepareSettings, *,
+            eval_inputs: Sequence[str | Source] = (), workers: int | None = None,
+            progress: bool = True, extra: dict | None = None) -> dict:
+    """Prepares `inputs` (training) and `eval_inputs` into the directory `out`; returns stats.
+
+    `workers`: tokenizing processes (None: all cores, or in-process for small inputs).
+    `extra`: more fields for stats.json (the training cache stores its key there).
+    Raises DataError for bad input (the first invalid record unless settings.skip_invalid).
+    """
+    start = time.perf_counter()
+    settings.validate()
+    train_sources = [_as_source(x, settings.format) for x in inputs]
+    eval_sources = [_as_source(x, settings.format) for x in eval_inputs]
+    if not train_sources:
+        raise DataError("no input files given", "bad_option")
+    for s in train_sources + eval_sources:
+        check_readable(s.path)
+    out = os.path.abspath(out)
+    _check_out(out)
+    tokenizer = load_tokenizer(settings.tokenizer)
+    source_fingerprint = tokenizer.fingerprint()
+    template = get_template(settings.template, tokenizer, turn_tokens=settings.turn_tokens)
+    added = tokenizer.add_special_tokens(template.special_tokens)
+    spec = _WorkerSpec(settings.tokenizer, tuple(added), settings.template, settings.turn_tokens,
+                       settings.seq_len, settings.cleaning)
+    # Eval inputs first: a training conversation that duplicates an eval one is dropped.
+    sources = [(i, "eval", s) for i, s in enumerate(eval_sources)] + \
+        [(len(eval_sources) + i, "train", s) for i, s in enumerate(train_sources)]
+    if workers is None:
+        workers = auto_workers([s for _, _, s in sources])
+    collector = _Collector(settings, len(sources))
+    _collect(spec, tokenizer, sources, collector, workers, progress)
+    splits = _split_and_sample(collector, settings, sources)
+    read_seconds = time.perf_counter() - start
+
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    try:
+        split_stats, index = {}, {}
+        rows_by_split = {}
+        for name in storage.SPLITS:
+            kept = splits[name]
+            examples = [Example(ids, mask) for k in kept for ids, mask in k.examples]
+            lengths = np.asarray([len(e) - 1 for e in examples], np.int64)
+            trained = np.asarray([int(e.loss_mask[1:].sum()) for e in examples], np.int64)
+            assignment = pack(lengths, settings.seq_len, settings.packing)
+            row_tokens = np.asarray([lengths[r].sum() for r in assignment], np.int64)
+            row_trained = np.asarray([trained[r].sum() for r in assignment], np.int64)
+            rows_by_split[name] = list(packed_rows(examples, assignment))
+            index[f"{name}_trained"], index[f"{name}_tokens"] = row_trained, row_tokens
+            index[f"{name}_examples"] = np.asarray([len(r) for r in assignment], np.int64)
+            split_stats[name] = {
+                "conversations": len({id(k) for k in kept}), "examples": len(examples),
+                "rows": len(assignment), "tokens": int(lengths.sum()),
+                "trained_tokens": int(trained.sum()),
+                "non_pad_fraction": float(lengths.sum() / max(1, len(assignment) * settings.seq_len)),
+                "padded_rows": len(examples),
+                "padded_non_pad_fraction": float(lengths.sum() / max(1, len(examples) * settings.seq_len)),
+                "length_histogram": length_histogram(lengths, settings.seq_len),
+            }
+        split_stats["train"]["repeated_conversations"] = len(splits["train"]) - len(
+            {id(k) for k in splits["train"]})
+        if split_stats["train"]["rows"] == 0:
+            raise DataError(f"no training rows: all {collector.read} conversations read were "
+                            f"dropped ({dict(collector.dropped)})", "no_data")
+        storage.write_rows(tmp, rows_by_split)
+        for name in storage.SPLITS:
+            index[f"{name}_order"] = storage.read_back_order(tmp, name, split_stats[name]["rows"])
+        np.savez(os.path.join(tmp, storage.INDEX), **index)
+        tokenizer.save(os.path.join(tmp, storage.TOKENIZER_DIR))
+
+        queries = [q for _, q in sorted(collector.queries, reverse=True)]
+        diversity = query_diversity(queries) if len(queries) >= 2 else None
+        seconds = time.perf_counter() - start
+        fp = hashlib.sha256(json.dumps(settings.as_dict(), sort_keys=True).encode())
+        fp.update(tokenizer.fingerprint().encode())
+        for name in storage.SPLITS:
+            fp.update(index[f"{name}_trained"].tobytes() + index[f"{name}_tokens"].tobytes())
+        source_stats = []
+        for index_, split, s in sources:
+            c = collector.sources[index_]
+            fmt = s.format if s.format != "auto" else collector.formats.get(s.path, "auto")
+            entry = {"path": s.path, "split": split, "format": fmt, "read": c["read"],
+                     "invalid": c["invalid"], "kept": c["kept"]}
+            if split == "train":
+                entry["moved_to_eval"] = c["moved_to_eval"]
+                entry["used"] = c["used"]
+                if s.weight is not None or s.count is not None:
+                    entry["selection"] = (f"weight {s.weight:g}" if s.weight is not None
+                                          else f"count {s.count}")
+            source_stats.append(entry)
+        turns = dict(collector.turns)
+        stats = {
+            "version": PREPARE_VERSION,
+            "path": out,
+            "fingerprint": fp.hexdigest()[:16],
+            "template": getattr(template, "name", settings.template),
+            "settings": settings.as_dict(),
+            "inputs": source_stats,
+            "input_files": [{"split": split, **input_fingerprint(s)} for _, split, s in sources],
+            "tokenizer": {**tokenizer.describe(), "fingerprint": tokenizer.fingerprint(),
+                          "source_fingerprint": source_fingerprint},
+            "conversations": {"read": collector.read, "kept": len(collector.kept),
+                              "dropped": dict(collector.dropped), "invalid": dict(collector.invalid),
+                              "invalid_examples": collector.invalid_examples},
+            "turns": turns,
+            "splits": split_stats,
+            "diversity": {"mean_max_bleu": diversity, "sample": len(queries)},
+            "timing": {"seconds": seconds, "read_and_tokenize_seconds": read_seconds,
+                       "workers": workers,
+                       "conversations_per_s": collector.read / max(seconds, 1e-9),
+                       "tokens_per_s": collector.tokens / max(seconds, 1e-9)},
+            **(extra or {}),
+        }
+        with open(os.path.join(tmp, storage.STATS), "w", encoding="utf-8") as f:
+            json.dump(stats, f, indent=2)
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return stats
+
+
+def _replace_dir(new: str, out: str) -> None:
+    """Moves the finished set into place; a previous set at `out` is removed only afterwards."""
+    old = None
+    if os.path.exists(out):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
+        os.rmdir(old)
+        os.rename(out, old)
+    os.rename(new, out)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def summary(stats: dict) -> str:
+    return format_summary(stats)

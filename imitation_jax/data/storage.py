@@ -1,0 +1,235 @@
+"""Prepared data sets on disk: packed rows in ArrayRecord files written by a tensorflow-datasets
+builder (TensorFlow is never imported: tfds writes and reads `array_record` without it).
+
+Layout of a prepared set DIR:
+
+    DIR/stats.json                  settings, inputs, counts, drops, tokens, packing, histogram, ...
+    DIR/index.npz                   per split: order (ArrayRecord position of row i), trained and
+                                    non-pad tokens per row
+    DIR/tokenizer/                  the tokenizer used, plus any special tokens added to it
+    DIR/imitation_rows/1.0.0/       the tfds data set: dataset_info.json, features.json and
+                                    imitation_rows-{train,eval}.array_record-NNNNN-of-NNNNN
+
+Each record is one packed row: {"index": row number, "tokens": int32 ids of its examples
+concatenated, "loss_mask": uint8, "lengths": int32 ids per example}. tfds reorders records when it
+writes them, so every record carries its row number: after writing, the records are read back
+once to build `order`, and every read checks that the record found is the row asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from imitation_jax.data.formats import DataError
+from imitation_jax.data.packing import PackedRow, PackStats, assemble
+
+BUILDER = "imitation_rows"
+VERSION = "1.0.0"
+SPLITS = ("train", "eval")
+INDEX = "index.npz"
+STATS = "stats.json"
+TOKENIZER_DIR = "tokenizer"
+
+_builder_class = None
+
+
+def _builder():
+    """The tfds builder class (defined on first use, so importing this module stays cheap)."""
+    global _builder_class
+    if _builder_class is not None:
+        return _builder_class
+    import tensorflow_datasets as tfds
+
+    class ImitationRows(tfds.core.GeneratorBasedBuilder):
+        """Packed, masked rows of an imitation data set (see imitation_jax.data.storage)."""
+
+        VERSION = tfds.core.Version(VERSION)
+        code_path = None  # no checksums file to look for (and no importlib_resources needed)
+
+        def __init__(self, *, splits: dict[str, Iterable[PackedRow]] | None = None, **kwargs):
+            self._rows = splits or {}
+            super().__init__(**kwargs)
+
+        def _info(self):
+            return tfds.core.DatasetInfo(
+                builder=self, description="Packed imitation rows (imitation_jax prepare)",
+                features=tfds.features.FeaturesDict({
+                    "index": tfds.features.Scalar(np.int64),
+                    "tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+                    "loss_mask": tfds.features.Tensor(shape=(None,), dtype=np.uint8),
+                    "lengths": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+                }))
+
+        def _split_generators(self, dl_manager):
+            return {name: self._generate_examples(rows) for name, rows in self._rows.items()}
+
+        def _generate_examples(self, rows):
+            for i, (tokens, mask, lengths) in enumerate(rows):
+                yield i, {"index": i, "tokens": tokens, "loss_mask": mask.astype(np.uint8),
+                          "lengths": lengths}
+
+        def _log_download_bytes(self):  # tfds prints these to stdout; prepare prints a summary
+            pass
+
+        def _log_download_done(self):
+            pass
+
+    ImitationRows.name = BUILDER
+    _builder_class = ImitationRows
+    return ImitationRows
+
+
+def write_rows(directory: str, splits: dict[str, Sequence[PackedRow]]) -> str:
+    """Writes each split's rows (numbered in order; an empty split is left out) with the tfds
+    builder; returns the tfds data set directory."""
+    import tensorflow_datasets as tfds
+
+    tfds.disable_progress_bar()
+    splits = {name: rows for name, rows in splits.items() if rows}  # tfds refuses empty splits
+    builder = _builder()(splits=splits, data_dir=directory, file_format="array_record")
+    builder.download_and_prepare()
+    shutil.rmtree(os.path.join(directory, "downloads"), ignore_errors=True)
+    return os.fspath(builder.data_path)
+
+
+def dataset_dir(directory: str) -> str:
+    return os.path.join(directory, BUILDER, VERSION)
+
+
+def open_source(directory: str, split: str):
+    """The tfds ArrayRecord data source of one split (random access, decoded records)."""
+    import tensorflow_datasets as tfds
+
+    try:
+        return tfds.builder_from_directory(dataset_dir(directory)).as_data_source(split=split)
+    except Exception as e:  # tfds raises several types for a missing or damaged directory
+        raise DataError(f"{directory}: cannot open the {split} split of the prepared rows "
+                        f"({' '.join(str(e).split())[:200]})", "bad_prepared_set") from None
+
+
+def read_back_order(directory: str, split: str, n_rows: int) -> np.ndarray:
+    """order[i] = position in the ArrayRecord files of row i (records are reordered on write)."""
+    order = np.full(n_rows, -1, np.int64)
+    if n_rows == 0:
+        return order
+    source = open_source(directory, split)
+    if len(source) != n_rows:
+        raise DataError(f"{directory}: {split} split has {len(source)} records, expected "
+                        f"{n_rows}", "bad_prepared_set")
+    for start in range(0, n_rows, 1024):
+        positions = list(range(start, min(n_rows, start + 1024)))
+        for pos, record in zip(positions, source.__getitems__(positions)):
+            order[int(record["index"])] = pos
+    if (order < 0).any():
+        raise DataError(f"{directory}: {split} split is missing rows", "bad_prepared_set")
+    return order
+
+
+class PreparedSplit:
+    """One split of a prepared set as a random-access row source (the loader's interface)."""
+
+    def __init__(self, directory: str, split: str, seq_len: int, pad_id: int, fingerprint: str):
+        self.directory, self.split = directory, split
+        self.seq_len, self.pad_id = seq_len, pad_id
+        self.fingerprint = f"{fingerprint}:{split}"
+        try:
+            with np.load(os.path.join(directory, INDEX)) as index:
+                self.order = index[f"{split}_order"]
+                self.trained_per_row = index[f"{split}_trained"]
+                self.tokens_per_row = index[f"{split}_tokens"]
+                self.examples_per_row = index[f"{split}_examples"]
+        except (OSError, KeyError, ValueError) as e:
+            raise DataError(f"{directory}: unreadable {INDEX} ({e})", "bad_prepared_set") from None
+        self.stats = PackStats(examples=int(self.examples_per_row.sum()), rows=len(self.order), truncated=0, dropped=0,
+                               trained_tokens=int(self.trained_per_row.sum()),
+                               tokens=int(self.tokens_per_row.sum()), seq_len=seq_len)
+        self._source = None
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getstate__(self):  # picklable: the ArrayRecord readers are reopened on demand
+        return {**self.__dict__, "_source": None}
+
+    @property
+    def source(self):
+        if self._source is None:
+            self._source = open_source(self.directory, self.split)
+        return self._source
+
+    def rows(self, indices: Iterable[int]) -> list[PackedRow | None]:
+        """Compact rows; index -1 gives None (a padding row)."""
+        indices = [int(i) for i in indices]
+        wanted = [i for i in indices if i >= 0]
+        records = self.source.__getitems__([int(self.order[i]) for i in wanted]) if wanted else []
+        by_index: dict[int, PackedRow] = {}
+        for i, rec in zip(wanted, records):
+            if int(rec["index"]) != i:
+                raise DataError(f"{self.directory}: {self.split} row {i} is stored at the place "
+                                f"of row {int(rec['index'])}: {INDEX} does not match the "
+                                "ArrayRecord files", "bad_prepared_set")
+            by_index[i] = (rec["tokens"], rec["loss_mask"].astype(np.bool_), rec["lengths"])
+        return [by_index[i] if i >= 0 else None for i in indices]
+
+    def take(self, indices) -> dict[str, np.ndarray]:
+        return assemble(self.rows(np.asarray(indices).tolist()), self.seq_len, self.pad_id)
+
+    def __iter__(self) -> Iterator[PackedRow]:
+        for start in range(0, len(self), 256):
+            yield from self.rows(range(start, min(len(self), start + 256)))  # type: ignore[misc]
+
+
+class PreparedSet:
+    """A prepared data set directory: its stats, tokenizer, template and splits."""
+
+    def __init__(self, directory: str):
+        self.directory = os.path.abspath(directory)
+        path = os.path.join(self.directory, STATS)
+        if not os.path.isfile(path):
+            raise DataError(f"{directory}: not a prepared data set (no {STATS}); make one with "
+                            "`imitation-jax prepare INPUT... --out DIR`", "bad_prepared_set")
+        try:
+            with open(path, encoding="utf-8") as f:
+                self.stats = json.load(f)
+            self.settings = self.stats["settings"]
+            self.seq_len = int(self.settings["seq_len"])
+            self.pad_id = int(self.stats["tokenizer"]["pad_id"])
+            self.fingerprint = str(self.stats["fingerprint"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{path}: unreadable ({' '.join(str(e).split())[:200]})",
+                            "bad_prepared_set") from None
+        from imitation_jax.data.prepare import PREPARE_VERSION
+
+        if self.stats.get("version") != PREPARE_VERSION:
+            raise DataError(f"{directory}: prepared by format version {self.stats.get('version')}, "
+                            f"this code reads version {PREPARE_VERSION}: prepare it again",
+                            "bad_prepared_set")
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        """The tokenizer saved with the set (special tokens added by prepare included)."""
+        if self._tokenizer is None:
+            from imitation_jax.data.tokenizer import load_tokenizer
+
+            self._tokenizer = load_tokenizer(os.path.join(self.directory, TOKENIZER_DIR))
+        return self._tokenizer
+
+    @property
+    def template(self):
+        """The chat template the set was rendered with (for prompts at inference)."""
+        from imitation_jax.data.templates import get_template
+
+        return get_template(self.settings["template"], self.tokenizer,
+                            turn_tokens=bool(self.settings.get("turn_tokens")))
+
+    def rows(self, split: str) -> int:
+        return int(self.stats["splits"][split]["rows"])
+
+    def split(self, split: str) -> PreparedSplit:
+        return PreparedSplit(self.directory, split, self.seq_len, self.pad_id, self.fingerprint)
