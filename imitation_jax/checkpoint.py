@@ -1,41 +1,178 @@
-"""Orbax checkpoints under RUN_DIR/checkpoints/<step>/ with one item per part of the state.
+"""Orbax checkpoints under RUN_DIR/checkpoints/<step>/, one item per part of the training state:
 
-This module saves final parameters and restores parameters into any mesh (target shardings come
-from the caller's abstract arrays); the checkpoint issue extends it to the full training state.
+    params/     parameters (global arrays; restore into any mesh or process count)
+    opt_state/  optimizer state
+    rng/        the run's PRNG key data
+    data/       JSON: step, data-iterator state (the loader is random-access by step), epoch
+    config/     JSON: the resolved config that wrote it
+
+Orbax writes each step into a temporary directory and renames it when complete, so a write torn by
+a kill is never mistaken for a checkpoint; restore still falls back past any step it cannot read.
+A checkpoint that does not fit the model (shape, dtype, missing parameter) is an error naming the
+parameter, never a silent fresh start.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Any
+import re
+import sys
+import time
+from typing import Any, Optional
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+ITEMS = ("params", "opt_state", "rng", "data", "config")
+_TMP = re.compile(r"\.orbax-checkpoint-tmp")
 
 
 class CheckpointError(ValueError):
     """A missing or unusable checkpoint; the message is one line."""
 
 
+@dataclasses.dataclass
+class CheckpointConfig:
+    every_steps: int = 500  # 0: no step-based checkpoints
+    every_minutes: float = 0.0  # also save when this long has passed since the last save (0: off)
+    keep: int = 3  # most recent checkpoints kept
+    milestone_every: int = 0  # also keep every step divisible by this forever (0: none)
+    async_save: bool = True  # training goes on while a checkpoint is written
+
+
 def checkpoint_dir(run_dir: str) -> str:
     return os.path.join(os.path.abspath(run_dir), "checkpoints")
 
 
-def manager(run_dir: str, max_to_keep: int | None = None) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-    return ocp.CheckpointManager(checkpoint_dir(run_dir), options=options)
+def _log(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, file=sys.stderr, flush=True)
 
 
-def save_params(run_dir: str, step: int, params: Any) -> str:
-    """Write params for `step` and wait for the write to finish; returns the step directory."""
-    mgr = manager(run_dir)
-    mgr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)), force=True)
-    mgr.wait_until_finished()
-    mgr.close()
-    return os.path.join(checkpoint_dir(run_dir), str(step))
+def _handlers() -> dict:
+    return {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
+            "rng": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+            "config": ocp.JsonCheckpointHandler()}
+
+
+class Checkpointer:
+    """Saves on a step interval, a time interval and on demand; restores the newest readable step."""
+
+    def __init__(self, run_dir: str, cfg: CheckpointConfig, max_to_keep: Optional[int] = None):
+        self.cfg = cfg
+        self.directory = checkpoint_dir(run_dir)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep if max_to_keep is not None else cfg.keep,
+            keep_period=cfg.milestone_every or None, enable_async_checkpointing=cfg.async_save,
+            create=True, cleanup_tmp_directories=False)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=_handlers())
+        self._last_save_time = time.monotonic()
+
+    # -- saving ---------------------------------------------------------------------------------
+    def due(self, step: int) -> bool:
+        """Whether the schedule asks for a checkpoint after `step` (this process's view: in a
+        multi-process run the caller agrees on it with the others)."""
+        if self.cfg.every_steps and step % self.cfg.every_steps == 0:
+            return True
+        return bool(self.cfg.every_minutes) and time.monotonic() - self._last_save_time >= 60 * self.cfg.every_minutes
+
+    def save(self, step: int, state: dict, data_state: dict, config: dict) -> None:
+        if step in self.manager.all_steps():
+            return
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(state["params"]), opt_state=ocp.args.StandardSave(state["opt_state"]),
+            rng=ocp.args.StandardSave({"key": state["rng"]}), data=ocp.args.JsonSave({"step": step, **data_state}),
+            config=ocp.args.JsonSave(config))
+        self.manager.save(step, args=args, force=True)
+        self._last_save_time = time.monotonic()
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    # -- restoring ------------------------------------------------------------------------------
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def incomplete(self) -> list[str]:
+        if not os.path.isdir(self.directory):
+            return []
+        return sorted(d for d in os.listdir(self.directory) if _TMP.search(d))
+
+    def restore_latest(self, abstract_state: dict) -> Optional[tuple[int, dict, dict]]:
+        """(step, state, data_state) from the newest complete, readable checkpoint, or None.
+
+        abstract_state: ShapeDtypeStructs with target shardings for params / opt_state / rng.
+        """
+        for name in self.incomplete():
+            _log(f"checkpoint: ignoring {os.path.join(self.directory, name)}: an incomplete write (torn by a kill)")
+        for step in reversed(self.steps()):
+            try:
+                saved = saved_param_shapes(os.path.join(self.directory, str(step), "params"))
+            except CheckpointError as exc:
+                _log(f"checkpoint: step {step} is unreadable ({exc}); falling back to the previous one")
+                continue
+            check_fits(os.path.join(self.directory, str(step), "params"), abstract_state["params"], saved)
+            try:
+                out = self.manager.restore(step, args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(abstract_state["params"]),
+                    opt_state=ocp.args.StandardRestore(abstract_state["opt_state"]),
+                    rng=ocp.args.StandardRestore({"key": abstract_state["rng"]}),
+                    data=ocp.args.JsonRestore()))
+            except Exception as exc:  # unreadable files of any kind: fall back to an older step
+                _log(f"checkpoint: step {step} is unreadable ({type(exc).__name__}: "
+                     f"{str(exc).splitlines()[0][:200]}); falling back to the previous one")
+                continue
+            state = {"params": out["params"], "opt_state": out["opt_state"], "rng": out["rng"]["key"]}
+            return step, state, dict(out["data"])
+        return None
+
+
+def _leaf_paths(tree: Any) -> dict[str, Any]:
+    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def saved_param_shapes(item_dir: str) -> dict[str, Any]:
+    """{"a/b/c": metadata with .shape and .dtype} of a params item; CheckpointError if unreadable."""
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            meta = ckptr.metadata(item_dir)
+        meta = getattr(meta, "item_metadata", meta)
+        saved = _leaf_paths(meta.tree if hasattr(meta, "tree") else meta)
+    except Exception as exc:
+        raise CheckpointError(f"{item_dir}: cannot read checkpoint metadata: {str(exc).splitlines()[0]}") from None
+    if not saved:
+        raise CheckpointError(f"{item_dir}: no readable parameter metadata")
+    return saved
+
+
+def check_fits(item_dir: str, abstract: Any, saved: dict[str, Any] | None = None) -> None:
+    """Raise CheckpointError naming the first parameter whose presence, shape or dtype differs."""
+    saved = saved if saved is not None else saved_param_shapes(item_dir)
+    wanted = _leaf_paths(abstract)
+    for name, want in wanted.items():
+        if name not in saved:
+            raise CheckpointError(f"{item_dir}: parameter '{name}' is missing from the checkpoint")
+        got = saved[name]
+        if tuple(got.shape) != tuple(want.shape):
+            raise CheckpointError(f"{item_dir}: parameter '{name}' has shape {tuple(got.shape)} in the checkpoint "
+                                  f"but the config needs {tuple(want.shape)}")
+        if np.dtype(got.dtype) != np.dtype(want.dtype):
+            raise CheckpointError(f"{item_dir}: parameter '{name}' is {np.dtype(got.dtype)} in the checkpoint "
+                                  f"but the config needs {np.dtype(want.dtype)}")
+    extra = sorted(set(saved) - set(wanted))
+    if extra:
+        raise CheckpointError(f"{item_dir}: parameter '{extra[0]}' in the checkpoint is not in the model config")
 
 
 def resolve_params_path(path: str) -> str:
-    """Accepts a run dir, its checkpoints/ dir (latest step), a step dir or a params item dir."""
+    """Accepts a run dir, its checkpoints/ dir (newest step), a step dir or a params item dir."""
     path = os.path.abspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -54,10 +191,16 @@ def resolve_params_path(path: str) -> str:
 
 
 def restore_params(path: str, abstract_params: Any) -> Any:
-    """Restore into the shapes, dtypes and shardings of `abstract_params` (ShapeDtypeStructs)."""
+    """Parameters only (e.g. `init.checkpoint`), into the shapes and shardings of `abstract_params`."""
     item = resolve_params_path(path)
-    try:
-        with ocp.StandardCheckpointer() as ckptr:
-            return ckptr.restore(item, abstract_params)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{item}: does not fit the model config: {str(exc).splitlines()[0]}") from None
+    check_fits(item, abstract_params)
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(item, abstract_params)
+
+
+def save_params(directory: str, params: Any) -> str:
+    """A standalone params checkpoint (e.g. `import-hf`); returns its path."""
+    directory = os.path.abspath(directory)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(directory, params, force=True)
+    return directory

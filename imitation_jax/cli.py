@@ -21,13 +21,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
         distributed.initialize(cfg.distributed)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    summary = train(cfg)
+    summary = train(cfg, restart=args.restart)
+    if summary["preempted"]:
+        from imitation_jax.train.preemption import EXIT_PREEMPTED
+
+        return EXIT_PREEMPTED
     if jax.process_index() != 0:
         return 0
     print(f"run dir:    {summary['run_dir']}")
     print(f"steps:      {summary['steps']}")
-    print(f"first loss: {summary['first_loss']:.4f}")
-    print(f"last loss:  {summary['last_loss']:.4f}")
+    if summary["first_loss"] is None:
+        print(f"nothing to do: the run already reached step {summary['start_step']}")
+    else:
+        print(f"first loss: {summary['first_loss']:.4f}")
+        print(f"last loss:  {summary['last_loss']:.4f}")
     if summary["eval"]:
         print(f"eval loss:  {summary['eval']['loss']:.4f} (accuracy {summary['eval']['accuracy']:.3f})")
     print(f"checkpoint: {summary['checkpoint']}")
@@ -157,8 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a student (config YAML + dotted.key=value overrides)")
     p.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
     p.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. train.steps=30 run_dir=runs/x")
+    p.add_argument("--restart", action="store_true",
+                   help="start over in a run dir that has checkpoints (they are renamed, not deleted); "
+                        "without it training resumes from the newest complete checkpoint")
     p.set_defaults(func=_cmd_train)
     _add_prepare(sub)
+    _add_compile_check(sub)
     return parser
 
 

@@ -15,6 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from imitation_jax.data.cleaning import CleaningConfig
 from imitation_jax.data.training import check_data_config
+from imitation_jax.checkpoint import CheckpointConfig
 from imitation_jax.distributed import DistributedConfig
 from imitation_jax.model.config import ModelConfig
 from imitation_jax.model.presets import preset_fields
@@ -102,6 +103,7 @@ class Config:
     init: InitConfig = dataclasses.field(default_factory=InitConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
 
 
 def _one_line(exc: OmegaConfBaseException, where: str) -> str:

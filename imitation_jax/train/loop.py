@@ -1,4 +1,4 @@
-"""`train(cfg)`: the training run from a resolved Config to metrics and a final checkpoint."""
+"""`train(cfg)`: the training run from a resolved Config to metrics and checkpoints, resumable."""
 
 from __future__ import annotations
 
@@ -17,12 +17,15 @@ from imitation_jax.config import Config, ConfigError, save_resolved
 from imitation_jax.data.loader import BatchLoader
 from imitation_jax.data.training import load_training_data
 from imitation_jax.model import ModelConfig
-from imitation_jax.sharding import batch_sharding, make_mesh
+from imitation_jax.checkpoint import Checkpointer
+from imitation_jax.sharding import batch_sharding, make_mesh, replicated
 from imitation_jax.train.flops import peak_flops_per_device
 from imitation_jax.train.metrics import MetricsLogger
 from imitation_jax.train.optimizer import make_optimizer
+from imitation_jax.train.preemption import EXIT_PREEMPTED, StopFlag, agree
+from imitation_jax.train.run_dir import set_aside_previous_run, truncate_metrics
 from imitation_jax.train.state import (abstract_params, init_opt_state, init_params, model_graph,
-                                       shardings_of, step_scalar)
+                                       opt_state_shardings, shardings_of, step_scalar)
 from imitation_jax.train.step import accum_batch_sharding, make_eval_step, make_train_step
 
 
@@ -58,8 +61,10 @@ def evaluate(eval_step, params, loader: BatchLoader, sharding, max_batches: int 
     return {"loss": totals["loss_sum"] / tokens, "accuracy": totals["correct"] / tokens, "tokens": totals["tokens"]}
 
 
-def train(cfg: Config) -> dict[str, Any]:
-    """Run training; returns a summary (run dir, first/last loss, checkpoint path, steps)."""
+def train(cfg: Config, restart: bool = False) -> dict[str, Any]:
+    """Run training, resuming from the newest complete checkpoint in `cfg.run_dir` if there is one
+    (`restart=True` sets earlier checkpoints aside instead). Returns a summary: run dir, steps,
+    first/last loss, eval metrics, checkpoint path, and `preempted` when a signal stopped it."""
     run_dir = os.path.abspath(cfg.run_dir)
     os.makedirs(run_dir, exist_ok=True)
     # A prepared set (data.path), or raw files prepared into a cache first. The loader is random
@@ -69,7 +74,6 @@ def train(cfg: Config) -> dict[str, Any]:
     cfg.data = data.config  # template, seq_len and packing as prepared
     cfg.model = resolve_model_config(cfg.model, data.vocab_size)  # includes special tokens prepare added
     train_rows, eval_rows = data.train, data.eval
-
 
     try:
         mesh = make_mesh(cfg.mesh)
@@ -92,24 +96,49 @@ def train(cfg: Config) -> dict[str, Any]:
         raise ConfigError(f"data.train_files: {exc}") from None
     total_steps = t.steps if t.steps is not None else max(1, math.ceil(t.epochs * loader.batches_per_epoch))
     optimizer, schedule = make_optimizer(cfg.optim, total_steps)
+    config_dict = dataclasses.asdict(cfg)
     if jax.process_index() == 0:
         save_resolved(cfg, os.path.join(run_dir, "config.yaml"))
         st = train_rows.stats
         print(f"data: {st.examples} conversations -> {st.rows} rows of {st.seq_len} tokens "
               f"({st.non_pad_fraction:.0%} filled, {st.trained_tokens} trained tokens, {st.truncated} truncated); "
               f"{loader.batches_per_epoch} steps per epoch, {total_steps} steps", flush=True)
-    logger = MetricsLogger(run_dir, cfg.logging.tensorboard, cfg.logging.wandb_project,
-                           config=dataclasses.asdict(cfg))
+
+    ckpt = Checkpointer(run_dir, cfg.checkpoint)
+    if restart and ckpt.steps():
+        ckpt.close()
+        moved = set_aside_previous_run(run_dir)
+        print(f"restart: previous checkpoints and metrics set aside ({moved})", flush=True)
+        ckpt = Checkpointer(run_dir, cfg.checkpoint)
     flops_per_step = cfg.model.flops_per_token(cfg.data.seq_len) * t.batch_size * cfg.data.seq_len
     peak = peak_flops_per_device(t.peak_flops) * jax.device_count()
+    data_state = {"seed": cfg.data.seed, "batches_per_epoch": loader.batches_per_epoch,
+                  "global_batch_size": t.batch_size}
 
     graphdef = model_graph(cfg.model)[0]
     with jax.set_mesh(mesh):
-        if cfg.init.checkpoint:
-            params = checkpoint.restore_params(cfg.init.checkpoint, abstract_params(cfg.model, mesh))
+        abstract = abstract_state(cfg.model, optimizer, mesh)
+        try:
+            restored = ckpt.restore_latest(abstract) if ckpt.steps() or ckpt.incomplete() else None
+        except BaseException:
+            ckpt.close()
+            raise
+        if restored is not None:
+            start_step, state, saved_data = restored
+            _check_same_data(saved_data, data_state)
+            truncate_metrics(run_dir, start_step)
+            _say(f"resuming from step {start_step} ({ckpt.directory}/{start_step})")
         else:
-            params = init_params(cfg.model, mesh, t.seed)
-        state = {"params": params, "opt_state": init_opt_state(optimizer, params, mesh), "step": step_scalar(0, mesh)}
+            start_step = 0
+            if cfg.init.checkpoint:
+                params = checkpoint.restore_params(cfg.init.checkpoint, abstract["params"])
+                _say(f"init: params from {cfg.init.checkpoint}")
+            else:
+                params = init_params(cfg.model, mesh, t.seed)
+            state = {"params": params, "opt_state": init_opt_state(optimizer, params, mesh),
+                     "rng": replicated_array(jax.random.key_data(jax.random.key(t.seed)), mesh)}
+        rng = state.pop("rng")
+        state["step"] = step_scalar(start_step, mesh)
         state_sh = shardings_of(state)
         train_step = make_train_step(graphdef, optimizer, mesh, state_sh, t.loss_chunk)
         batch_sh, eval_sh = accum_batch_sharding(mesh), batch_sharding(mesh)
@@ -120,37 +149,83 @@ def train(cfg: Config) -> dict[str, Any]:
                                       drop_remainder=False, process_index=jax.process_index(),
                                       process_count=jax.process_count())
 
+        def save(step: int) -> None:
+            ckpt.save(step, {**state, "rng": rng}, dict(data_state, epoch=step / loader.batches_per_epoch),
+                      config_dict)
+
+        logger = MetricsLogger(run_dir, cfg.logging.tensorboard, cfg.logging.wandb_project, config=config_dict)
+        stop = StopFlag().install()
         first_loss = last_loss = None
-        bar = tqdm(total=total_steps, desc="train", disable=not (cfg.logging.progress and logger.enabled))
+        preempted = False
+        bar = tqdm(total=total_steps, initial=start_step, desc="train",
+                   disable=not (cfg.logging.progress and logger.enabled))
         window_start, window_steps = time.perf_counter(), 0  # the first window includes compilation
-        for step in range(total_steps):
-            state, metrics = train_step(state, _global_batch(loader.batch_at(step), t.grad_accum, batch_sh))
-            window_steps += 1
-            done = step + 1
-            if done % t.log_every == 0 or done == total_steps or step == 0:
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                steps_per_s = window_steps / (time.perf_counter() - window_start)
-                m.update(lr=float(schedule(step)), epoch=done / loader.batches_per_epoch,
-                         tokens_per_s=steps_per_s * t.batch_size * cfg.data.seq_len,
-                         mfu=steps_per_s * flops_per_step / peak)
-                logger.log(done, m)
-                first_loss = m["loss"] if first_loss is None else first_loss
-                last_loss = m["loss"]
-                bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['accuracy']:.3f}")
-                window_start, window_steps = time.perf_counter(), 0
-            if eval_step is not None and cfg.eval.every_steps and done % cfg.eval.every_steps == 0 \
-                    and done != total_steps:
-                logger.log(done, evaluate(eval_step, state["params"], eval_loader, eval_sh,
-                                          cfg.eval.max_batches), prefix="eval_")
-                window_start, window_steps = time.perf_counter(), 0  # keep eval time out of tokens/s
-            bar.update(1)
-        bar.close()
+        try:
+            for step in range(start_step, total_steps):
+                state, metrics = train_step(state, _global_batch(loader.batch_at(step), t.grad_accum, batch_sh))
+                window_steps += 1
+                done = step + 1
+                if done % t.log_every == 0 or done == total_steps or step == start_step:
+                    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    steps_per_s = window_steps / (time.perf_counter() - window_start)
+                    m.update(lr=float(schedule(step)), epoch=done / loader.batches_per_epoch,
+                             tokens_per_s=steps_per_s * t.batch_size * cfg.data.seq_len,
+                             mfu=steps_per_s * flops_per_step / peak)
+                    logger.log(done, m)
+                    first_loss = m["loss"] if first_loss is None else first_loss
+                    last_loss = m["loss"]
+                    bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['accuracy']:.3f}")
+                    window_start, window_steps = time.perf_counter(), 0
+                if eval_step is not None and cfg.eval.every_steps and done % cfg.eval.every_steps == 0 \
+                        and done != total_steps:
+                    logger.log(done, evaluate(eval_step, state["params"], eval_loader, eval_sh,
+                                              cfg.eval.max_batches), prefix="eval_")
+                    window_start, window_steps = time.perf_counter(), 0  # keep eval time out of tokens/s
+                bar.update(1)
+                preempted, due = agree(stop.signal is not None, ckpt.due(done))
+                if due or preempted or done == total_steps:
+                    save(done)
+                if preempted:
+                    _say(f"stopped at step {done}: checkpoint {ckpt.directory}/{done}; "
+                         f"run the same command to resume (exit code {EXIT_PREEMPTED})")
+                    break
+        finally:
+            stop.uninstall()
+            bar.close()
+            ckpt.close()  # waits for an asynchronous write in flight
         eval_metrics = None
-        if eval_step is not None:
+        if eval_step is not None and not preempted:
             eval_metrics = evaluate(eval_step, state["params"], eval_loader, eval_sh, cfg.eval.max_batches)
             logger.log(total_steps, eval_metrics, prefix="eval_")
-        ckpt = checkpoint.save_params(run_dir, total_steps, state["params"])
     logger.close()
-    return {"run_dir": run_dir, "steps": total_steps, "first_loss": first_loss, "last_loss": last_loss,
-            "eval": eval_metrics, "checkpoint": ckpt, "params": state["params"],
-            "train_rows": train_rows.stats.as_dict()}
+    final = start_step if not ckpt.steps() else ckpt.steps()[-1]
+    return {"run_dir": run_dir, "steps": total_steps, "start_step": start_step, "first_loss": first_loss,
+            "last_loss": last_loss, "eval": eval_metrics, "checkpoint": f"{ckpt.directory}/{final}",
+            "params": state["params"], "preempted": preempted}
+
+
+def abstract_state(model_cfg: ModelConfig, optimizer, mesh) -> dict:
+    """ShapeDtypeStructs with this mesh's shardings for everything a checkpoint restores."""
+    params = abstract_params(model_cfg, mesh)
+    shapes = jax.eval_shape(optimizer.init, params)
+    opt = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                       shapes, opt_state_shardings(optimizer, params, mesh))
+    rng = jax.ShapeDtypeStruct((2,), np.uint32, sharding=replicated(mesh))
+    return {"params": params, "opt_state": opt, "rng": rng}
+
+
+def replicated_array(value, mesh) -> jax.Array:
+    return jax.device_put(np.asarray(value), replicated(mesh))
+
+
+def _check_same_data(saved: dict, current: dict) -> None:
+    """Resuming on different data or batch size would silently repeat or skip rows."""
+    for key in ("seed", "batches_per_epoch", "global_batch_size"):
+        if key in saved and saved[key] != current[key]:
+            raise ConfigError(f"resume: the checkpoint was written with {key}={saved[key]} but this run has "
+                              f"{key}={current[key]}; the data order would not continue (use --restart to start over)")
+
+
+def _say(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(msg, flush=True)

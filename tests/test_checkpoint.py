@@ -1,0 +1,211 @@
+"""Never lose a run: resume after SIGKILL equals an uninterrupted run bit for bit, SIGTERM
+checkpoints and exits with the documented code, torn or unreadable checkpoints are skipped with a
+message, a checkpoint that does not fit the config is an error naming the parameter, and a
+checkpoint written by 2 processes x 4 devices restores on other meshes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from imitation_jax.train.preemption import EXIT_PREEMPTED
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.yaml")
+
+
+@pytest.fixture
+def base(small_overrides) -> list[str]:
+    drop = ("run_dir=", "train.steps=")
+    return [o for o in small_overrides if not o.startswith(drop)] + ["data.seq_len=64", "train.steps=10"]
+
+
+def _cmd(run_dir, base, *extra):
+    return [sys.executable, "-m", "imitation_jax.cli", "train", TINY, *base, f"run_dir={run_dir}", *extra]
+
+
+def _run(run_dir, base, *extra, env=None):
+    return subprocess.run(_cmd(run_dir, base, *extra), capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env=dict(os.environ, **(env or {})))
+
+
+def _params(step_dir):
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(os.path.join(step_dir, "params"))
+
+
+def _assert_identical(a, b):
+    import jax
+
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _kill_when(proc, ckpt_dir, condition, timeout=300):
+    """SIGKILL `proc` as soon as `condition(entries of checkpoints/)` holds; returns what was seen."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        entries = os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []
+        if condition(entries):
+            proc.kill()
+            proc.wait()
+            return entries
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    return None
+
+
+def test_sigkill_at_random_moments_then_resume_is_bit_identical(base, tmp_path):
+    ref = _run(tmp_path / "ref", base, "checkpoint.every_steps=1")
+    assert ref.returncode == 0, ref.stderr
+
+    run = tmp_path / "killed"
+    ckpt = run / "checkpoints"
+    steps_done = lambda entries: {int(e) for e in entries if e.isdigit()}
+    kills = [
+        ("after step 2's checkpoint", lambda e: 2 in steps_done(e)),
+        ("during a checkpoint write", lambda e: any("tmp" in x for x in e) and len(steps_done(e)) >= 1),
+        ("after step 8's checkpoint", lambda e: 8 in steps_done(e)),
+    ]
+    seen = []
+    for what, condition in kills:
+        proc = subprocess.Popen(_cmd(run, base, "checkpoint.every_steps=1"), cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        seen.append((what, _kill_when(proc, ckpt, condition)))
+    final = _run(run, base, "checkpoint.every_steps=1")
+    assert final.returncode == 0, final.stderr
+    assert "resuming from step" in final.stdout, (seen, final.stdout)
+    print(seen)
+    assert all(entries is not None for _, entries in seen), seen  # every kill happened mid-run
+    _assert_identical(_params(ckpt / "10"), _params(tmp_path / "ref" / "checkpoints" / "10"))
+    # Every step's metrics logged once, as in the uninterrupted run.
+    steps = [r.split(",")[0] for r in open(run / "metrics.jsonl") if '"loss"' in r]
+    assert len(steps) == len(set(steps)) == 10, steps
+
+
+def test_sigterm_checkpoints_and_exits_with_documented_code(base, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(run, base, "train.steps=10000", "checkpoint.every_steps=0"), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, err
+    steps = sorted(int(s) for s in os.listdir(run / "checkpoints") if s.isdigit())
+    assert len(steps) == 1 and 3 <= steps[0] < 10000
+    assert f"stopped at step {steps[0]}" in out
+    resumed = _run(run, base, "train.steps=" + str(steps[0] + 2), "checkpoint.every_steps=0")
+    assert resumed.returncode == 0 and f"resuming from step {steps[0]}" in resumed.stdout, resumed.stderr
+
+
+def test_torn_and_unreadable_checkpoints_are_skipped_with_a_message(base, tmp_path):
+    run = tmp_path / "run"
+    first = _run(run, base, "train.steps=4", "checkpoint.every_steps=2")
+    assert first.returncode == 0, first.stderr
+    ckpt = run / "checkpoints"
+    (ckpt / "6.orbax-checkpoint-tmp-1234").mkdir()  # what a kill during a write leaves
+    for f in (ckpt / "4" / "params").rglob("*"):  # step 4's files lost (disk trouble)
+        if f.is_file() and "d" == f.parent.name:
+            f.write_bytes(b"garbage")
+    out = _run(run, base, "train.steps=5", "checkpoint.every_steps=2")
+    assert out.returncode == 0, out.stderr
+    assert "6.orbax-checkpoint-tmp-1234: an incomplete write" in out.stderr
+    assert "step 4 is unreadable" in out.stderr and "resuming from step 2" in out.stdout
+
+
+def test_checkpoint_not_fitting_the_config_names_the_parameter(base, tmp_path):
+    run = tmp_path / "run"
+    assert _run(run, base, "train.steps=2").returncode == 0
+    out = _run(run, base, "train.steps=4", "model.intermediate_size=96")
+    assert out.returncode == 2
+    assert "'layers/mlp/down'" in out.stderr or "'layers/mlp/gate'" in out.stderr, out.stderr
+    assert "(2, 160, 64)" in out.stderr or "(2, 64, 160)" in out.stderr
+    # --restart starts over and keeps the old checkpoints under another name.
+    again = _run(run, base, "train.steps=2", "model.intermediate_size=96", "--restart")
+    assert again.returncode == 0, again.stderr
+    assert any(p.startswith("checkpoints.replaced-") for p in os.listdir(run))
+
+
+RESHARD_PROBE = r"""
+import sys, jax, numpy as np
+import orbax.checkpoint as ocp
+from imitation_jax.config import load_config
+from imitation_jax.checkpoint import restore_params
+from imitation_jax.sharding import MeshConfig, make_mesh
+from imitation_jax.train.state import abstract_params
+import dataclasses
+cfg = load_config(sys.argv[2] + "/config.yaml", [])
+ref = None
+for shape, devices in (((1, 1, 1), jax.devices()[:1]), ((1, 4, 2), jax.devices())):
+    mesh = make_mesh(MeshConfig(*shape), devices)
+    with jax.set_mesh(mesh):
+        params = restore_params(sys.argv[1], abstract_params(cfg.model, mesh))
+    q = params["layers"]["attn"]["q"]
+    assert q.sharding.mesh.devices.shape == shape, q.sharding
+    values = [np.asarray(a) for a in jax.tree.leaves(params)]
+    ref = values if ref is None else ref
+    for a, b in zip(values, ref):
+        np.testing.assert_array_equal(a, b)
+print("OK")
+"""
+
+
+def test_checkpoint_from_two_processes_restores_on_other_meshes(base, tmp_path):
+    run = tmp_path / "run"
+    env = dict(os.environ, IMITATION_JAX=f"{sys.executable} -m imitation_jax.cli", LOG_DIR=str(tmp_path / "logs"))
+    out = subprocess.run(["bash", os.path.join(ROOT, "launch", "local.sh"), "2", TINY, *base, f"run_dir={run}",
+                          "train.steps=3", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
+                         capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    probe = subprocess.run([sys.executable, "-c", RESHARD_PROBE, str(run / "checkpoints" / "3"), str(run)],
+                           capture_output=True, text=True, cwd=ROOT, timeout=300,
+                           env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+    assert probe.returncode == 0 and "OK" in probe.stdout, probe.stderr[-3000:]
+
+
+def test_a_dead_peer_ends_the_survivor_within_bounded_time(base, tmp_path):
+    env = dict(os.environ, IMITATION_JAX=f"{sys.executable} -m imitation_jax.cli", LOG_DIR=str(tmp_path / "logs"))
+    run = tmp_path / "run"
+    launcher = subprocess.Popen(["bash", os.path.join(ROOT, "launch", "local.sh"), "2", TINY, *base,
+                                 f"run_dir={run}", "train.steps=100000", "checkpoint.every_steps=0"],
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.1)
+    assert metrics.exists(), "training never started"
+    # Kill process 1 only (the one whose JAX_PROCESS_ID is 1).
+    victim = None
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                environ = open(f"/proc/{pid}/environ", "rb").read()
+            except OSError:
+                continue
+            if f"run_dir={run}".encode() in open(f"/proc/{pid}/cmdline", "rb").read() \
+                    and b"JAX_PROCESS_ID=1\x00" in environ:
+                victim = int(pid)
+    assert victim is not None
+    killed_at = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    try:
+        launcher.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        pytest.fail("the surviving process hung after its peer died")
+    assert launcher.returncode != 0
+    assert time.monotonic() - killed_at < 90
