@@ -34,3 +34,22 @@ bench: install
 
 clean-demo:
 	rm -rf $(DEMO_RUN) $(DEMO_DATA)
+
+# make install-tpu: .venv-tpu with jax[tpu] (libtpu), kept out of .venv: libtpu slows and warns at every
+#                   JAX start on machines without a TPU. Only compile-check needs it.
+# make test-tpu:    the compile-check tests (LLaMA-7B compiled for a v5e and a v4 slice; minutes)
+TPU_VENV ?= .venv-tpu
+TPU_STAMP := $(TPU_VENV)/.installed
+
+.PHONY: install-tpu test-tpu
+
+install-tpu: $(TPU_STAMP)
+
+$(TPU_STAMP): setup.py
+	test -x $(TPU_VENV)/bin/python || $(PYTHON) -m venv $(TPU_VENV)
+	$(TPU_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TPU_VENV)/bin/python -m pip install -q -e ".[tpu,dev]"
+	touch $(TPU_STAMP)
+
+test-tpu: install-tpu
+	$(TPU_VENV)/bin/python -m pytest -q tests/test_compile_check.py

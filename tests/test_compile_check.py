@@ -1,0 +1,126 @@
+"""`imitation-jax compile-check`: TPU slice names, the HBM table and the fits verdict (fast, any venv),
+and real compiles of LLaMA-7B for a v5e and a v4 slice (slow; need libtpu, i.e. `make test-tpu`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import types
+
+import pytest
+
+from imitation_jax.cli import main
+from imitation_jax.compile_check import GiB, MemoryReport, parse_topology
+
+ROOT = pathlib.Path(__file__).parent.parent
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+needs_libtpu = pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed in this venv; the TPU "
+                                  "compile-check tests run in .venv-tpu: make test-tpu")
+
+
+@pytest.mark.parametrize("name, libtpu_name, chips, hbm_gib", [
+    ("v5e-256", "v5e:16x16", 256, 16), ("v5e-16", "v5e:4x4", 16, 16), ("v5e-8", "v5e:2x4", 8, 16),
+    ("v5litepod-32", "v5e:4x8", 32, 16), ("v6e-64", "v6e:8x8", 64, 32), ("v6e-1", "v6e:1x1", 1, 32),
+    # v4 and v5p names count TensorCores, two per chip: v4-32 is 16 chips.
+    ("v4-8", "v4:2x2x1", 4, 32), ("v4-16", "v4:2x2x2", 8, 32), ("v4-32", "v4:2x2x4", 16, 32),
+    ("v4-128", "v4:4x4x4", 64, 32), ("v4-384", "v4:4x4x12", 192, 32), ("v4-512", "v4:4x8x8", 256, 32),
+    ("v5p-8", "v5:2x2x1", 4, 95), ("v5p-128", "v5:4x4x4", 64, 95), ("v5p-2304", "v5:8x12x12", 1152, 95),
+    ("v4:2x2x4", "v4:2x2x4", 16, 32), ("V5P:4x4x8", "v5:4x4x8", 128, 95), ("v5e:4x8", "v5e:4x8", 32, 16),
+])
+def test_topology_names(name, libtpu_name, chips, hbm_gib):
+    topo = parse_topology(name)
+    assert (topo.libtpu_name, topo.chips, topo.chip.hbm_gib) == (libtpu_name, chips, hbm_gib)
+    assert topo.hbm_bytes == hbm_gib * GiB
+    assert parse_topology(topo.slice_name) == topo  # slice name and shape round-trip
+
+
+def test_topology_slice_name_and_wrap():
+    assert parse_topology("v4:2x2x4").slice_name == "v4-32"
+    assert parse_topology("v5:4x4x4").slice_name == "v5p-128"
+    assert parse_topology("v4-32").wrap == (False, False, False)
+    assert parse_topology("v4-128").wrap == (True, True, True)
+    assert parse_topology("v5e-256").wrap == (True, True, False)
+    assert parse_topology("v5e-128").wrap == (False, True, False)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("v3-8", "unknown TPU topology"), ("tpu", "unknown TPU topology"), ("v4-7", "2 per chip"),
+    ("v4-12", "no v4 slice of 6 chips"), ("v5e-12", "no v5e slice of 12 chips"), ("v4:2x2", "3 dimensions"),
+])
+def test_topology_errors(name, message):
+    with pytest.raises(ValueError, match=message):
+        parse_topology(name)
+
+
+def test_memory_report_total_and_fits():
+    stats = types.SimpleNamespace(argument_size_in_bytes=5 * GiB, output_size_in_bytes=5 * GiB,
+                                  alias_size_in_bytes=5 * GiB, temp_size_in_bytes=9 * GiB,
+                                  generated_code_size_in_bytes=GiB // 2)
+    report = MemoryReport.from_compiled(stats, 16 * GiB)
+    assert report.total == 14.5 * GiB  # donated outputs are counted once
+    assert report.fits and report.lines()[-1] == "fits: yes (1.50 GiB to spare)"
+    tight = MemoryReport.from_compiled(stats, 14 * GiB)
+    assert not tight.fits and tight.lines()[-1] == "fits: NO (0.50 GiB over)"
+    assert MemoryReport.from_compiled(stats, int(14.5 * GiB)).fits  # exactly full still fits
+    # The TPU compiler refuses a program that does not fit: its message is the verdict.
+    refused = MemoryReport(19 * GiB, 0, 0, 0, 0, 16 * GiB, compiler_error="Ran out of memory in memory space hbm")
+    assert not refused.fits and refused.lines()[-1] == "fits: NO"
+    assert any("Ran out of memory" in line for line in refused.lines())
+
+
+def test_cli_user_errors_exit_2(capsys):
+    assert main(["compile-check", str(ROOT / "configs/llama7b_tpu_v5e.yaml"), "--topology", "v3-8"]) == 2
+    assert "unknown TPU topology 'v3-8'" in capsys.readouterr().err
+    # vocab_size 0 ("take the tokenizer's") cannot be resolved: compile-check reads no tokenizer.
+    assert main(["compile-check", str(ROOT / "configs/tiny.yaml"), "--topology", "v5e-4"]) == 2
+    assert "set model.vocab_size" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(HAS_LIBTPU, reason="checks the message shown when libtpu is missing")
+def test_cli_without_libtpu_says_how_to_install(capsys):
+    assert main(["compile-check", str(ROOT / "configs/llama7b_tpu_v5e.yaml"), "--topology", "v5e-16"]) == 2
+    assert "make install-tpu" in capsys.readouterr().err
+
+
+def _compile_check(config: str, topology: str, *overrides: str) -> tuple[int, str]:
+    proc = subprocess.run([sys.executable, "-m", "imitation_jax.cli", "compile-check", config, "--topology",
+                           topology, *overrides], cwd=ROOT, capture_output=True, text=True, timeout=1200,
+                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def _gib(output: str, row: str) -> float:
+    return float(re.search(rf"^\s+{row}\s+([\d.]+) GiB", output, re.M).group(1))
+
+
+@pytest.mark.slow
+@needs_libtpu
+@pytest.mark.parametrize("config, topology, devices, hbm", [
+    ("configs/llama7b_tpu_v5e.yaml", "v5e-16", 16, 16),
+    ("configs/llama7b_tpu_v4.yaml", "v4-16", 8, 32),
+])
+def test_compile_check_llama7b(config, topology, devices, hbm):
+    code, out = _compile_check(config, topology)
+    assert code == 0, out
+    assert f"{devices} devices" in out and "6.74B params" in out
+    # Arguments: fp32 params and two AdamW moments (12 bytes/param) sharded over every device, plus the batch.
+    expected = (6_738_415_616 * 12 + 5 * 4 * 32 * 2048) / devices / GiB
+    assert _gib(out, "arguments") == pytest.approx(expected, rel=0.02), out
+    total = _gib(out, "total")
+    assert _gib(out, "temporaries") > 0 and 0 < total <= hbm
+    assert re.search(rf"total\s+{total:.2f} GiB\s+of {hbm} GiB HBM", out) and "fits: yes" in out
+
+
+@pytest.mark.slow
+@needs_libtpu
+def test_compile_check_does_not_fit_exits_1():
+    # LLaMA-7B with fp32 AdamW cannot fit on 4 v5e chips (12 bytes/param alone = 19 GiB per chip).
+    code, out = _compile_check("configs/llama7b_tpu_v5e.yaml", "v5e-4", "train.batch_size=4", "model.remat=full")
+    assert code == 1, out
+    assert "ran out of HBM" in out and "fits: NO" in out
+    # Its arguments are computed from the shardings: 12 bytes/param over 4 chips, about 18.8 GiB.
+    assert _gib(out, "arguments") == pytest.approx(6_738_415_616 * 12 / 4 / GiB, rel=0.02)
