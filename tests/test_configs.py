@@ -34,3 +34,4 @@ def test_reference_recipe(path):
     assert cfg.model.remat != "none" and cfg.data.template == "koala"
     assert cfg.init.checkpoint and size in cfg.init.checkpoint  # the imported base model
     assert cfg.optim.lr == 2e-5 and cfg.train.batch_size % 8 == 0
+    assert cfg.checkpoint.every_steps > 0 and cfg.checkpoint.every_minutes > 0  # preemptible hardware
