@@ -28,9 +28,9 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup INT TERM
 
 for ((i = n - 1; i >= 0; i--)); do
+  # shellcheck disable=SC2086  # $cli is split on purpose: IMITATION_JAX may be a command with arguments
   env XLA_FLAGS="--xla_force_host_platform_device_count=$devices ${XLA_FLAGS:-}" \
     JAX_PLATFORMS=cpu JAX_COORDINATOR_ADDRESS="127.0.0.1:$port" JAX_NUM_PROCESSES="$n" JAX_PROCESS_ID="$i" \
-    # shellcheck disable=SC2086  # IMITATION_JAX may be a command with arguments
     $cli train "$config" distributed.initialization_timeout=60 distributed.heartbeat_timeout=10 "$@" \
     > >(if [ "$i" = 0 ]; then cat; else cat > "$log_dir/process-$i.log"; fi) \
     2> >(if [ "$i" = 0 ]; then cat >&2; else cat > "$log_dir/process-$i.err"; fi) &
