@@ -617,3 +617,19 @@ def test_cli_prepare_bad_input_exit_2_one_line(tmp_path, demo_dir, demo_conversa
         assert lines[0].startswith("imitation-jax prepare: error: ") and message in lines[0], lines[0]
     r = cli(chats, *base, "--skip-invalid", "--quiet")
     assert r.returncode == 0 and "invalid records skipped: bad_role 1" in r.stdout
+
+
+def test_more_bad_inputs(tmp_path, tiny_tokenizer):
+    unknown = write(tmp_path / "odd.jsonl", json.dumps({"prompt": "x", "completion": "y"}) + "\n")
+    with pytest.raises(DataError, match=rf"^{unknown}:1: cannot tell the format of this record "
+                                        r"\(keys: completion, prompt\)"):
+        prepare([unknown], str(tmp_path / "a"), settings(tiny_tokenizer), workers=1, progress=False)
+    empty = write(tmp_path / "empty.jsonl", json.dumps({"messages": []}) + "\n")
+    with pytest.raises(DataError, match=r"no training rows: all 1 conversations read were dropped"):
+        prepare([empty], str(tmp_path / "b"), settings(tiny_tokenizer), workers=1, progress=False)
+    text = write(tmp_path / "bad.txt", "x")
+    (tmp_path / "bad.txt").write_bytes(b"fine\n\xff")
+    with pytest.raises(DataError, match=rf"^{text}:2: not valid UTF-8"):
+        prepare([text], str(tmp_path / "c"), settings(tiny_tokenizer), workers=1, progress=False)
+    with pytest.raises(DataError, match="seq_len must be at least 2"):
+        prepare([empty], str(tmp_path / "d"), settings(tiny_tokenizer, seq_len=1), progress=False)

@@ -23,7 +23,7 @@ _EXPORTS = {
                   "encode_prompt", "get_template", "render_text", "stop_ids"],
     "packing": ["FIELDS", "PACKING", "PackStats", "Rows", "assemble", "pack", "pack_examples"],
     "storage": ["PreparedSet", "PreparedSplit"],
-    "prepare": ["PrepareSettings", "prepare", "summary"],
+    "prepare": ["PrepareSettings", "summary"],  # the function: imitation_jax.data.prepare.prepare
     "loader": ["BatchLoader", "Subset", "cap_trained_tokens"],
     "training": ["TrainingData", "load_training_data"],
     "build": ["build_rows"],

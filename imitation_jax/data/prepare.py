@@ -382,7 +382,8 @@ def prepare(inputs: Sequence[str | Source], out: str, settings: PrepareSettings,
             assignment = pack(lengths, settings.seq_len, settings.packing)
             row_tokens = np.asarray([lengths[r].sum() for r in assignment], np.int64)
             row_trained = np.asarray([trained[r].sum() for r in assignment], np.int64)
-            rows_by_split[name] = list(packed_rows(examples, assignment))
+            if assignment:  # rows are made as tfds writes them (tfds refuses an empty split)
+                rows_by_split[name] = packed_rows(examples, assignment)
             index[f"{name}_trained"], index[f"{name}_tokens"] = row_trained, row_tokens
             index[f"{name}_examples"] = np.asarray([len(r) for r in assignment], np.int64)
             split_stats[name] = {

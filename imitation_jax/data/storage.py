@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -84,13 +84,12 @@ def _builder():
     return ImitationRows
 
 
-def write_rows(directory: str, splits: dict[str, Sequence[PackedRow]]) -> str:
-    """Writes each split's rows (numbered in order; an empty split is left out) with the tfds
-    builder; returns the tfds data set directory."""
+def write_rows(directory: str, splits: dict[str, Iterable[PackedRow]]) -> str:
+    """Writes each split's rows (numbered in order) with the tfds builder; returns the tfds data
+    set directory. tfds refuses an empty split: leave it out (it reads back as 0 rows)."""
     import tensorflow_datasets as tfds
 
     tfds.disable_progress_bar()
-    splits = {name: rows for name, rows in splits.items() if rows}  # tfds refuses empty splits
     builder = _builder()(splits=splits, data_dir=directory, file_format="array_record")
     builder.download_and_prepare()
     shutil.rmtree(os.path.join(directory, "downloads"), ignore_errors=True)

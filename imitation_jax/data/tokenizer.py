@@ -177,6 +177,7 @@ class HFTokenizer(Tokenizer):
             self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except Exception as e:  # transformers raises many types for a bad directory
             raise DataError(f"{path}: cannot load tokenizer ({_one_line(e)})") from None
+        self._tok.model_max_length = 1 << 62  # conversations are split by us; no length warnings
         self.base_vocab_size = len(self._tok)
         self.added_tokens = {}
         self.bos_id = self._tok.bos_token_id
