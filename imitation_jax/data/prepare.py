@@ -183,16 +183,19 @@ class _Collector:
             self.read += 1
             self.sources[source]["read"] += 1
             reason, counts = result[0], result[1]
-            self.turns.update(counts)
             if reason is not None:
+                counts.pop("turns_kept", None)
+                self.turns.update(counts)
                 self.dropped[reason] += 1
                 continue
             key, examples, query = result[2], result[3], result[4]
             if self.settings.cleaning.dedup:
                 if key in self.seen:
+                    self.turns["turns_read"] += counts["turns_read"]
                     self.dropped["duplicate"] += 1
                     continue
                 self.seen.add(key)
+            self.turns.update(counts)
             self.sources[source]["kept"] += 1
             self.kept.append(_Kept(source, split, key, examples))
             self.tokens += sum(len(ids) for ids, _ in examples)

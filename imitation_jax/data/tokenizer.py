@@ -65,7 +65,10 @@ class Tokenizer(abc.ABC):
         """Id of a special token string (its own, or one added), None if it has none."""
         if token in self.added_tokens:
             return self.added_tokens[token]
-        return self._own_special_id(token)
+        cache = self.__dict__.setdefault("_special_cache", {})
+        if token not in cache:
+            cache[token] = self._own_special_id(token)
+        return cache[token]
 
     def add_special_tokens(self, tokens: Sequence[str]) -> dict[str, int]:
         """Gives each token the tokenizer does not have the next free id; returns the new ones."""
@@ -185,13 +188,32 @@ class HFTokenizer(Tokenizer):
             raise DataError(f"{path}: tokenizer has no EOS token")
         self.eos_id = self._tok.eos_token_id
         self.pad_id = self._tok.pad_token_id if self._tok.pad_token_id is not None else 0
+        self._fast = self._fast_encoder()
 
     @property
     def hf(self):
         """The transformers tokenizer (for its chat_template)."""
         return self._tok
 
+    def _fast_encoder(self):
+        """The `tokenizers` backend itself (transformers' encode costs ~0.1 ms a call in Python,
+        and conversations are encoded a segment at a time), with special-token strings encoded as
+        plain text; used only where it gives transformers' ids on a probe text."""
+        backend = getattr(self._tok, "backend_tokenizer", None)
+        if backend is None:
+            return None
+        from tokenizers import Tokenizer as Backend
+
+        fast = Backend.from_str(backend.to_str())
+        fast.encode_special_tokens = True
+        probe = ("Hello world! </s> <s> <|im_end|> \n\n  indented\tcode é ☃ 日本 12345 "
+                 + " ".join(t.content for t in self._tok.added_tokens_decoder.values()))
+        slow = self._tok.encode(probe, add_special_tokens=False, split_special_tokens=True)
+        return fast if fast.encode(probe, add_special_tokens=False).ids == slow else None
+
     def encode(self, text: str) -> list[int]:
+        if self._fast is not None:
+            return self._fast.encode(text, add_special_tokens=False).ids
         # split_special_tokens: a literal "</s>" in a conversation must not become the EOS id.
         return self._tok.encode(text, add_special_tokens=False, split_special_tokens=True)
 
@@ -200,10 +222,8 @@ class HFTokenizer(Tokenizer):
                                 skip_special_tokens=True)
 
     def _own_special_id(self, token: str) -> int | None:
-        for i, added in self._tok.added_tokens_decoder.items():
-            if added.content == token:
-                return int(i)
-        return None
+        return next((int(i) for i, added in self._tok.added_tokens_decoder.items()
+                     if added.content == token), None)
 
     def special_strings(self) -> list[str]:
         return [t.content for t in self._tok.added_tokens_decoder.values()] + list(self.added_tokens)
