@@ -77,7 +77,8 @@ def _add_prepare(sub) -> None:
                    help="chat template ('hf': the tokenizer's chat_template with generation markers)")
     p.add_argument("--seq-len", type=int, required=True, help="row length in tokens")
     p.add_argument("--out", required=True, help="output directory (replaced if it holds a prepared set)")
-    p.add_argument("--eval", nargs="+", default=[], metavar="INPUT", help="held-out eval inputs")
+    p.add_argument("--eval", action="append", default=[], metavar="INPUT",
+                   help="a held-out eval input (repeatable)")
     p.add_argument("--eval-fraction", type=float, default=0.0,
                    help="hold out this fraction of the training conversations for eval")
     p.add_argument("--skip-invalid", action="store_true",
