@@ -8,8 +8,12 @@ Both sides train the same LLaMA configuration on the same batch (random tokens, 
 packed in each row, about half of the tokens trained): ours is the jitted train step of
 `imitation_jax.train.step` (AdamW from `make_optimizer`, our masked cross entropy); theirs is
 `LlamaForCausalLM` in fp32 (attention "sdpa" and "eager" are both timed, the faster is reported)
-with `torch.optim.AdamW` and the same clipping. Compilation and the first steps are excluded
-(`--warmup`), every timed JAX step ends in `block_until_ready`, torch uses every core.
+with `torch.optim.AdamW` and the same clipping and packed-row mask. Compilation and the first
+steps are excluded (`--warmup`), every timed JAX step ends in `block_until_ready` (JAX dispatches
+asynchronously), torch uses every core. A side's step time is the median of `--steps` steps, best
+over `--rounds` rounds that alternate the sides; the output says how many CPU cores other
+processes used meanwhile (on a shared machine, repeat until that is ~0). The torch side runs on
+CPU only and is skipped, with a message, without torch/transformers or on an accelerator.
 
 MFU = model training FLOPs/token (`ModelConfig.flops_per_token`) x tokens/s / peak, where the
 peak is a large fp32 matmul measured in the same run on a CPU, and the chip's published bf16
@@ -175,6 +179,32 @@ def setup_torch(args, batch_np: dict, attn_impl: str) -> dict:
     return {"step": step, "losses": losses}
 
 
+class ForeignLoad:
+    """CPU cores used by *other* processes since construction (Linux; None elsewhere): the whole
+    machine's busy time from /proc/stat minus this process's own CPU time."""
+
+    def __init__(self):
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample():
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        busy = (fields[0] + fields[1] + fields[2] + sum(fields[5:8])) / os.sysconf("SC_CLK_TCK")
+        own = os.times()
+        return time.perf_counter(), busy, own.user + own.system
+
+    def cores(self):
+        end = self._sample()
+        if self.start is None or end is None:
+            return None
+        wall = end[0] - self.start[0]
+        return max(0.0, ((end[1] - self.start[1]) - (end[2] - self.start[2])) / wall)
+
+
 def time_steps(runner: dict, steps: int) -> list[float]:
     times = []
     for _ in range(steps):
@@ -234,9 +264,11 @@ def main(args) -> int:
     # Rounds alternate the sides, so a neighbour's load hits both alike; each side's figure is its
     # best round's median step.
     times = {name: [] for name in runners}
+    load = ForeignLoad()
     for _ in range(args.rounds):
         for name, runner in runners.items():
             times[name].append(time_steps(runner, args.steps))
+    foreign = load.cores()
     step_s = {name: min(statistics.median(r) for r in rounds) for name, rounds in times.items()}
     best_s = {name: min(min(r) for r in rounds) for name, rounds in times.items()}
 
@@ -248,13 +280,16 @@ def main(args) -> int:
     print()
     print(f"compile {runners['ours']['compile_s']:.1f}s; loss " + "; ".join(
         f"{n} {r['losses'][0]:.4f}->{r['losses'][-1]:.4f}" for n, r in runners.items()))
-    print(f"peak ({peak_what}): {peak / 1e9:.1f} GFLOP/s; model train FLOPs/token {flops_tok / 1e6:.1f}M; "
-          f"{args.rounds} round(s) x {args.steps} steps")
+    print(f"matmul ({'f32, 4096^3' if on_cpu else 'bf16, 8192^3'}) measured: {matmul_flops / 1e9:.1f} GFLOP/s; "
+          f"peak for MFU ({peak_what}): {peak / 1e9:.1f} GFLOP/s; model train FLOPs/token {flops_tok / 1e6:.1f}M")
+    if foreign is not None:
+        print(f"timing: {args.rounds} round(s) x {args.steps} steps; other processes used {foreign:.2f} CPU cores "
+              f"meanwhile" + (" -- the machine was shared, repeat when it is quiet" if foreign > 0.2 else ""))
     labels = {"ours": f"ours jax ({cfg.attention}, loss_chunk {args.loss_chunk}, remat {cfg.remat})"}
+    labels.update({n: f"hf torch ({n.split('/', 1)[1]})" + (" *" if n == ref else "") for n in torch_names})
     print(f"{'':48s} {'tokens/s':>9s} {'ms/step':>9s} {'best ms':>9s} {'MFU':>6s} {'vs torch':>9s}")
-    for name in runners:
+    for name, label in labels.items():
         ratio = f"{tps(name) / tps(ref):8.2f}x" if ref else f"{'-':>9s}"
-        label = labels[name] if name in labels else f"hf torch ({name.split('/', 1)[1]})" + (" *" if name == ref else "")
         print(f"{label:48s} {tps(name):9.1f} {1e3 * step_s[name]:9.1f} {1e3 * best_s[name]:9.1f} "
               f"{flops_tok * tps(name) / peak:6.3f} {ratio}")
     speedup = tps("ours") / tps(ref) if ref else float("nan")
