@@ -78,18 +78,23 @@ def _expect_object(record: Any, where: str) -> Mapping:
     return record
 
 
+def _list_field(record: Mapping, key: str, where: str) -> list:
+    """record[key], which must be present and a list (the turns of a conversation)."""
+    if key not in record:
+        raise DataError(f'{where}: missing "{key}"', "missing_field")
+    raw = record[key]
+    if not isinstance(raw, list):
+        raise DataError(f'{where}: "{key}" must be a list, got {type(raw).__name__}', "bad_field")
+    return raw
+
+
 def parse_messages(record: Any, where: str) -> Conversation:
     """One OpenAI-messages record: `{"messages": [{"role", "content"}, ...]}`.
 
     An empty list is not an error here (cleaning drops it as an empty conversation).
     """
     record = _expect_object(record, where)
-    if "messages" not in record:
-        raise DataError(f'{where}: missing "messages"', "missing_field")
-    raw = record["messages"]
-    if not isinstance(raw, list):
-        raise DataError(f'{where}: "messages" must be a list, got {type(raw).__name__}',
-                        "bad_field")
+    raw = _list_field(record, "messages", where)
     messages = []
     for i, item in enumerate(raw):
         if not isinstance(item, Mapping):
@@ -124,12 +129,7 @@ def _openai_content(content: Any, where: str) -> str:
 def parse_sharegpt(record: Any, where: str) -> Conversation:
     """One ShareGPT record: `{"id", "conversations": [{"from", "value"}, ...]}`."""
     record = _expect_object(record, where)
-    if "conversations" not in record:
-        raise DataError(f'{where}: missing "conversations"', "missing_field")
-    raw = record["conversations"]
-    if not isinstance(raw, list):
-        raise DataError(f'{where}: "conversations" must be a list, got {type(raw).__name__}',
-                        "bad_field")
+    raw = _list_field(record, "conversations", where)
     messages = []
     for i, item in enumerate(raw):
         if not isinstance(item, Mapping):
