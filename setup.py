@@ -29,10 +29,15 @@ setup(
         "tensorboardX>=2.6",
         "tqdm>=4.66",
         "pyyaml>=6",
+        "matplotlib>=3.8",  # `plot`
+        "fastapi>=0.115", "uvicorn>=0.30", "httpx>=0.27",  # `serve`
+        "openai>=1.50",  # `collect`, `judge`
     ],
     extras_require={
         # torch is pinned: an unpinned torch would pull a multi-GB CUDA build.
-        "dev": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "lm-eval>=0.4.13,<0.5"],
+        # lm-eval needs torch: pinned here too, so `.[eval]` alone never pulls a CUDA build.
+        "eval": ["lm-eval>=0.4.13,<0.5", "torch==2.13.0"],
         "cpu": [f"jax[cpu]=={JAX}"],
         "gpu": [f"jax[cuda13]=={JAX}"],
         "tpu": [f"jax[tpu]=={JAX}"],

@@ -171,7 +171,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
     _add_prepare(sub)
     _add_compile_check(sub)
+    _add_plugin_commands(sub)
     return parser
+
+
+def _add_plugin_commands(sub) -> None:
+    import importlib
+    import pkgutil
+
+    from imitation_jax import commands
+
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        importlib.import_module(f"{commands.__name__}.{info.name}").register(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
