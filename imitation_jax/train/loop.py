@@ -99,6 +99,9 @@ def train(cfg: Config, restart: bool = False) -> dict[str, Any]:
     config_dict = dataclasses.asdict(cfg)
     if jax.process_index() == 0:
         save_resolved(cfg, os.path.join(run_dir, "config.yaml"))
+        # A run dir is self-contained for generate/eval/export: the tokenizer as trained (special
+        # tokens added by prepare included); the template is data.template + data.turn_tokens.
+        data.tokenizer.save(os.path.join(run_dir, "tokenizer"))
         st = train_rows.stats
         print(f"data: {st.examples} conversations -> {st.rows} rows of {st.seq_len} tokens "
               f"({st.non_pad_fraction:.0%} filled, {st.trained_tokens} trained tokens, {st.truncated} truncated); "
