@@ -1,0 +1,195 @@
+"""One entry point for "give me a model to run": `load_model(path)` for generate, eval, serve, export.
+
+`path` may be
+  * a run dir (`imitation-jax train`): RUN_DIR/config.yaml (model config, data.template,
+    data.turn_tokens), RUN_DIR/tokenizer/ and the newest complete checkpoint (or `step`);
+  * a params checkpoint dir written by `imitation-jax import-hf` (layout in
+    `imitation_jax.convert.params_dir`): model.json, params/ (Orbax), tokenizer/;
+  * a Hugging Face LLaMA dir (config.json + safetensors + tokenizer files), streamed in one
+    tensor at a time; the template is the built-in one its `chat_template` renders (as written by
+    `export-hf`), else the tokenizer's own chat_template ('hf'), else koala.
+
+Errors are one-line CheckpointError / ConfigError naming the path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional
+
+from imitation_jax.checkpoint import CheckpointError
+from imitation_jax.config import ConfigError
+from imitation_jax.data.tokenizer import Tokenizer
+from imitation_jax.model.config import ModelConfig
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    config: ModelConfig  # resolved: vocab_size filled in
+    graphdef: Any  # nnx.GraphDef of Llama(config)
+    params: Any  # parameter tree (nnx pure dict of jax.Arrays, as training uses) matching graphdef
+    tokenizer: Tokenizer  # special tokens added by prepare included
+    template: Any  # imitation_jax.data.templates AnyTemplate used for chat prompts
+    source: str  # what was loaded (path, step)
+
+    def model(self):
+        """The Llama module (nnx.merge of graphdef and params)."""
+        from flax import nnx
+
+        return nnx.merge(self.graphdef, self.params)
+
+
+def load_model(path: str, *, step: Optional[int] = None, dtype: Optional[str] = None,
+               mesh=None) -> LoadedModel:
+    """Load a run dir, an import-hf params dir or an HF dir. `dtype` (float32 | bfloat16 |
+    float16) casts the parameters and sets the compute dtype; `mesh` places the parameters by the
+    sharding rules (default: one device)."""
+    from imitation_jax.convert import params_dir
+
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such run, checkpoint or Hugging Face directory")
+    if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"dtype={dtype!r} is not one of float32, bfloat16, float16")
+    mesh = mesh if mesh is not None else _one_device_mesh()
+    if os.path.isfile(os.path.join(path, "config.yaml")):
+        return _from_run_dir(path, step, dtype, mesh)
+    if step is not None:
+        raise ConfigError(f"{path}: step={step} applies to a run dir only (no config.yaml there)")
+    if params_dir.is_params_dir(path):
+        return _from_params_dir(path, dtype, mesh)
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return _from_hf_dir(path, dtype, mesh)
+    raise CheckpointError(f"{path}: neither a run dir (config.yaml), an import-hf checkpoint "
+                          f"({params_dir.MODEL_FILE}) nor a Hugging Face dir (config.json)")
+
+
+def _one_device_mesh():
+    import jax
+
+    from imitation_jax.sharding import MeshConfig, make_mesh
+
+    return make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+
+
+def with_dtype(cfg: ModelConfig, dtype: Optional[str]) -> ModelConfig:
+    return cfg if dtype is None else dataclasses.replace(cfg, param_dtype=dtype, dtype=dtype)
+
+
+def restore_into(item_dir: str, saved_cfg: ModelConfig, dtype: Optional[str], mesh) -> tuple[ModelConfig, Any]:
+    """Orbax params saved with `saved_cfg`, placed on `mesh`, cast to `dtype` if given."""
+    import jax
+
+    from imitation_jax.checkpoint import restore_params
+    from imitation_jax.train.state import abstract_params
+
+    with jax.set_mesh(mesh):
+        params = restore_params(item_dir, abstract_params(saved_cfg, mesh))
+    cfg = with_dtype(saved_cfg, dtype)
+    if dtype is not None and cfg.param_dtype != saved_cfg.param_dtype:
+        params = cast_params(params, dtype)
+    return cfg, params
+
+
+def cast_params(params: Any, dtype: str) -> Any:
+    import jax
+    import jax.numpy as jnp
+
+    shardings = jax.tree.map(lambda x: x.sharding, params)
+    return jax.jit(lambda p: jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), p),
+                   out_shardings=shardings)(params)
+
+
+def _graphdef(cfg: ModelConfig):
+    from imitation_jax.train.state import model_graph
+
+    return model_graph(cfg)[0]
+
+
+# ------------------------------------------------------------------------------------ run dirs
+
+
+def read_run_config(run_dir: str) -> tuple[ModelConfig, dict]:
+    """(model config, data section as a dict) of RUN_DIR/config.yaml, without the checks a new
+    run's config gets (its data files may be long gone)."""
+    from omegaconf import OmegaConf
+
+    path = os.path.join(run_dir, "config.yaml")
+    try:
+        raw = OmegaConf.load(path)
+        model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), raw.get("model", {})))
+        data = OmegaConf.to_container(raw.get("data", {}) or {}, resolve=True)
+    except Exception as exc:  # YAML and OmegaConf raise many types
+        raise ConfigError(f"{path}: not a readable run config ({str(exc).splitlines()[0][:200]})") from None
+    if not model.vocab_size:
+        raise ConfigError(f"{path}: model.vocab_size is unresolved (the run never started training)")
+    return model, data
+
+
+def run_params_item(run_dir: str, step: Optional[int]) -> tuple[str, int]:
+    """(params item dir, step) of the newest complete checkpoint of a run, or of `step`."""
+    from imitation_jax.checkpoint import checkpoint_dir, resolve_params_path
+
+    ckpts = checkpoint_dir(run_dir)
+    steps = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit()) if os.path.isdir(ckpts) else []
+    if not steps:
+        raise CheckpointError(f"{run_dir}: the run has no complete checkpoint under {ckpts}")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise CheckpointError(f"{run_dir}: no checkpoint for step {step} (have {', '.join(map(str, steps))})")
+    return resolve_params_path(os.path.join(ckpts, str(step))), step
+
+
+def run_tokenizer(run_dir: str, data: dict) -> Tokenizer:
+    """RUN_DIR/tokenizer (saved by training), else the prepared set's copy (older runs)."""
+    from imitation_jax.data.tokenizer import load_tokenizer
+
+    candidates = [os.path.join(run_dir, "tokenizer")]
+    if data.get("path"):
+        candidates.append(os.path.join(data["path"], "tokenizer"))
+    for candidate in candidates:
+        if os.path.isdir(candidate):
+            return load_tokenizer(candidate)
+    raise CheckpointError(f"{run_dir}: no tokenizer/ directory (written by training) to load")
+
+
+def _from_run_dir(run_dir: str, step: Optional[int], dtype: Optional[str], mesh) -> LoadedModel:
+    from imitation_jax.data.templates import get_template
+    from imitation_jax.data.training import DEFAULT_TEMPLATE
+
+    saved_cfg, data = read_run_config(run_dir)
+    tokenizer = run_tokenizer(run_dir, data)
+    if tokenizer.vocab_size > saved_cfg.vocab_size:
+        raise CheckpointError(f"{run_dir}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
+                              f"only {saved_cfg.vocab_size}")
+    template = get_template(data.get("template") or DEFAULT_TEMPLATE, tokenizer,
+                            turn_tokens=bool(data.get("turn_tokens")))
+    item, step = run_params_item(run_dir, step)
+    cfg, params = restore_into(item, saved_cfg, dtype, mesh)
+    return LoadedModel(cfg, _graphdef(cfg), params, tokenizer, template, f"{run_dir} (step {step})")
+
+
+# ------------------------------------------------------------------------------------ import-hf dirs
+
+
+def _from_params_dir(path: str, dtype: Optional[str], mesh) -> LoadedModel:
+    from imitation_jax.convert import params_dir
+
+    saved_cfg, tokenizer, template = params_dir.read(path)
+    cfg, params = restore_into(os.path.join(path, params_dir.PARAMS_DIR), saved_cfg, dtype, mesh)
+    return LoadedModel(cfg, _graphdef(cfg), params, tokenizer, template, path)
+
+
+# ------------------------------------------------------------------------------------ HF dirs
+
+
+def _from_hf_dir(path: str, dtype: Optional[str], mesh) -> LoadedModel:
+    from imitation_jax.convert.hf_import import hf_template, hf_tokenizer, load_hf_params, read_hf_config
+
+    cfg = with_dtype(read_hf_config(path), dtype)
+    tokenizer = hf_tokenizer(path)
+    template = hf_template(tokenizer)
+    params = load_hf_params(path, cfg, mesh)
+    return LoadedModel(cfg, _graphdef(cfg), params, tokenizer, template, path)
