@@ -54,7 +54,8 @@ class TrainConfig:
     batch_size: int = 8  # sequences per optimizer step, over all processes and micro-batches
     grad_accum: int = 1  # micro-batches per step (each batch_size / grad_accum sequences)
     log_every: int = 10
-    loss_chunk: int = 0  # >0: compute the output layer + cross entropy this many tokens at a time
+    loss_chunk: int = 256  # >0: output layer + cross entropy this many positions of every row at a time,
+                           # trained tokens first, chunks with none skipped; 0: all at once
     seed: int = 0  # parameter init
     peak_flops: Optional[float] = None  # per device, for MFU; None: known chips, or measured on CPU
 

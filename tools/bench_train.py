@@ -12,8 +12,9 @@ with `torch.optim.AdamW` and the same clipping and packed-row mask. Compilation 
 steps are excluded (`--warmup`), every timed JAX step ends in `block_until_ready` (JAX dispatches
 asynchronously), torch uses every core. A side's step time is the median of `--steps` steps, best
 over `--rounds` rounds that alternate the sides; the output says how many CPU cores other
-processes used meanwhile (on a shared machine, repeat until that is ~0). The torch side runs on
-CPU only and is skipped, with a message, without torch/transformers or on an accelerator.
+processes used meanwhile (on a shared machine, repeat until that is ~0). On a GPU the torch side
+runs on CUDA too (fp32 master weights, bf16 autocast, fused AdamW); it is skipped, with a message,
+without torch/transformers or without a CUDA torch.
 
 MFU = model training FLOPs/token (`ModelConfig.flops_per_token`) x tokens/s / peak, where the
 peak is a large fp32 matmul measured in the same run on a CPU, and the chip's published bf16
@@ -50,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="alternate the sides this many times (each side reports its best round)")
     p.add_argument("--attention", default="auto", choices=("auto", "xla", "einsum", "cudnn"))
     p.add_argument("--remat", default="none", choices=("none", "full", "save_dots"))
-    p.add_argument("--loss-chunk", type=int, default=0, help="train.loss_chunk (0: whole sequence at once)")
+    p.add_argument("--loss-chunk", type=int, default=256, help="train.loss_chunk (0: whole sequence at once)")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                    help="compute dtype (default float32 on CPU, bfloat16 on accelerators)")
     p.add_argument("--no-torch", action="store_true", help="skip the transformers + torch side")
@@ -132,8 +133,12 @@ def setup_ours(args, cfg, batch_np: dict) -> dict:
     return {"step": step, "losses": losses, "compile_s": compile_s, "compiled": compiled}
 
 
-def setup_torch(args, batch_np: dict, attn_impl: str) -> dict:
-    """LlamaForCausalLM (fp32) + AdamW on the same batch and mask; `step()` runs one step."""
+def setup_torch(args, batch_np: dict, attn_impl: str, device: str = "cpu", dtype: str = "float32") -> dict:
+    """LlamaForCausalLM (fp32 params) + AdamW on the same batch and mask; `step()` runs one step.
+    On CUDA the forward runs under bf16 autocast when ours computes in bf16 (fp32 master weights,
+    as ours)."""
+    import contextlib
+
     import torch
     import torch.nn.functional as F
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -146,12 +151,14 @@ def setup_torch(args, batch_np: dict, attn_impl: str) -> dict:
                          max_position_embeddings=max(2048, args.seq), rms_norm_eps=1e-5, rope_theta=10000.0,
                          tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
                          attn_implementation=attn_impl, dtype=torch.float32)
-    model = LlamaForCausalLM(hf_cfg).to(torch.float32).train()
+    model = LlamaForCausalLM(hf_cfg).to(device=device, dtype=torch.float32).train()
     named = list(model.named_parameters())
     decay = [p for n, p in named if p.ndim >= 2 and "embed_tokens" not in n]
     no_decay = [p for n, p in named if not (p.ndim >= 2 and "embed_tokens" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=3e-4, betas=(0.9, 0.95), eps=1e-8)
+                            lr=3e-4, betas=(0.9, 0.95), eps=1e-8, **({"fused": True} if device != "cpu" else {}))
+    autocast = (torch.autocast(device, dtype=torch.bfloat16) if device != "cpu" and dtype == "bfloat16"
+                else contextlib.nullcontext())
 
     inputs = torch.from_numpy(batch_np["inputs"]).long()
     targets = torch.from_numpy(batch_np["targets"]).long().reshape(-1)
@@ -164,11 +171,13 @@ def setup_torch(args, batch_np: dict, attn_impl: str) -> dict:
     attn_mask = ((seg[:, :, None] == seg[:, None, :]) & torch.ones(t, t, dtype=torch.bool).tril())[:, None]
     if attn_impl != "sdpa":
         attn_mask = torch.zeros(attn_mask.shape).masked_fill(~attn_mask, torch.finfo(torch.float32).min)
+    inputs, targets, mask, positions, attn_mask = (x.to(device) for x in (inputs, targets, mask, positions, attn_mask))
     losses = []
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        logits = model(input_ids=inputs, position_ids=positions, attention_mask=attn_mask).logits
+        with autocast:
+            logits = model(input_ids=inputs, position_ids=positions, attention_mask=attn_mask).logits
         per_token = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets, reduction="none")
         loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
         loss.backward()
@@ -237,18 +246,20 @@ def main(args) -> int:
     runners = {"ours": setup_ours(args, cfg, batch_np)}
     if args.no_torch:
         print("torch: skipped (--no-torch)")
-    elif not on_cpu:
-        print("torch: skipped (the torch side runs on the CPU; comparing it with an accelerator says nothing)")
     else:
         try:
             import torch  # noqa: F401
             import transformers  # noqa: F401
         except ImportError as exc:
+            torch = None
             print(f"torch: skipped ({exc.name} is not installed)")
-        else:
+        torch_device = "cpu" if on_cpu else ("cuda" if torch is not None and torch.cuda.is_available() else None)
+        if torch is not None and torch_device is None:
+            print(f"torch: skipped (no CUDA torch for this {device.platform} device)")
+        elif torch is not None:
             for impl in [s.strip() for s in args.torch_attn.split(",") if s.strip()]:
                 try:
-                    runners[f"torch/{impl}"] = setup_torch(args, batch_np, impl)
+                    runners[f"torch/{impl}"] = setup_torch(args, batch_np, impl, torch_device, dtype)
                 except Exception as exc:  # an attn implementation this transformers lacks
                     print(f"torch {impl}: failed: {type(exc).__name__}: {exc}")
 

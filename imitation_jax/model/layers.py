@@ -70,7 +70,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 class MLP(nnx.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)), with a hand-written backward pass (`swiglu`)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, f, dt, std = cfg.hidden_size, cfg.intermediate_size, cfg.weight_dtype, cfg.initializer_range
@@ -81,6 +81,41 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.dtype
-        h = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
-        h = constrain(h, ("batch", "seq", "act_mlp"))
-        return h @ self.down[...].astype(dt)
+        return swiglu(x, self.gate[...].astype(dt), self.up[...].astype(dt), self.down[...].astype(dt))
+
+
+def _swiglu_hidden(x, gate, up):
+    a, b = x @ gate, x @ up
+    return a, b, constrain(jax.nn.silu(a) * b, ("batch", "seq", "act_mlp"))
+
+
+@jax.custom_vjp
+def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
+    """(silu(x @ gate) * (x @ up)) @ down for x (..., d).
+
+    The backward pass is written out as 2-D matmuls over (tokens, features): XLA's own derivative
+    fuses the SiLU derivative into a transposing copy that cost more than the MLP's matmuls on CPU
+    (183 -> 106 ms for one layer's forward + backward at 4 x 512 tokens, d 512, f 1376).
+    """
+    return _swiglu_hidden(x, gate, up)[2] @ down
+
+
+def _swiglu_fwd(x, gate, up, down):
+    a, b, h = _swiglu_hidden(x, gate, up)
+    return h @ down, (x, a, b, h, gate, up, down)
+
+
+def _swiglu_bwd(res, dy):
+    x, a, b, h, gate, up, down = res
+    flat = lambda v: v.reshape(-1, v.shape[-1])  # noqa: E731
+    x2, a2, b2, h2, dy2 = flat(x), flat(a), flat(b), flat(h), flat(dy)
+    dh = dy2 @ down.T
+    sig = jax.nn.sigmoid(a2.astype(jnp.float32))
+    a32, dh32 = a2.astype(jnp.float32), dh.astype(jnp.float32)
+    da = (dh32 * b2.astype(jnp.float32) * sig * (1 + a32 * (1 - sig))).astype(x.dtype)
+    db = (dh32 * a32 * sig).astype(x.dtype)
+    dx = da @ gate.T + db @ up.T
+    return dx.reshape(x.shape), x2.T @ da, x2.T @ db, h2.T @ dy2
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)

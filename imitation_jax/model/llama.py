@@ -35,14 +35,18 @@ class Attention(nnx.Module):
 
     def __call__(self, x, cos, sin, segment_ids):
         dt = self.dtype
-        q = jnp.einsum("btd,dhk->bthk", x, self.q[...].astype(dt))
-        k = jnp.einsum("btd,dhk->bthk", x, self.k[...].astype(dt))
-        v = jnp.einsum("btd,dhk->bthk", x, self.v[...].astype(dt))
+
+        def project(w):  # one (tokens, d) x (d, heads * head_dim) matmul: the backward pass of a
+            d, heads, hd = w.shape  # 3-D einsum costs transposing copies on CPU
+            return (x.reshape(-1, d) @ w.astype(dt).reshape(d, heads * hd)).reshape(*x.shape[:-1], heads, hd)
+
+        q, k, v = project(self.q[...]), project(self.k[...]), project(self.v[...])
         q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "act_heads", None))
         k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "act_kv_heads", None))
         v = constrain(v, ("batch", "seq", "act_kv_heads", None))
         out = attention(q, k, v, segment_ids, self.impl)
-        return jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(dt))
+        wo = self.o[...].astype(dt)
+        return (out.reshape(-1, wo.shape[0] * wo.shape[1]) @ wo.reshape(-1, wo.shape[2])).reshape(x.shape)
 
 
 class Block(nnx.Module):
@@ -101,7 +105,7 @@ class Llama(nnx.Module):
         if cfg.remat != "none":
             run_block = nnx.remat(run_block, policy=_REMAT[cfg.remat], prevent_cse=False)
 
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, unroll=min(cfg.scan_unroll, cfg.num_layers),
                   transform_metadata={nnx.PARTITION_NAME: "layers"})
         def scan_layers(x, block):
             return run_block(block, x)
