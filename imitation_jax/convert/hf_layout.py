@@ -2,106 +2,137 @@
 
 One table, used in both directions: HF stores `nn.Linear` weights as (out, in); we store kernels as
 (in, heads, head_dim) / (heads, head_dim, out) / (in, out), with the layers stacked on axis 0.
+Because the model uses HF's rotate-half RoPE, no permutation of q/k rows is needed.
+
+Each entry has a kind saying how the two layouts relate, so any slice of one of our arrays can be
+read as a slice of the HF tensor (what sharded, streamed loading needs):
+  same       ours == hf
+  transpose  ours == hf.T                                   (gate/up/down, lm_head)
+  qkv        ours (d, heads, hd) == hf.T.reshape(...)       hf (heads*hd, d)
+  o          ours (heads, hd, d) == hf.T.reshape(...)       hf (d, heads*hd)
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
-from imitation_jax.model.config import ModelConfig, RopeScaling
-
-# (HF name with {i} for the layer, our path in the state tree, to_ours(array, cfg), to_hf(array, cfg))
-Layout = tuple[str, tuple[str, ...], Callable, Callable]
+from imitation_jax.model.config import ModelConfig
 
 
-def _qkv(heads_attr: str):
-    def to_ours(w, cfg):
-        heads = getattr(cfg, heads_attr)
-        return w.T.reshape(cfg.hidden_size, heads, cfg.dim_per_head)
-
-    def to_hf(w, cfg):
-        return w.reshape(cfg.hidden_size, -1).T
-
-    return to_ours, to_hf
-
-
-def _same(w, cfg):
-    return w
-
-
-def _transpose(w, cfg):
-    return w.T
-
-
-def _o_to_ours(w, cfg):
-    return w.T.reshape(cfg.num_heads, cfg.dim_per_head, cfg.hidden_size)
-
-
-def _o_to_hf(w, cfg):
-    return w.reshape(-1, cfg.hidden_size).T
+class Layout(NamedTuple):
+    hf_name: str  # with {i} for the layer
+    path: tuple[str, ...]  # in our state tree
+    kind: str
 
 
 LAYER_LAYOUT: list[Layout] = [
-    ("model.layers.{i}.self_attn.q_proj.weight", ("layers", "attn", "q"), *_qkv("num_heads")),
-    ("model.layers.{i}.self_attn.k_proj.weight", ("layers", "attn", "k"), *_qkv("kv_heads")),
-    ("model.layers.{i}.self_attn.v_proj.weight", ("layers", "attn", "v"), *_qkv("kv_heads")),
-    ("model.layers.{i}.self_attn.o_proj.weight", ("layers", "attn", "o"), _o_to_ours, _o_to_hf),
-    ("model.layers.{i}.mlp.gate_proj.weight", ("layers", "mlp", "gate"), _transpose, _transpose),
-    ("model.layers.{i}.mlp.up_proj.weight", ("layers", "mlp", "up"), _transpose, _transpose),
-    ("model.layers.{i}.mlp.down_proj.weight", ("layers", "mlp", "down"), _transpose, _transpose),
-    ("model.layers.{i}.input_layernorm.weight", ("layers", "attn_norm", "weight"), _same, _same),
-    ("model.layers.{i}.post_attention_layernorm.weight", ("layers", "mlp_norm", "weight"), _same, _same),
+    Layout("model.layers.{i}.self_attn.q_proj.weight", ("layers", "attn", "q"), "qkv"),
+    Layout("model.layers.{i}.self_attn.k_proj.weight", ("layers", "attn", "k"), "qkv"),
+    Layout("model.layers.{i}.self_attn.v_proj.weight", ("layers", "attn", "v"), "qkv"),
+    Layout("model.layers.{i}.self_attn.o_proj.weight", ("layers", "attn", "o"), "o"),
+    Layout("model.layers.{i}.mlp.gate_proj.weight", ("layers", "mlp", "gate"), "transpose"),
+    Layout("model.layers.{i}.mlp.up_proj.weight", ("layers", "mlp", "up"), "transpose"),
+    Layout("model.layers.{i}.mlp.down_proj.weight", ("layers", "mlp", "down"), "transpose"),
+    Layout("model.layers.{i}.input_layernorm.weight", ("layers", "attn_norm", "weight"), "same"),
+    Layout("model.layers.{i}.post_attention_layernorm.weight", ("layers", "mlp_norm", "weight"), "same"),
 ]
 
 GLOBAL_LAYOUT: list[Layout] = [
-    ("model.embed_tokens.weight", ("embed",), _same, _same),
-    ("model.norm.weight", ("norm", "weight"), _same, _same),
-    ("lm_head.weight", ("lm_head",), _transpose, _transpose),
+    Layout("model.embed_tokens.weight", ("embed",), "same"),
+    Layout("model.norm.weight", ("norm", "weight"), "same"),
+    Layout("lm_head.weight", ("lm_head",), "transpose"),
 ]
+
+# Buffers some checkpoints carry that hold no parameters (recomputed from the config).
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
 def iter_layout(cfg: ModelConfig) -> Iterator[Layout]:
     for entry in GLOBAL_LAYOUT:
-        if entry[0] == "lm_head.weight" and cfg.tie_word_embeddings:
+        if entry.hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         yield entry
     yield from LAYER_LAYOUT
 
 
+def hf_names(entry: Layout, cfg: ModelConfig) -> list[str]:
+    if "{i}" in entry.hf_name:
+        return [entry.hf_name.format(i=i) for i in range(cfg.num_layers)]
+    return [entry.hf_name]
+
+
+def hf_shape(entry: Layout, cfg: ModelConfig, vocab_rows: int) -> tuple[int, ...]:
+    """The shape config.json implies for one HF tensor of this entry."""
+    d, hd, inter = cfg.hidden_size, cfg.dim_per_head, cfg.intermediate_size
+    name = entry.hf_name
+    if "embed_tokens" in name or "lm_head" in name:
+        return (vocab_rows, d)
+    if entry.kind == "same":
+        return (d,)
+    if entry.kind == "qkv":
+        return ((cfg.num_heads if "q_proj" in name else cfg.kv_heads) * hd, d)
+    if entry.kind == "o":
+        return (d, cfg.num_heads * hd)
+    return (d, inter) if "down_proj" in name else (inter, d)
+
+
+def to_ours(kind: str, w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """An HF tensor, or the piece of it `hf_index` names, in our layout."""
+    hd = cfg.dim_per_head
+    if kind == "same":
+        return w
+    if kind == "transpose":
+        return w.T
+    if kind == "qkv":
+        return w.T.reshape(w.shape[1], -1, hd)
+    return w.T.reshape(-1, hd, w.shape[0])  # o
+
+
+def to_hf(kind: str, w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    if kind == "same":
+        return w
+    if kind == "transpose":
+        return w.T
+    if kind == "qkv":
+        return w.reshape(w.shape[0], -1).T
+    return w.reshape(-1, w.shape[-1]).T  # o
+
+
+def hf_index(kind: str, index: tuple[slice, ...], shape: tuple[int, ...], cfg: ModelConfig) -> tuple[slice, ...]:
+    """The HF slice holding `ours[index]` (index without the layer axis; shape is ours). The
+    head_dim axis is never split (sharding rules keep it whole), so heads map to row ranges."""
+    full = [s.indices(n)[:2] for s, n in zip(index, shape)]
+    if kind == "same":
+        return tuple(slice(a, b) for a, b in full)
+    if kind == "transpose":
+        return tuple(slice(a, b) for a, b in reversed(full))
+    hd = cfg.dim_per_head
+    if kind == "qkv":
+        (d0, d1), (h0, h1), hd_range = full
+        assert hd_range == (0, hd), "head_dim must not be split"
+        return (slice(h0 * hd, h1 * hd), slice(d0, d1))
+    (h0, h1), hd_range, (d0, d1) = full
+    assert hd_range == (0, hd), "head_dim must not be split"
+    return (slice(d0, d1), slice(h0 * hd, h1 * hd))
+
+
 def params_from_hf(cfg: ModelConfig, get_tensor: Callable[[str], np.ndarray]) -> dict:
     """Nested dict of numpy arrays in our layout, reading HF tensors one at a time by name."""
     tree: dict = {}
-    for hf_name, path, to_ours, _ in iter_layout(cfg):
-        if "{i}" in hf_name:
-            value = np.stack([to_ours(np.asarray(get_tensor(hf_name.format(i=i))), cfg)
-                              for i in range(cfg.num_layers)])
-        else:
-            value = to_ours(np.asarray(get_tensor(hf_name)), cfg)
+    for entry in iter_layout(cfg):
+        parts = [to_ours(entry.kind, np.asarray(get_tensor(n)), cfg) for n in hf_names(entry, cfg)]
+        value = np.stack(parts) if "{i}" in entry.hf_name else parts[0]
         node = tree
-        for key in path[:-1]:
+        for key in entry.path[:-1]:
             node = node.setdefault(key, {})
-        node[path[-1]] = value
+        node[entry.path[-1]] = value
     return tree
 
 
 def model_config_from_hf(hf: dict) -> dict:
-    """Our ModelConfig architecture fields from an HF LlamaConfig dict (config.json)."""
-    scaling = hf.get("rope_scaling") or (hf.get("rope_parameters") if
-                                          (hf.get("rope_parameters") or {}).get("rope_type") == "llama3" else None)
-    rope_theta = hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))
-    head_dim = hf.get("head_dim")
-    if head_dim == hf["hidden_size"] // hf["num_attention_heads"]:
-        head_dim = None  # the default: keep configs from HF and from presets equal
-    return dict(
-        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
-        num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
-        num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"], head_dim=head_dim,
-        max_position_embeddings=hf.get("max_position_embeddings", 2048), rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=float(rope_theta), tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        rope_scaling=None if not scaling else RopeScaling(
-            rope_type=scaling.get("rope_type", scaling.get("type", "llama3")), factor=float(scaling["factor"]),
-            low_freq_factor=float(scaling["low_freq_factor"]), high_freq_factor=float(scaling["high_freq_factor"]),
-            original_max_position_embeddings=int(scaling["original_max_position_embeddings"])),
-    )
+    """Kept for callers of the first version; see hf_config.model_config_from_hf."""
+    from imitation_jax.convert.hf_config import model_fields_from_hf
+
+    return model_fields_from_hf(hf, "config.json")

@@ -1,0 +1,62 @@
+"""`imitation-jax import-hf` and `imitation-jax export-hf`: Hugging Face LLaMA dirs in and out."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _import_hf(args: argparse.Namespace) -> int:
+    from imitation_jax.convert.hf_import import import_hf
+
+    result = import_hf(args.hf_dir, args.out, dtype=args.dtype, allow_pickle=args.allow_pickle)
+    cfg = result["config"]
+    print(f"imported {args.hf_dir} -> {result['out']} ({cfg.num_params() / 1e6:.1f}M params, {cfg.param_dtype}"
+          f"{'' if result['tokenizer'] else ', no tokenizer'}); train from it with init.checkpoint={result['out']}")
+    return 0
+
+
+def _export_hf(args: argparse.Namespace) -> int:
+    from imitation_jax.convert.hf_export import export_hf
+
+    result = export_hf(args.source, args.out, step=args.step, dtype=args.dtype,
+                       max_shard_size=args.max_shard_size)
+    print(f"exported {result['source']} -> {result['out']} ({len(result['shards'])} shard(s), "
+          f"vocab {result['vocab_size']}, {args.dtype})")
+    return 0
+
+
+def _size(text: str) -> str:
+    from imitation_jax.convert.safetensors_io import parse_size
+
+    try:
+        parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def register(sub) -> None:
+    p = sub.add_parser("import-hf", help="HF LLaMA dir -> Orbax params checkpoint + model config",
+                       description="Reads config.json, safetensors weights (one file or sharded with an "
+                       "index; fp32/fp16/bf16) and the tokenizer, one tensor at a time, and writes "
+                       "OUT/params (Orbax), OUT/model.json and OUT/tokenizer. Train from it with "
+                       "init.checkpoint=OUT, or skip this step with init.hf=HF_DIR.")
+    p.add_argument("hf_dir", metavar="HF_DIR")
+    p.add_argument("--out", required=True, metavar="CKPT_DIR")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="parameter dtype to store (default float32, as training keeps params)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="also read legacy pytorch_model*.bin files; loading them runs pickled code from "
+                   "the file, so use it only for files you trust")
+    p.set_defaults(func=_import_hf)
+
+    p = sub.add_parser("export-hf", help="run dir or params checkpoint -> HF LLaMA dir",
+                       description="Writes config.json, generation_config.json, "
+                       "model-0000k-of-0000n.safetensors + model.safetensors.index.json, the tokenizer "
+                       "(added special tokens included) and the training template as chat_template.")
+    p.add_argument("source", metavar="RUN_DIR_OR_CKPT")
+    p.add_argument("--out", required=True, metavar="HF_DIR")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step of a run dir (default: newest)")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--max-shard-size", default="5GB", type=_size, help="e.g. 5GB (default), 500MB, 2GiB")
+    p.set_defaults(func=_export_hf)

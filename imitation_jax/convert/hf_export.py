@@ -1,0 +1,141 @@
+"""Our model -> an HF LLaMA dir that `AutoModelForCausalLM` / `AutoTokenizer` (and vLLM) load:
+config.json, generation_config.json, model-0000k-of-0000n.safetensors + index, tokenizer files
+(added special tokens included) and the training template as `chat_template`.
+
+Tensors are pulled to the host one HF tensor (one layer of one parameter) at a time and written
+by a ShardedWriter, which holds at most one output shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Optional
+
+import numpy as np
+
+from imitation_jax.checkpoint import CheckpointError
+from imitation_jax.convert import hf_layout
+from imitation_jax.convert.hf_config import hf_config_dict
+from imitation_jax.convert.safetensors_io import ShardedWriter, parse_size
+
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def export_hf(source: str, out: str, *, step: Optional[int] = None, dtype: str = "bfloat16",
+              max_shard_size: str | int = "5GB") -> dict:
+    from imitation_jax.loading import load_model
+
+    if dtype not in DTYPES:
+        raise CheckpointError(f"--dtype {dtype}: not one of {', '.join(DTYPES)}")
+    max_bytes = parse_size(max_shard_size)
+    loaded = load_model(source, step=step)
+    out = os.path.abspath(out)
+    if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, "config.json")):
+        raise CheckpointError(f"{out}: exists and is not an HF model dir; refusing to write into it")
+    os.makedirs(out, exist_ok=True)
+    for name in os.listdir(out):  # a previous export's shards would confuse the index
+        if name.endswith(".safetensors") or name == "model.safetensors.index.json":
+            os.remove(os.path.join(out, name))
+    tokenizer = loaded.tokenizer
+    files = write_weights(loaded.config, loaded.params, out, np.dtype(dtype) if dtype != "bfloat16"
+                          else _bf16(), max_bytes)
+    hf_tok = save_tokenizer(tokenizer, loaded.template, out)
+    config = hf_config_dict(loaded.config, dtype, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    write_generation_config(out, tokenizer, loaded.template)
+    return {"out": out, "source": loaded.source, "shards": files, "vocab_size": loaded.config.vocab_size,
+            "tokenizer_vocab": len(hf_tok)}
+
+
+def _bf16():
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def hf_tensors(cfg, params: dict):
+    """(HF name, numpy array in HF layout) in HF's order, one layer of one parameter at a time."""
+    def get(path, layer=None):
+        node = params
+        for key in path:
+            node = node[key]
+        return np.asarray(node[layer] if layer is not None else node)
+
+    globals_ = {e.hf_name: e for e in hf_layout.iter_layout(cfg) if "{i}" not in e.hf_name}
+    e = globals_["model.embed_tokens.weight"]
+    yield e.hf_name, hf_layout.to_hf(e.kind, get(e.path), cfg)
+    for i in range(cfg.num_layers):
+        for e in hf_layout.LAYER_LAYOUT:
+            yield e.hf_name.format(i=i), hf_layout.to_hf(e.kind, get(e.path, i), cfg)
+    for name in ("model.norm.weight", "lm_head.weight"):
+        if name in globals_:
+            e = globals_[name]
+            yield name, hf_layout.to_hf(e.kind, get(e.path), cfg)
+
+
+def write_weights(cfg, params: dict, out: str, dtype: np.dtype, max_bytes: int) -> list[str]:
+    writer = ShardedWriter(out, max_bytes)
+    for name, array in hf_tensors(cfg, params):
+        writer.add(name, array.astype(dtype, copy=False))
+    return writer.close()
+
+
+def chat_template_for(template: Any, tokenizer) -> Optional[str]:
+    from imitation_jax.data.templates import HFChatTemplate, chat_template_jinja
+
+    if isinstance(template, HFChatTemplate):
+        return template.tokenizer.hf.chat_template
+    return chat_template_jinja(template)
+
+
+def save_tokenizer(tokenizer, template, out: str):
+    """The transformers tokenizer with our added special tokens at their ids, bos/eos/pad and the
+    chat template, saved into `out`; returns it."""
+    from transformers import AutoTokenizer
+
+    if tokenizer.kind == "sentencepiece":
+        # transformers converts a LLaMA-style SentencePiece model into its fast tokenizer.
+        tmp = tempfile.mkdtemp()
+        try:
+            shutil.copy(tokenizer.path, os.path.join(tmp, "tokenizer.model"))
+            with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+                json.dump({"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
+                           "legacy": False}, f)
+            hf = AutoTokenizer.from_pretrained(tmp, local_files_only=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        hf = AutoTokenizer.from_pretrained(tokenizer.path, local_files_only=True)
+    if len(hf) != tokenizer.base_vocab_size:
+        raise CheckpointError(f"{tokenizer.path}: transformers sees {len(hf)} tokens, we see "
+                              f"{tokenizer.base_vocab_size}")
+    added = sorted(tokenizer.added_tokens.items(), key=lambda kv: kv[1])
+    if added:
+        hf.add_special_tokens({"additional_special_tokens": [t for t, _ in added]},
+                              replace_extra_special_tokens=False)
+        for token, i in added:
+            if hf.convert_tokens_to_ids(token) != i:
+                raise CheckpointError(f"{tokenizer.path}: added token {token!r} got id "
+                                      f"{hf.convert_tokens_to_ids(token)} in transformers, not {i}")
+    ids = {"bos_token": tokenizer.bos_id, "eos_token": tokenizer.eos_id, "pad_token": tokenizer.pad_id}
+    for key, i in ids.items():
+        if i is not None:
+            setattr(hf, key, hf.convert_ids_to_tokens(i))
+    hf.chat_template = chat_template_for(template, tokenizer)
+    hf.model_max_length = 1 << 30
+    hf.save_pretrained(out)
+    return hf
+
+
+def write_generation_config(out: str, tokenizer, template) -> None:
+    from transformers import GenerationConfig
+
+    from imitation_jax.data.templates import stop_ids
+
+    stops = stop_ids(tokenizer, template)
+    GenerationConfig(bos_token_id=tokenizer.bos_id, eos_token_id=stops if len(stops) > 1 else stops[0],
+                     pad_token_id=tokenizer.pad_id).save_pretrained(out)
