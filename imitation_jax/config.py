@@ -78,6 +78,14 @@ class EvalConfig:
     every_steps: int = 0  # held-out loss every N steps (0: only at the end)
     max_batches: Optional[int] = None
     batch_size: Optional[int] = None  # default: train.batch_size // train.grad_accum
+    # lm-eval tasks on the live parameters (imitation_jax.evaluation.in_training); scores are
+    # logged as task/<task>/<metric>. The shipped suite (mini_*) is always on the include path.
+    tasks: list[str] = dataclasses.field(default_factory=list)
+    tasks_every_steps: int = 0  # 0: only at the end
+    tasks_limit: Optional[float] = None  # documents per task (< 1: a fraction)
+    tasks_num_fewshot: Optional[int] = None
+    tasks_include_path: list[str] = dataclasses.field(default_factory=list)
+    tasks_batch_size: int = 16
 
 
 @dataclasses.dataclass

@@ -13,6 +13,7 @@ the two backends see identical ids and give the same log-likelihoods.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from lm_eval import utils as lm_utils
@@ -60,6 +61,13 @@ class ImitationJaxLM(TemplateLM):
         self.add_bos = self.tok.bos_id is not None if add_bos is None else add_bos
         self._score_fn = make_score_fn(model.graphdef)
         self._generator = None
+
+    def set_params(self, params) -> None:
+        """Swap in new parameters of the same shapes (eval during training): compiled functions
+        are kept, so only the first evaluation compiles."""
+        self.loaded = dataclasses.replace(self.loaded, params=params)
+        if self._generator is not None:
+            self._generator.loaded = self.loaded
 
     # --- what TemplateLM needs -------------------------------------------------------------------
     @property

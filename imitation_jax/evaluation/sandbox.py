@@ -3,7 +3,7 @@
 The child is `python -I` (isolated mode: no user site-packages, no PYTHON* variables, the script's
 directory not on sys.path) started in a fresh temporary directory that is removed afterwards, with a
 minimal environment, its own process group (so a timeout kills whatever it forked) and resource
-limits set between fork and exec: address space (a memory bomb gets MemoryError, not the machine),
+limits set before the program starts: address space (a memory bomb gets MemoryError, not the machine),
 CPU seconds, file size and number of processes. This is the HumanEval convention of executing
 completions against unit tests; it is a fence against accidents, not a security boundary against a
 determined attacker (use a container or VM for that).
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -60,19 +59,26 @@ def _user_process_count() -> int:
     return count
 
 
-def _limiter(limits: SandboxLimits, nproc: int):
-    def apply() -> None:  # runs in the child between fork and exec: async-signal-safe calls only
-        os.setsid()  # own process group, killed as a whole on timeout
-        mem = limits.memory_mb * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1))
-        size = limits.file_size_mb * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        if os.getuid() != 0:  # root ignores RLIMIT_NPROC
-            resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+# Limits are set by a tiny launcher that then execs the program, rather than by preexec_fn: a
+# preexec_fn runs Python between fork and exec, which is unsafe in a multithreaded parent (JAX).
+_LAUNCHER = """
+import os, resource, sys
+mem, cpu, fsize, nproc, script = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+if os.getuid() != 0:  # root ignores RLIMIT_NPROC
+    resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+os.execv(sys.executable, [sys.executable, "-I", "-B", script])
+"""
 
-    return apply
+
+def _command(limits: SandboxLimits, script: str) -> list[str]:
+    mb = 1024 * 1024
+    nproc = _user_process_count() + limits.max_processes
+    return [sys.executable, "-I", "-B", "-c", _LAUNCHER, str(limits.memory_mb * mb), str(limits.cpu_s),
+            str(limits.file_size_mb * mb), str(nproc), script]
 
 
 def run_python(code: str, limits: SandboxLimits | None = None, stdin: str = "") -> SandboxResult:
@@ -85,10 +91,9 @@ def run_python(code: str, limits: SandboxLimits | None = None, stdin: str = "") 
         env = {"PATH": "/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8",
                "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
         start = time.perf_counter()
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-B", script], cwd=work, env=env, stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
-            preexec_fn=_limiter(limits, _user_process_count() + limits.max_processes), close_fds=True)
+        proc = subprocess.Popen(  # own session: a timeout kills the process group, forks included
+            _command(limits, script), cwd=work, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, errors="replace", start_new_session=True, close_fds=True)
         timed_out = False
         try:
             out, err = proc.communicate(stdin, timeout=limits.timeout_s)

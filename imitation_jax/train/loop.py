@@ -157,6 +157,11 @@ def train(cfg: Config, restart: bool = False) -> dict[str, Any]:
                       config_dict)
 
         logger = MetricsLogger(run_dir, cfg.logging.tensorboard, cfg.logging.wandb_project, config=config_dict)
+        task_eval = None
+        if cfg.eval.tasks:  # lm-eval tasks on the live params, logged as task/<task>/<metric>
+            from imitation_jax.evaluation.in_training import TaskEval
+
+            task_eval = TaskEval(cfg, graphdef, data.tokenizer)
         stop = StopFlag().install()
         first_loss = last_loss = None
         preempted = False
@@ -184,6 +189,9 @@ def train(cfg: Config, restart: bool = False) -> dict[str, Any]:
                     logger.log(done, evaluate(eval_step, state["params"], eval_loader, eval_sh,
                                               cfg.eval.max_batches), prefix="eval_")
                     window_start, window_steps = time.perf_counter(), 0  # keep eval time out of tokens/s
+                if task_eval is not None and task_eval.due(done, total_steps):
+                    logger.log(done, task_eval.run(state["params"]), prefix="task/")
+                    window_start, window_steps = time.perf_counter(), 0
                 bar.update(1)
                 preempted, due = agree(stop.signal is not None, ckpt.due(done))
                 if due or preempted or done == total_steps:
