@@ -91,6 +91,8 @@ class EvalConfig:
 @dataclasses.dataclass
 class InitConfig:
     checkpoint: Optional[str] = None  # Orbax params checkpoint (a run dir, checkpoints/ or one step)
+    hf: Optional[str] = None  # or a Hugging Face LLaMA dir: its config.json sets the architecture and its
+    # safetensors are streamed into the sharded params (each process reads only its shards)
 
 
 @dataclasses.dataclass
@@ -180,6 +182,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config: set exactly one of train.steps and train.epochs")
     if t.grad_accum < 1 or t.batch_size % t.grad_accum:
         raise ConfigError(f"config: train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+    if cfg.init.checkpoint and cfg.init.hf:
+        raise ConfigError("config: set at most one of init.checkpoint and init.hf")
     if cfg.optim.schedule not in ("cosine", "linear", "constant"):
         raise ConfigError(f"config: optim.schedule={cfg.optim.schedule!r} is not one of cosine, linear, constant")
     try:

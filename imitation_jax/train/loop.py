@@ -29,12 +29,16 @@ from imitation_jax.train.state import (abstract_params, init_opt_state, init_par
 from imitation_jax.train.step import accum_batch_sharding, make_eval_step, make_train_step
 
 
-def resolve_model_config(model: ModelConfig, vocab_size: int) -> ModelConfig:
-    """vocab_size 0 takes the tokenizer's; a tokenizer larger than the model's vocab is an error."""
-    if model.vocab_size == 0:
+def resolve_model_config(model: ModelConfig, vocab_size: int, hf_dir: str | None = None) -> ModelConfig:
+    """`hf_dir` (init.hf) sets the architecture; vocab_size 0 takes the tokenizer's, and a tokenizer
+    larger than the model's vocab (special tokens added by prepare) grows it: the extra
+    embedding/lm_head rows of loaded params are initialised by convert.vocab.new_rows."""
+    if hf_dir:
+        from imitation_jax.convert.init_params import with_hf_architecture
+
+        model = with_hf_architecture(model, hf_dir)
+    if model.vocab_size == 0 or vocab_size > model.vocab_size:
         return dataclasses.replace(model, vocab_size=vocab_size)
-    if vocab_size > model.vocab_size:
-        raise ConfigError(f"config: the tokenizer has {vocab_size} tokens but model.vocab_size={model.vocab_size}")
     return model
 
 
@@ -72,7 +76,7 @@ def train(cfg: Config, restart: bool = False) -> dict[str, Any]:
     data = load_training_data(cfg.data, jax.process_index(), jax.process_count(),
                               progress=cfg.logging.progress)
     cfg.data = data.config  # template, seq_len and packing as prepared
-    cfg.model = resolve_model_config(cfg.model, data.vocab_size)  # includes special tokens prepare added
+    cfg.model = resolve_model_config(cfg.model, data.vocab_size, cfg.init.hf)  # incl. tokens prepare added
     train_rows, eval_rows = data.train, data.eval
 
     try:
@@ -133,9 +137,11 @@ def train(cfg: Config, restart: bool = False) -> dict[str, Any]:
             _say(f"resuming from step {start_step} ({ckpt.directory}/{start_step})")
         else:
             start_step = 0
-            if cfg.init.checkpoint:
-                params = checkpoint.restore_params(cfg.init.checkpoint, abstract["params"])
-                _say(f"init: params from {cfg.init.checkpoint}")
+            if cfg.init.checkpoint or cfg.init.hf:
+                from imitation_jax.convert.init_params import initial_params
+
+                params = initial_params(cfg.init, cfg.model, mesh, abstract["params"], t.seed)
+                _say(f"init: params from {cfg.init.checkpoint or cfg.init.hf}")
             else:
                 params = init_params(cfg.model, mesh, t.seed)
             state = {"params": params, "opt_state": init_opt_state(optimizer, params, mesh),
