@@ -1,0 +1,41 @@
+"""A new run's starting parameters from `init.checkpoint` (Orbax) or `init.hf` (HF dir, streamed
+into this mesh's shards), grown to the run's vocabulary when prepare added special tokens."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from imitation_jax.model.config import ModelConfig
+
+
+def initial_params(init: Any, model: ModelConfig, mesh, abstract: Any, seed: int) -> dict:
+    from imitation_jax import checkpoint
+    from imitation_jax.convert.vocab import grow_params
+    from imitation_jax.train.state import abstract_params
+
+    if init.hf:
+        from imitation_jax.convert.hf_import import load_hf_params, read_hf_config
+
+        return load_hf_params(init.hf, model, mesh, hf_vocab=read_hf_config(init.hf).vocab_size, seed=seed)
+    item = checkpoint.resolve_params_path(init.checkpoint)
+    saved = checkpoint.saved_param_shapes(item)
+    rows = tuple(saved["embed"].shape)[0] if "embed" in saved else model.vocab_size
+    if rows >= model.vocab_size:
+        return checkpoint.restore_params(item, abstract)
+    small = dataclasses.replace(model, vocab_size=rows)
+    params = checkpoint.restore_params(item, abstract_params(small, mesh))
+    return grow_params(params, model, rows, seed)
+
+
+# ModelConfig fields that init.hf's config.json decides (the rest say how to compute).
+ARCH_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+               "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling",
+               "tie_word_embeddings", "initializer_range")
+
+
+def with_hf_architecture(model: ModelConfig, hf_dir: str) -> ModelConfig:
+    from imitation_jax.convert.hf_config import model_config_from_dir
+
+    hf = model_config_from_dir(hf_dir)
+    return dataclasses.replace(model, **{f: getattr(hf, f) for f in ARCH_FIELDS})
