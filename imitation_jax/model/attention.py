@@ -43,6 +43,18 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, 
     return jax.nn.dot_product_attention(q, k, v, mask=segment_mask(segment_ids), implementation=impl)
 
 
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Decoding: q (B, T, H, D) over cached keys/values (B, S, KV, D) with a boolean mask
+    (B, 1, T, S); fp32 scores and softmax. T is small (one step, or a prompt), so no blocking."""
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * d ** -0.5
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+
+
 QUERY_BLOCK = 128  # einsum attention: rows of queries per block (keys after a block are skipped)
 
 

@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from imitation_jax.model.attention import attention
+from imitation_jax.model.attention import attention, cached_attention
 from imitation_jax.model.config import ModelConfig
+from imitation_jax.model.kv_cache import KVCache, LayerCache
 from imitation_jax.model.layers import MLP, RMSNorm, apply_rope, param, rope_inv_freq, rope_tables
 from imitation_jax.sharding import constrain
 
@@ -33,7 +34,9 @@ class Attention(nnx.Module):
         self.dtype = cfg.compute_dtype
         self.impl = cfg.attention
 
-    def __call__(self, x, cos, sin, segment_ids):
+    def __call__(self, x, cos, sin, segment_ids, cache: LayerCache | None = None):
+        """Returns (output, cache). With a cache (decoding), this call's keys and values are written
+        into it and the queries attend over the whole cache under its mask instead."""
         dt = self.dtype
 
         def project(w):  # one (tokens, d) x (d, heads * head_dim) matmul: the backward pass of a
@@ -44,9 +47,13 @@ class Attention(nnx.Module):
         q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "act_heads", None))
         k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "act_kv_heads", None))
         v = constrain(v, ("batch", "seq", "act_kv_heads", None))
-        out = attention(q, k, v, segment_ids, self.impl)
+        if cache is None:
+            out = attention(q, k, v, segment_ids, self.impl)
+        else:
+            cache = cache.write(k, v)
+            out = cached_attention(q, cache.k, cache.v, cache.mask)
         wo = self.o[...].astype(dt)
-        return (out.reshape(-1, wo.shape[0] * wo.shape[1]) @ wo.reshape(-1, wo.shape[2])).reshape(x.shape)
+        return (out.reshape(-1, wo.shape[0] * wo.shape[1]) @ wo.reshape(-1, wo.shape[2])).reshape(x.shape), cache
 
 
 class Block(nnx.Module):
@@ -56,10 +63,11 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg, rngs)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, cos, sin, segment_ids):
-        x = x + self.attn(self.attn_norm(x), cos, sin, segment_ids)
+    def __call__(self, x, cos, sin, segment_ids, cache: LayerCache | None = None):
+        h, cache = self.attn(self.attn_norm(x), cos, sin, segment_ids, cache)
+        x = x + h
         x = x + self.mlp(self.mlp_norm(x))
-        return constrain(x, ("batch", "seq", "act_embed"))
+        return constrain(x, ("batch", "seq", "act_embed")), cache
 
 
 class Llama(nnx.Module):
@@ -86,11 +94,19 @@ class Llama(nnx.Module):
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None) -> jax.Array:
         """tokens, positions, segment_ids: (batch, seq) int; returns (batch, seq, hidden)."""
-        cfg = self.cfg
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
+        return self._run(tokens, positions, segment_ids, None)[0]
+
+    def decode(self, tokens: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Run new tokens (batch, new) at `positions` against the keys and values in `cache`, which
+        are extended by theirs (written at cache.index); returns (hidden, updated cache)."""
+        return self._run(tokens, positions, None, cache)
+
+    def _run(self, tokens, positions, segment_ids, cache: KVCache | None):
+        cfg = self.cfg
         # Gather from a replicated table: a row lookup from a table sharded on both axes makes
         # the partitioner replicate it anyway, with a warning and a worse schedule.
         table = constrain(self.embed[...], (None, None))
@@ -99,19 +115,26 @@ class Llama(nnx.Module):
         # A trace-time constant, not a state variable (so checkpoints hold parameters only).
         cos, sin = rope_tables(positions, rope_inv_freq(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling))
 
-        def run_block(block: Block, x):
-            return block(x, cos, sin, segment_ids)
+        mask = None if cache is None else cache.mask(tokens.shape[1])
+
+        def run_block(block: Block, x, kv):
+            layer_cache = None if kv is None else LayerCache(*kv, cache.index, mask)
+            x, layer_cache = block(x, cos, sin, segment_ids, layer_cache)
+            return x, (None if layer_cache is None else (layer_cache.k, layer_cache.v))
 
         if cfg.remat != "none":
             run_block = nnx.remat(run_block, policy=_REMAT[cfg.remat], prevent_cse=False)
 
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, unroll=min(cfg.scan_unroll, cfg.num_layers),
+        # The cache's per-layer keys and values are scanned alongside the layers.
+        @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0), unroll=min(cfg.scan_unroll, cfg.num_layers),
                   transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def scan_layers(x, block):
-            return run_block(block, x)
+        def scan_layers(x, block, kv):
+            return run_block(block, x, kv)
 
-        x = scan_layers(x, self.layers)
-        return self.norm(x)
+        x, kv = scan_layers(x, self.layers, None if cache is None else (cache.k, cache.v))
+        if cache is not None:
+            cache = cache._replace(k=kv[0], v=kv[1], index=cache.index + tokens.shape[1])
+        return self.norm(x), cache
 
     def output_kernel(self) -> jax.Array:
         """(hidden, vocab) output projection, the transposed embedding when tied."""
