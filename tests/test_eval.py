@@ -106,15 +106,27 @@ def test_shipped_suite_is_offline_and_its_scorers_are_right():
     assert utils.nq_exact_match(doc, ["Michelangelo"])["exact_match"] == 0.0
 
 
-def test_task_scores_during_training_and_eval_cli(small_overrides, tmp_path, capsys):
-    from imitation_jax.cli import main
+@pytest.fixture(scope="module")
+def trained_run(demo_dir, tmp_path_factory):
+    """A 4-step run of the small model that evaluated two suite tasks at steps 2 and 4."""
     from imitation_jax.config import load_config
     from imitation_jax.train.loop import train
 
-    cfg = load_config("configs/tiny.yaml", small_overrides + [
-        "train.steps=4", "checkpoint.every_steps=2", "eval.tasks=[mini_mmlu,mini_perplexity]",
+    run_dir = tmp_path_factory.mktemp("eval") / "run"
+    cfg = load_config("configs/tiny.yaml", SMALL_MODEL + [
+        f"run_dir={run_dir}", f"data.train_files=[{demo_dir}/train.jsonl]",
+        f"data.eval_files=[{demo_dir}/eval.jsonl]", f"data.tokenizer={demo_dir}/tokenizer.model",
+        "data.seq_len=128", "train.batch_size=8", "eval.max_batches=2",
+        "train.steps=4", "train.log_every=1", "train.peak_flops=1e12", "optim.warmup_steps=2",
+        "logging.progress=false", "checkpoint.every_steps=2", "eval.tasks=[mini_mmlu,mini_perplexity]",
         "eval.tasks_every_steps=2", "eval.tasks_limit=3"])
-    summary = train(cfg)
+    return train(cfg)
+
+
+def test_task_scores_during_training_and_eval_cli(trained_run, tmp_path, capsys):
+    from imitation_jax.cli import main
+
+    summary = trained_run
     records = [json.loads(line) for line in open(os.path.join(summary["run_dir"], "metrics.jsonl"))]
     task_steps = {r["step"]: r for r in records if "task/mini_mmlu/acc" in r}
     assert sorted(task_steps) == [2, 4]
@@ -136,3 +148,29 @@ def test_task_scores_during_training_and_eval_cli(small_overrides, tmp_path, cap
     assert "export-hf" in capsys.readouterr().err
     assert main(["eval", summary["run_dir"], "--tasks", "no_such_task", "--out", str(out)]) == 2
     assert "unknown task" in capsys.readouterr().err
+
+
+def test_ours_equals_lm_eval_hf_backend_on_an_exported_model(trained_run, tmp_path):
+    """Per-request log-likelihoods (1e-4), is_greedy and accuracy: multiple choice and perplexity."""
+    from imitation_jax.convert.hf_export import export_hf
+    from imitation_jax.evaluation import runner
+
+    hf_dir = str(tmp_path / "hf")
+    export_hf(trained_run["run_dir"], hf_dir, dtype="float32")
+    tasks = ["mini_mmlu", "mini_perplexity"]
+    ours = runner.run_eval(runner.make_lm(hf_dir, "ours", batch_size=8), tasks, limit=6, log_samples=True)
+    hf = runner.run_eval(runner.make_lm(hf_dir, "hf", batch_size=8), tasks, limit=6, log_samples=True)
+    for task in tasks:
+        a, b = ours["samples"][task], hf["samples"][task]
+        assert [s["doc_id"] for s in a] == [s["doc_id"] for s in b] and len(a) == 6
+        for sa, sb in zip(a, b):
+            assert sa["arguments"] == sb["arguments"]
+            for ra, rb in zip(sa["resps"], sb["resps"]):
+                va, vb = ra[0], rb[0]
+                if isinstance(va, (list, tuple)):  # (logp, is_greedy)
+                    assert va[0] == pytest.approx(vb[0], abs=1e-4) and va[1] == vb[1]
+                else:
+                    assert va == pytest.approx(vb, abs=1e-4)
+    assert ours["results"]["mini_mmlu"]["acc,none"] == hf["results"]["mini_mmlu"]["acc,none"]
+    assert ours["results"]["mini_perplexity"]["word_perplexity,none"] == pytest.approx(
+        hf["results"]["mini_perplexity"]["word_perplexity,none"], rel=1e-4)

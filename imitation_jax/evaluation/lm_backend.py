@@ -116,12 +116,14 @@ class ImitationJaxLM(TemplateLM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Each document scored on its own, in disjoint windows of max_length tokens that each see
-        as much preceding context as fits (lm-eval's windowing, all windows batched together)."""
+        as much preceding context as fits (lm-eval's windowing, all windows batched together).
+        As lm-eval's HF backend on a LLaMA tokenizer, the document is encoded with its BOS and
+        conditioned on the prefix token, so the numbers are comparable with that backend's."""
         windows, owner = [], []
         for i, req in enumerate(requests):
             (string,) = req.args
             for ctx, cont in map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
-                    token_list=self.tok_encode(string, add_special_tokens=False),
+                    token_list=self.tok_encode(string),
                     prefix_token=self.prefix_token_id, max_seq_len=self.max_length, context_len=1)):
                 windows.append((None, ctx, cont))
                 owner.append(i)

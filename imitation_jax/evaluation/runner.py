@@ -60,8 +60,12 @@ def make_lm(model: Any, backend: str = "ours", batch_size: int = 16, dtype: str 
                               f"export one first: imitation-jax export-hf {model} --out HF_DIR")
     from lm_eval.models.huggingface import HFLM
 
-    return HFLM(pretrained=model, backend="causal", batch_size=batch_size, device="cpu" if not _cuda() else None,
-                dtype=dtype or "float32", trust_remote_code=False)
+    # Exported tokenizers do not add BOS themselves (our templates place it); lm-eval's LLaMA
+    # convention, which our backend follows, starts every encoded text with it.
+    with open(os.path.join(model, "config.json")) as f:
+        has_bos = json.load(f).get("bos_token_id") is not None
+    return HFLM(pretrained=model, backend="causal", batch_size=batch_size, device="cuda" if _cuda() else "cpu",
+                dtype=dtype or "float32", trust_remote_code=False, add_bos_token=has_bos or None)
 
 
 def _cuda() -> bool:
