@@ -1,0 +1,232 @@
+"""HF import/export against transformers' LlamaForCausalLM (torch, CPU) on tiny random models of
+every supported config style."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from imitation_jax.cli import main as cli  # noqa: E402
+from imitation_jax.loading import load_model  # noqa: E402
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+STYLES = {
+    "llama1-mha": dict(num_key_value_heads=4, rms_norm_eps=1e-6, rope_parameters={"rope_type": "default",
+                                                                                   "rope_theta": 10000.0}),
+    "llama2-gqa": dict(num_key_value_heads=2, rms_norm_eps=1e-5, rope_parameters={"rope_type": "default",
+                                                                                   "rope_theta": 10000.0}),
+    "llama3.1": dict(num_key_value_heads=2, rms_norm_eps=1e-5, rope_parameters={**LLAMA3_ROPE,
+                                                                                 "rope_theta": 500000.0}),
+    "tied": dict(num_key_value_heads=1, tie_word_embeddings=True, rope_parameters={"rope_type": "default",
+                                                                                    "rope_theta": 10000.0}),
+}
+VOCAB = 600  # the bpe_tokenizer fixture's
+
+
+def save(model, directory, tokenizer, **kwargs) -> None:
+    """save_pretrained plus the tokenizer files (an HF model dir as published)."""
+    import shutil
+
+    model.save_pretrained(directory, **kwargs)
+    for name in os.listdir(tokenizer.path):
+        shutil.copy(os.path.join(tokenizer.path, name), os.path.join(directory, name))
+
+
+def hf_model(style: str, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=4, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                      **{"tie_word_embeddings": False, **STYLES[style]})
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # norms away from 1 so a swapped norm would show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def our_logits(loaded, tokens: np.ndarray) -> np.ndarray:
+    import jax.numpy as jnp
+
+    model = loaded.model()
+    return np.asarray(model.logits(model(jnp.asarray(tokens))))
+
+
+def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor(tokens)).logits.float().numpy()
+
+
+TOKENS = np.random.default_rng(0).integers(0, VOCAB, (2, 48))
+
+
+@pytest.mark.parametrize("style", list(STYLES))
+def test_import_export_round_trip(style, tmp_path, bpe_tokenizer):
+    model = hf_model(style)
+    src = tmp_path / "hf"
+    save(model, src, bpe_tokenizer, max_shard_size="200KB")  # sharded, with an index
+    assert os.path.isfile(src / "model.safetensors.index.json")
+    ref = hf_logits(model, TOKENS)
+
+    # HF dir straight into load_model, and through import-hf's checkpoint dir.
+    direct = load_model(str(src))
+    assert cli(["import-hf", str(src), "--out", str(tmp_path / "ckpt")]) == 0
+    imported = load_model(str(tmp_path / "ckpt"))
+    for loaded in (direct, imported):
+        diff = float(np.abs(our_logits(loaded, TOKENS) - ref).max())
+        print(f"{style}: import max abs diff vs transformers {diff:.2e}")
+        assert diff <= 1e-4
+    assert imported.config.rope_theta == model.config.rope_parameters["rope_theta"]
+    assert imported.config.tie_word_embeddings == model.config.tie_word_embeddings
+
+    # Export (fp32): transformers loads it with no missing/unexpected keys and matches ours.
+    out = tmp_path / "out"
+    assert cli(["export-hf", str(tmp_path / "ckpt"), "--out", str(out), "--dtype", "float32",
+                "--max-shard-size", "200KB"]) == 0
+    assert len([f for f in os.listdir(out) if f.endswith(".safetensors")]) > 1
+    back, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    diff = float(np.abs(hf_logits(back.eval(), TOKENS) - our_logits(imported, TOKENS)).max())
+    print(f"{style}: export max abs diff vs ours {diff:.2e}")
+    assert diff <= 1e-4
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_key_value_heads"] == model.config.num_key_value_heads
+    assert config["rope_theta"] == model.config.rope_parameters["rope_theta"]
+
+    # HF -> ours -> HF is bit-identical tensor by tensor.
+    ours_sd, ref_sd = back.state_dict(), model.state_dict()
+    for name, tensor in ref_sd.items():
+        assert torch.equal(ours_sd[name], tensor), name
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_inputs_round_trip_bitwise(dtype, tmp_path, bpe_tokenizer):
+    model = hf_model("llama2-gqa").to(getattr(torch, dtype))
+    save(model, tmp_path / "hf", bpe_tokenizer)
+    assert cli(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt"), "--dtype", dtype]) == 0
+    assert cli(["export-hf", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"), "--dtype", dtype]) == 0
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=getattr(torch, dtype))
+    for name, tensor in model.state_dict().items():
+        assert back.state_dict()[name].dtype == tensor.dtype
+        assert torch.equal(back.state_dict()[name], tensor), name
+
+
+def test_sharded_streaming_load_equals_single_device(tmp_path, bpe_tokenizer):
+    """init.hf's path: each device shard read as HF slices gives the same arrays as one device."""
+    import jax
+    from jax.sharding import Mesh
+
+    from imitation_jax.convert.hf_import import load_hf_params, read_hf_config
+    from imitation_jax.sharding import AxisType
+
+    if jax.device_count() < 4:
+        pytest.skip("needs simulated devices")
+    model = hf_model("llama2-gqa")
+    save(model, tmp_path / "hf", bpe_tokenizer)
+    cfg = read_hf_config(str(tmp_path / "hf"))
+    mesh = Mesh(np.array(jax.devices()[:4]).reshape(1, 2, 2), ("data", "fsdp", "tensor"),
+                axis_types=(AxisType.Auto,) * 3)
+    sharded = load_hf_params(str(tmp_path / "hf"), cfg, mesh)
+    single = load_model(str(tmp_path / "hf")).params
+    assert sharded["layers"]["attn"]["q"].sharding.spec != jax.sharding.PartitionSpec()
+    for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _cli_error(capsys, argv) -> str:
+    capsys.readouterr()
+    assert cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_errors_are_one_line(tmp_path, capsys, bpe_tokenizer):
+    model = hf_model("llama2-gqa")
+    # Legacy .bin: refused by default, read with --allow-pickle.
+    save(model, tmp_path / "bin", bpe_tokenizer)
+    os.remove(tmp_path / "bin" / "model.safetensors")
+    torch.save(model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    assert "pickled code" in _cli_error(capsys, ["import-hf", str(tmp_path / "bin"), "--out", str(tmp_path / "x")])
+    assert cli(["import-hf", str(tmp_path / "bin"), "--out", str(tmp_path / "x"), "--allow-pickle"]) == 0
+    model.save_pretrained(tmp_path / "ok")
+    # Mistral with a sliding window.
+    mistral = tmp_path / "mistral"
+    mistral.mkdir()
+    cfg = json.loads((tmp_path / "ok" / "config.json").read_text())
+    (mistral / "config.json").write_text(json.dumps({**cfg, "architectures": ["MistralForCausalLM"],
+                                                      "model_type": "mistral", "sliding_window": 4096}))
+    err = _cli_error(capsys, ["import-hf", str(mistral), "--out", str(tmp_path / "y")])
+    assert "MistralForCausalLM" in err and "sliding_window" in err
+    # Missing tensor, wrong shape, unexpected tensor.
+    from safetensors.numpy import load_file, save_file
+
+    weights = load_file(tmp_path / "ok" / "model.safetensors")
+    for case, change, words in [
+        ("missing", lambda w: w.pop("model.layers.1.mlp.up_proj.weight"), "model.layers.1.mlp.up_proj.weight"),
+        ("shape", lambda w: w.update({"model.norm.weight": np.ones(65, np.float32)}), "model.norm.weight"),
+        ("extra", lambda w: w.update({"model.layers.2.mlp.up_proj.weight": np.ones(2, np.float32)}), "unexpected"),
+    ]:
+        d = tmp_path / case
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(cfg))
+        w = dict(weights)
+        change(w)
+        save_file(w, str(d / "model.safetensors"))
+        assert words in _cli_error(capsys, ["import-hf", str(d), "--out", str(tmp_path / "z")])
+
+
+def test_student_export_matches_our_greedy_continuation(demo_dir, small_overrides, tmp_path):
+    """A trained student (koala + turn tokens added by prepare) exported: transformers' greedy
+    continuation equals ours, AutoTokenizer has the added tokens, and the chat_template renders
+    our template's prompt."""
+    import jax.numpy as jnp
+
+    from imitation_jax.config import load_config
+    from imitation_jax.data.templates import encode_prompt, render_text
+    from imitation_jax.train.loop import train
+
+    cfg = load_config("configs/tiny.yaml", small_overrides + ["data.turn_tokens=true", "train.steps=3",
+                                                             "logging.tensorboard=false"])
+    run = train(cfg)["run_dir"]
+    out = tmp_path / "student"
+    assert cli(["export-hf", run, "--out", str(out), "--dtype", "float32"]) == 0
+    loaded = load_model(run)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert len(tok) == loaded.tokenizer.vocab_size
+    for token, i in loaded.tokenizer.added_tokens.items():
+        assert tok.convert_tokens_to_ids(token) == i
+
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    from imitation_jax.data.formats import Message
+
+    msgs = [Message(**m) for m in messages]
+    rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered == render_text(msgs, loaded.template, bos=tok.bos_token, eos=tok.eos_token,
+                                   generation_marker=True)
+    prompt = encode_prompt(loaded.tokenizer, msgs, loaded.template)
+
+    model = loaded.model()
+    ids = list(prompt)
+    for _ in range(8):
+        logits = model.logits(model(jnp.asarray([ids])))
+        ids.append(int(jnp.argmax(logits[0, -1])))
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        hf_ids = hf.generate(torch.tensor([prompt.tolist()]), max_new_tokens=8, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)[0].tolist()
+    assert hf_ids == ids
+    # load_model reads the export back with the same template and the same logits.
+    again = load_model(str(out))
+    assert getattr(again.template, "name", None) == loaded.template.name
+    np.testing.assert_allclose(our_logits(again, np.asarray([ids])), our_logits(loaded, np.asarray([ids])),
+                               atol=1e-5)
