@@ -230,3 +230,27 @@ def test_student_export_matches_our_greedy_continuation(demo_dir, small_override
     assert getattr(again.template, "name", None) == loaded.template.name
     np.testing.assert_allclose(our_logits(again, np.asarray([ids])), our_logits(loaded, np.asarray([ids])),
                                atol=1e-5)
+
+
+def test_train_from_init_hf_grows_vocab_for_turn_tokens(demo_dir, small_overrides, tmp_path):
+    """init.hf takes the architecture and weights from the HF dir; the turn tokens prepare adds
+    grow the vocab: old rows are the checkpoint's, new rows are small random ones."""
+    from imitation_jax.config import load_config
+    from imitation_jax.train.loop import train
+
+    torch.manual_seed(1)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+    base.save_pretrained(tmp_path / "base")
+    overrides = [o for o in small_overrides if not o.startswith("model.")]
+    cfg = load_config("configs/tiny.yaml", overrides + [f"init.hf={tmp_path / 'base'}", "data.turn_tokens=true",
+                                                        "train.steps=1", "optim.lr=0", "logging.tensorboard=false"])
+    summary = train(cfg)
+    params = summary["params"]
+    assert cfg.model.intermediate_size == 128 and cfg.model.vocab_size == 514
+    embed = np.asarray(params["embed"])
+    np.testing.assert_array_equal(embed[:512], base.model.embed_tokens.weight.detach().numpy())
+    new = embed[512:]
+    assert new.shape == (2, 64) and 0 < np.abs(new).max() < 0.2  # normal(0, initializer_range)
+    head = np.asarray(params["lm_head"])
+    np.testing.assert_array_equal(head[:, :512], base.lm_head.weight.detach().numpy().T)

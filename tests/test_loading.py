@@ -1,0 +1,45 @@
+"""load_model on a run dir, an import-hf checkpoint dir and an HF dir of the same student."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from imitation_jax.checkpoint import CheckpointError
+from imitation_jax.cli import main as cli
+from imitation_jax.loading import load_model
+
+
+def logits(loaded, tokens):
+    import jax.numpy as jnp
+
+    model = loaded.model()
+    return np.asarray(model.logits(model(jnp.asarray(tokens))))
+
+
+def test_run_ckpt_and_hf_dirs_load_the_same_model(small_overrides, tmp_path):
+    from imitation_jax.config import load_config
+    from imitation_jax.train.loop import train
+
+    run = train(load_config("configs/tiny.yaml", small_overrides + ["train.steps=2", "logging.tensorboard=false"]))
+    run_dir = run["run_dir"]
+    hf, ckpt = tmp_path / "hf", tmp_path / "ckpt"
+    assert cli(["export-hf", run_dir, "--out", str(hf), "--dtype", "float32"]) == 0
+    assert cli(["import-hf", str(hf), "--out", str(ckpt)]) == 0
+
+    loaded = [load_model(run_dir), load_model(str(ckpt)), load_model(str(hf))]
+    tokens = np.random.default_rng(0).integers(0, loaded[0].config.vocab_size, (2, 24))
+    ref = logits(loaded[0], tokens)
+    for other in loaded[1:]:
+        assert other.config.vocab_size == loaded[0].config.vocab_size
+        assert other.tokenizer.vocab_size == loaded[0].tokenizer.vocab_size
+        assert other.template.name == loaded[0].template.name
+        np.testing.assert_array_equal(logits(other, tokens), ref)
+    assert "step 2" in loaded[0].source
+
+    half = load_model(run_dir, dtype="bfloat16")
+    assert str(half.params["embed"].dtype) == "bfloat16" and half.config.param_dtype == "bfloat16"
+    with pytest.raises(CheckpointError, match="no checkpoint for step 7"):
+        load_model(run_dir, step=7)
+    with pytest.raises(CheckpointError, match="neither a run dir"):
+        load_model(str(tmp_path))
