@@ -1,5 +1,6 @@
 # make install: .venv with the package and its dev extra (re-run only when setup.py changes)
-# make demo:    generate demo data, prepare it (printing the data summary), train the tiny student on the CPU
+# make demo:    generate demo data, prepare it (printing the data summary), train the tiny student on the CPU,
+#               evaluate it on the shipped offline task suite and plot its curves
 # make test:    the test suite (CPU only, simulated devices where a mesh is needed)
 
 PYTHON ?= python3
@@ -25,6 +26,8 @@ demo: install
 	  --tokenizer $(DEMO_DATA)/tokenizer.model --template koala --seq-len 512 --out $(DEMO_DATA)/prepared
 	rm -rf $(DEMO_RUN)  # the demo starts fresh each time
 	$(VENV)/bin/imitation-jax train configs/tiny.yaml run_dir=$(DEMO_RUN) data.path=$(DEMO_DATA)/prepared
+	$(VENV)/bin/imitation-jax eval $(DEMO_RUN) --tasks mini_suite --limit 4 --out $(DEMO_RUN)/eval/final.json
+	$(VENV)/bin/imitation-jax plot $(DEMO_RUN) --out $(DEMO_RUN)/plots
 
 test: install
 	$(PY) -m pytest -q -n 2 tests
