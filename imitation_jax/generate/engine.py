@@ -179,6 +179,8 @@ class Generator:
                 pending = chunk
             take(np.asarray(pending))
         for r, c in enumerate(out):
+            if trackers[r].finish() and c.finish_reason == "length":
+                c.finish_reason = "stop"  # the completed last character finished a stop string
             c.text = trackers[r].text
             if on_text is not None:
                 delta = trackers[r].pop_delta(final=True)

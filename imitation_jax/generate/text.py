@@ -31,9 +31,16 @@ class TextTracker:
         if self.stopped:
             return True
         self.ids.append(token)
+        return self._advance(final=False)
+
+    def finish(self) -> bool:
+        """The reply is complete: text still waiting for the rest of a character is taken as it is."""
+        return self.stopped or self._advance(final=True)
+
+    def _advance(self, final: bool) -> bool:
         before = self.tokenizer.decode(self.ids[self._prefix:self._read])
         after = self.tokenizer.decode(self.ids[self._prefix:])
-        if len(after) <= len(before) or after.endswith(_INCOMPLETE):
+        if len(after) <= len(before) or (after.endswith(_INCOMPLETE) and not final):
             return False
         start = max(0, len(self.text) - max((len(s) for s in self.stop), default=0) + 1)
         self.text += after[len(before):]

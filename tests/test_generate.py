@@ -1,0 +1,341 @@
+"""Generation: the KV cache against recomputing the whole forward pass, the sampler against its
+definition, stop ids and strings, shape buckets (no recompilation), the CLI, sharded == unsharded.
+
+A tiny random model (hidden 64, 2 layers, GQA) with a larger-than-usual init, so its logits are
+far from uniform and greedy choices are not near-ties.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from imitation_jax.data.templates import encode_prompt, get_template
+from imitation_jax.generate import Generator, PromptTooLong, SamplingParams
+from imitation_jax.generate.sampling import filter_logits, sample
+from imitation_jax.generate.text import TextTracker
+from imitation_jax.loading import LoadedModel, _one_device_mesh
+from imitation_jax.model import ModelConfig
+from imitation_jax.model.kv_cache import KVCache
+from imitation_jax.train.state import init_params, model_graph
+
+TINY = dict(hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4, num_kv_heads=2,
+            max_position_embeddings=128, initializer_range=0.1)
+
+
+def tiny_loaded(tokenizer, seed: int = 0, mesh=None) -> LoadedModel:
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, **TINY)
+    params = init_params(cfg, mesh if mesh is not None else _one_device_mesh(), seed)
+    return LoadedModel(cfg, model_graph(cfg)[0], params, tokenizer, get_template("koala"), "tiny")
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_tokenizer) -> LoadedModel:
+    return tiny_loaded(tiny_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def gen(loaded) -> Generator:
+    return Generator(loaded, max_batch=4)
+
+
+def prompts_of(lengths, seed=0, vocab=512) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [[1] + rng.integers(4, vocab, n - 1).tolist() for n in lengths]
+
+
+_FORWARDS: dict = {}
+
+
+def _forward(loaded):
+    from flax import nnx
+
+    if id(loaded) not in _FORWARDS:
+        _FORWARDS[id(loaded)] = jax.jit(lambda params, tokens: (
+            lambda model: model.logits(model(tokens)))(nnx.merge(loaded.graphdef, params)))
+    return _FORWARDS[id(loaded)]
+
+
+def full_logits(loaded, seq: list[int], width: int = 64) -> np.ndarray:
+    """Logits (len(seq), V) of the plain forward pass over `seq` from position 0, no cache. The
+    sequence is right-padded to `width` (causal attention: the padding never reaches it) so that
+    one compilation serves every length."""
+    tokens = np.zeros((1, width), np.int32)
+    tokens[0, :len(seq)] = seq
+    return np.asarray(_forward(loaded)(loaded.params, tokens))[0, :len(seq)]
+
+
+def greedy_by_recompute(loaded, prompt: list[int], n: int, stop=()) -> list[int]:
+    """The reference: the whole sequence through the model again for every new token."""
+    seq = list(prompt)
+    for _ in range(n):
+        token = int(np.argmax(full_logits(loaded, seq)[-1]))
+        if token in stop:
+            break
+        seq.append(token)
+    return seq[len(prompt):]
+
+
+# ------------------------------------------------------------------------------------ KV cache
+
+
+def test_decode_logits_match_full_forward_with_left_padding(loaded):
+    """Llama.decode over a prefill then single steps gives the logits of the full forward pass,
+    for a left-padded row and an unpadded one in the same batch."""
+    from flax import nnx
+
+    @jax.jit
+    def decode(params, tokens, positions, cache):
+        model = nnx.merge(loaded.graphdef, params)
+        hidden, cache = model.decode(tokens, positions, cache)
+        return model.logits(hidden[:, -1]), cache
+
+    seqs = prompts_of([9, 13], seed=1)
+    extra = prompts_of([4, 4], seed=2)
+    width = 13
+    tokens = np.zeros((2, width), np.int32)
+    start = np.asarray([width - 9, 0], np.int32)
+    tokens[0, start[0]:], tokens[1] = seqs[0], seqs[1]
+    positions = np.maximum(np.arange(width)[None] - start[:, None], 0)
+    logits, cache = decode(loaded.params, tokens, positions, KVCache.create(loaded.config, jnp.asarray(start), 24))
+    got = [logits]
+    for step in range(4):
+        new = np.asarray([[extra[0][step]], [extra[1][step]]], np.int32)
+        logits, cache = decode(loaded.params, new, (cache.index - cache.start)[:, None], cache)
+        got.append(logits)
+    for row in range(2):
+        want = full_logits(loaded, seqs[row] + extra[row][:4])
+        for step, g in enumerate(got):
+            np.testing.assert_allclose(g[row], want[len(seqs[row]) - 1 + step], rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_generation_equals_recompute_across_buckets_and_batches(loaded, gen):
+    """Prompts of 3..33 tokens (buckets 16, 32, 64), more prompts than max_batch."""
+    prompts = prompts_of([3, 20, 7, 33, 12], seed=3)
+    out = gen.generate(prompts, SamplingParams(max_new_tokens=10))
+    for p, c in zip(prompts, out):
+        want = greedy_by_recompute(loaded, p, 10, stop=gen.stop_ids)
+        assert c.tokens == want
+        assert c.prompt_tokens == len(p)
+        assert c.finish_reason == ("length" if len(want) == 10 else "stop")
+        assert c.text == loaded.tokenizer.decode(c.tokens)
+
+
+def test_no_recompile_for_new_prompt_length_in_bucket(gen):
+    params = SamplingParams(max_new_tokens=5)
+    gen.generate(prompts_of([5]), params)
+    before = dict(gen.traces)
+    gen.generate(prompts_of([9], seed=4), params)
+    gen.generate(prompts_of([14], seed=5), params)
+    assert gen.traces == before
+    gen.generate(prompts_of([20], seed=6), params)  # the next bucket: one new prefill
+    assert gen.traces["prefill"] == before["prefill"] + 1
+
+
+def test_context_limit(gen):
+    near = prompts_of([gen.max_len - 3])
+    [c] = gen.generate(near, SamplingParams(max_new_tokens=10))
+    assert len(c.tokens) <= 3 and (len(c.tokens) == 3) == (c.finish_reason == "length")
+    with pytest.raises(PromptTooLong):
+        gen.generate(prompts_of([gen.max_len]), SamplingParams(max_new_tokens=1))
+
+
+# ------------------------------------------------------------------------------------ sampling
+
+
+def test_filter_logits_top_k_top_p_on_hand_made_distribution():
+    probs = np.asarray([0.05, 0.5, 0.1, 0.2, 0.15], np.float32)
+    logits = jnp.asarray(np.log(probs))[None]
+
+    def kept(top_k=0, top_p=1.0, temperature=1.0):
+        out = filter_logits(logits, jnp.asarray([temperature]), jnp.asarray([top_k]), jnp.asarray([top_p]))
+        return set(np.flatnonzero(np.isfinite(np.asarray(out[0]))).tolist())
+
+    assert kept() == {0, 1, 2, 3, 4}
+    assert kept(top_k=2) == {1, 3}
+    assert kept(top_p=0.5) == {1}  # 0.5 already reaches 0.5
+    assert kept(top_p=0.6) == {1, 3}  # 0.5 < 0.6 <= 0.7
+    assert kept(top_p=0.86) == {1, 3, 4, 2}  # 0.85 < 0.86
+    assert kept(top_k=3, top_p=0.9) == {1, 3, 4}  # nucleus of the renormalised top 3: 0.59 + 0.24 < 0.9
+    assert kept(top_k=3, top_p=0.7) == {1, 3}  # 0.588 < 0.7 <= 0.588 + 0.235
+    scaled = filter_logits(logits, jnp.asarray([2.0]), jnp.asarray([0]), jnp.asarray([1.0]))
+    np.testing.assert_allclose(scaled[0], np.log(probs) / 2, rtol=1e-6)
+
+
+def test_sample_frequencies_follow_the_renormalised_nucleus():
+    probs = np.asarray([0.05, 0.5, 0.1, 0.2, 0.15], np.float32)
+    rows = 4000
+    logits = jnp.broadcast_to(jnp.asarray(np.log(probs)), (rows, 5))
+    draws = np.asarray(sample(logits, jnp.uint32(0), jnp.ones(rows), jnp.zeros(rows, jnp.int32),
+                              jnp.full(rows, 0.8), jnp.arange(rows, dtype=jnp.uint32)))
+    freq = np.bincount(draws, minlength=5) / rows
+    want = np.asarray([0, 0.5, 0, 0.2, 0.15]) / 0.85  # nucleus {1, 3, 4}
+    np.testing.assert_allclose(freq, want, atol=0.03)
+    hot = np.asarray(sample(logits, jnp.uint32(0), jnp.full(rows, 1.0), jnp.zeros(rows, jnp.int32),
+                            jnp.ones(rows), jnp.arange(rows, dtype=jnp.uint32)))
+    np.testing.assert_allclose(np.bincount(hot, minlength=5) / rows, probs, atol=0.03)
+
+
+def test_top_k_1_equals_greedy_and_requests_do_not_depend_on_their_batch(gen):
+    prompts = prompts_of([6, 11, 4], seed=7)
+    greedy = gen.generate(prompts, SamplingParams(max_new_tokens=8))
+    top1 = gen.generate(prompts, SamplingParams(max_new_tokens=8, temperature=1.5, top_k=1, seed=3))
+    assert [c.tokens for c in top1] == [c.tokens for c in greedy]
+    hot = [SamplingParams(max_new_tokens=8, temperature=1.0, seed=s) for s in (1, 2, 3)]
+    mixed = gen.generate(prompts, [SamplingParams(max_new_tokens=8), hot[1], hot[2]])
+    alone = gen.generate([prompts[1]], hot[1])
+    assert mixed[1].tokens == alone[0].tokens  # same seed, same tokens, whatever the batch
+    assert mixed[0].tokens == greedy[0].tokens  # a greedy row next to sampled rows stays greedy
+    again = gen.generate(prompts, hot)
+    assert [c.tokens for c in again][1:] == [c.tokens for c in mixed][1:]
+
+
+# ------------------------------------------------------------------------------------ stops
+
+
+class CharTokenizer:
+    """One character per id (id = code point); enough for TextTracker."""
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+
+def test_text_tracker_stop_string_across_tokens_and_held_back_text():
+    t = TextTracker(CharTokenizer(), stop=["END", "##"])
+    shown = ""
+    for ch in "abc EN":
+        assert not t.add(ord(ch))
+        shown += t.pop_delta()
+    assert shown == "abc "  # "EN" might be the start of "END"
+    assert t.add(ord("D"))
+    assert t.text == "abc " and t.pop_delta(final=True) == ""
+    t = TextTracker(CharTokenizer(), stop=["END"])
+    for ch in "xENy":
+        t.add(ord(ch))
+    assert t.pop_delta() == "xENy" and not t.stopped
+
+
+def test_stop_string_ends_generation_and_is_trimmed(loaded, gen):
+    prompt = prompts_of([8], seed=8)
+    [full] = gen.generate(prompt, SamplingParams(max_new_tokens=24))
+    text = full.text
+    assert len(text) > 6
+    stop = text[3:6]
+    streamed_text, streamed_ids = [], []
+    [c] = gen.generate(prompt, SamplingParams(max_new_tokens=24, stop=[stop]),
+                       on_token=lambda i, t: streamed_ids.append(t), on_text=lambda i, d: streamed_text.append(d))
+    assert c.finish_reason == "stop"
+    assert c.text == text[:text.find(stop)]
+    assert "".join(streamed_text) == c.text
+    assert streamed_ids == c.tokens == full.tokens[:len(c.tokens)]
+    assert len(c.tokens) < len(full.tokens)
+
+
+def test_stop_id_ends_generation(loaded, gen):
+    prompt = prompts_of([10], seed=9)
+    [full] = gen.generate(prompt, SamplingParams(max_new_tokens=12))
+    third = full.tokens[2]
+    stopper = Generator(loaded, max_batch=1)
+    stopper.stop_ids = frozenset(gen.stop_ids | {third})
+    [c] = stopper.generate(prompt, SamplingParams(max_new_tokens=12))
+    assert c.finish_reason == "stop"
+    assert c.tokens == full.tokens[:full.tokens.index(third)]
+
+
+def test_chat_renders_with_the_template(loaded, gen):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello there"}]
+    [c] = gen.chat([messages], SamplingParams(max_new_tokens=4))
+    ids = encode_prompt(loaded.tokenizer, gen_messages(messages), loaded.template).tolist()
+    [want] = gen.generate([ids], SamplingParams(max_new_tokens=4))
+    assert c.prompt_tokens == len(ids) and c.tokens == want.tokens
+
+
+def gen_messages(messages):
+    from imitation_jax.data.formats import Message
+
+    return [Message(m["role"], m["content"]) for m in messages]
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_generate_writes_answers_jsonl(tmp_path, loaded, gen):
+    from imitation_jax.checkpoint import save_params
+    from imitation_jax.cli import main
+    from imitation_jax.convert import params_dir
+
+    model_dir = tmp_path / "model"
+    save_params(str(model_dir / params_dir.PARAMS_DIR), loaded.params)
+    params_dir.write_meta(str(model_dir), loaded.config, {"name": "koala", "turn_tokens": False}, "test")
+    loaded.tokenizer.save(str(model_dir / params_dir.TOKENIZER_DIR))
+    prompts = tmp_path / "prompts.jsonl"
+    records = [{"id": "a", "prompt": "hello there"},
+               {"id": "b", "messages": [{"role": "user", "content": "what is up"}]}]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "out" / "answers.jsonl"
+    assert main(["generate", str(model_dir), "--prompts", str(prompts), "--chat", "--system", "Be brief.",
+                 "--out", str(out), "--max-new-tokens", "6"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["a", "b"]
+    want = gen.chat([[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello there"}],
+                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "what is up"}]],
+                    SamplingParams(max_new_tokens=6))
+    for r, w in zip(rows, want):
+        assert r["messages"][0] == {"role": "system", "content": "Be brief."}
+        assert r["messages"][-1] == {"role": "assistant", "content": w.text}
+        assert r["completion"] == w.text and r["finish_reason"] == w.finish_reason
+        assert r["prompt_tokens"] == w.prompt_tokens and r["completion_tokens"] == len(w.tokens)
+    # A raw-text prompt (no --chat): BOS + the text, continued.
+    assert main(["generate", str(model_dir), "--prompt", "hello", "--out", str(out), "--max-new-tokens", "5"]) == 0
+    [row] = [json.loads(line) for line in out.read_text().splitlines()]
+    tok = loaded.tokenizer
+    [w] = gen.generate([[tok.bos_id] + tok.encode("hello")], SamplingParams(max_new_tokens=5))
+    assert row["completion"] == w.text and row["prompt"] == "hello"
+    # User mistakes: exit 2, one line.
+    assert main(["generate", str(model_dir), "--prompt", "x", "--out", str(out), "--top-p", "0"]) == 2
+    assert main(["generate", str(tmp_path / "nope"), "--prompt", "x", "--out", str(out)]) == 2
+
+
+# ------------------------------------------------------------------------------------ sharding
+
+
+SHARDED_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax
+    from imitation_jax.data.tokenizer import load_tokenizer
+    from imitation_jax.generate import Generator, SamplingParams
+    from imitation_jax.sharding import MeshConfig, make_mesh
+    sys.path.insert(0, sys.argv[2])
+    from test_generate import prompts_of, tiny_loaded
+
+    tok = load_tokenizer(sys.argv[1])
+    assert len(jax.devices()) == 8
+    prompts = prompts_of([5, 17, 9, 30], seed=11)
+    params = [SamplingParams(max_new_tokens=8), SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=5)] * 2
+    out = {}
+    for name, mesh in [("one", None), ("fsdp2_tensor4", make_mesh(MeshConfig(data=1, fsdp=2, tensor=4))),
+                       ("data2_fsdp2_tensor2", make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)))]:
+        loaded = tiny_loaded(tok, mesh=mesh)
+        out[name] = [c.tokens for c in Generator(loaded, max_batch=4).generate(prompts, params)]
+        if mesh is not None:
+            assert len(loaded.params["embed"].sharding.device_set) == 8
+    print(json.dumps(out))
+""")
+
+
+def test_sharded_generation_equals_unsharded(tiny_tokenizer):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, tiny_tokenizer.path, os.path.dirname(__file__)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["fsdp2_tensor4"] == out["one"]
+    assert out["data2_fsdp2_tensor2"] == out["one"]
