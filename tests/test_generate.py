@@ -339,3 +339,21 @@ def test_sharded_generation_equals_unsharded(tiny_tokenizer):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["fsdp2_tensor4"] == out["one"]
     assert out["data2_fsdp2_tensor2"] == out["one"]
+
+
+def test_chat_repl_keeps_history_streams_and_resets(gen):
+    import io
+
+    from imitation_jax.commands.chat import repl
+
+    p = SamplingParams(max_new_tokens=5)
+    inputs = iter(["hello there", "and then?", "/reset", "hi", "/exit"])
+    shown = io.StringIO()
+    history = repl(gen, p, "Be brief.", read=lambda _: next(inputs), out=shown)
+    system = {"role": "system", "content": "Be brief."}
+    first = gen.chat([[system, {"role": "user", "content": "hello there"}]], p)[0].text
+    second = gen.chat([[system, {"role": "user", "content": "hello there"}, {"role": "assistant", "content": first},
+                        {"role": "user", "content": "and then?"}]], p)[0].text
+    third = gen.chat([[system, {"role": "user", "content": "hi"}]], p)[0].text
+    assert history == [system, {"role": "user", "content": "hi"}, {"role": "assistant", "content": third}]
+    assert shown.getvalue() == f"model> {first}\nmodel> {second}\n(history cleared)\nmodel> {third}\n"
