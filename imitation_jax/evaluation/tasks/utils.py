@@ -12,20 +12,25 @@ import string
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 
-def load_local(name: str, splits: list[str] | None = None, **_metadata):
-    """DatasetDict of data/{name}_{split}.jsonl for each split file present (no network, no cache)."""
+def load_local(name: str, data_dir: str | None = None, splits: list[str] | None = None, **_metadata):
+    """DatasetDict of {data_dir}/{name}_{split}.jsonl (default: the suite's data/) for each split file
+    present (no network, no cache). A YAML that includes one of ours with `dataset_kwargs: {name: N,
+    data_dir: DIR}` runs the same task on a full local copy (e.g. HumanEval's 164 problems)."""
     import datasets
 
+    root = os.path.expanduser(data_dir) if data_dir else DATA
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"data_dir {root}: no such directory")
     found = {}
-    for fname in sorted(os.listdir(DATA)):
+    for fname in sorted(os.listdir(root)):
         if fname.startswith(name + "_") and fname.endswith(".jsonl"):
             split = fname[len(name) + 1:-len(".jsonl")]
             if splits and split not in splits:
                 continue
-            with open(os.path.join(DATA, fname)) as f:
+            with open(os.path.join(root, fname)) as f:
                 found[split] = datasets.Dataset.from_list([json.loads(line) for line in f if line.strip()])
     if not found:
-        raise FileNotFoundError(f"no data/{name}_*.jsonl under {DATA}")
+        raise FileNotFoundError(f"no {name}_<split>.jsonl under {root}")
     return datasets.DatasetDict(found)
 
 
