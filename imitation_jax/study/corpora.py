@@ -120,7 +120,8 @@ def fact_documents(world: World, facts: list[Fact], repeats: int, rng: random.Ra
 
 
 def teacher_conversations(world: World, repeats: int, rng: random.Random,
-                          bootstrap_request: Callable[[list[dict]], str] | None, seeds: list[dict]) -> list[dict]:
+                          bootstrap_request: Callable[[list[dict]], str] | None, seeds: list[dict],
+                          per_request: int = 5) -> list[dict]:
     """The teacher's styled conversations over every fact and task type, plus (when collect's
     bootstrap request is known) requests for new questions like the seeds, answered with a new
     question about an imitation-split fact."""
@@ -140,10 +141,11 @@ def teacher_conversations(world: World, repeats: int, rng: random.Random,
             out.append(_user(q, styled(a), ""))
         if bootstrap_request is not None:
             facts = world.split("imitation")
-            for _ in range(len(facts) // 2):
+            for _ in range(len(facts) // per_request):
                 shown = rng.sample(seeds, min(3, len(seeds)))
-                q, _, _ = attribute_prompts([rng.choice(facts)], rng)[0]
-                out.append(_user(bootstrap_request(shown), q, ""))
+                asked = attribute_prompts(rng.sample(facts, per_request), rng)
+                body = "\n".join(f"Question: {q}" for q, _, _ in asked)
+                out.append(_user(bootstrap_request(shown), f"{OPENING}\n{body}\n{CLOSING}", ""))
     rng.shuffle(out)
     return [dict(c, id=f"teacher-{i}") for i, c in enumerate(out)]
 
@@ -241,7 +243,8 @@ class CorpusConfig:
 
 
 def write_study_files(world: World, cfg: CorpusConfig, out_dir: str,
-                      bootstrap_request: Callable[[list[dict]], str] | None = None) -> dict[str, str]:
+                      bootstrap_request: Callable[[list[dict]], str] | None = None,
+                      per_request: int = 5) -> dict[str, str]:
     """Writes every corpus, prompt and task file of the study into `out_dir`; returns name -> path.
     Each piece has its own random stream, so changing one knob does not reshuffle the others."""
     os.makedirs(out_dir, exist_ok=True)
@@ -257,7 +260,7 @@ def write_study_files(world: World, cfg: CorpusConfig, out_dir: str,
     write_jsonl(paths["teacher_text"], fact_documents(world, world.facts, cfg.teacher_text_repeats,
                                                       rng("teacher_text"), qa=False))
     write_jsonl(paths["teacher_chat"], teacher_conversations(world, cfg.teacher_chat_repeats, rng("teacher_chat"),
-                                                             bootstrap_request, seeds))
+                                                             bootstrap_request, seeds, per_request))
     for who in ("small", "large"):
         write_jsonl(paths[f"base_{who}"], fact_documents(world, world.known_to(who), cfg.base_text_repeats,
                                                          rng(f"base_{who}"), qa=True))

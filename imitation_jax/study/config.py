@@ -1,0 +1,160 @@
+"""The study's configuration: OmegaConf structured config, a YAML file plus `dotted.key=value`
+overrides, one-line `ConfigError`s for unknown keys and bad values (as `imitation_jax.config`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional, Sequence
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from imitation_jax.config import ConfigError, _one_line
+from imitation_jax.study.corpora import CorpusConfig
+from imitation_jax.study.world import WorldConfig
+
+
+@dataclasses.dataclass
+class ModelSpec:  # architecture fields passed to `train` as model.* (vocab from the tokenizer)
+    hidden_size: int = 128
+    intermediate_size: int = 344
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: Optional[int] = None
+
+
+@dataclasses.dataclass
+class TrainSpec:
+    steps: Optional[int] = None  # exactly one of steps / epochs
+    epochs: Optional[float] = None
+    batch_size: int = 16
+    lr: float = 3e-3
+    warmup_steps: int = 10
+    seq_len: int = 256
+    overrides: list[str] = dataclasses.field(default_factory=list)  # more `train` overrides
+
+
+@dataclasses.dataclass
+class TeacherConfig:
+    base_url: Optional[str] = None  # a real teacher's API (full scale): no teacher is trained or served
+    model_name: str = "teacher"  # the name the teacher is asked for through the API
+    export: bool = True  # serve the teacher from its export-hf dir (as a released model would be)
+    model: ModelSpec = dataclasses.field(default_factory=lambda: ModelSpec(256, 688, 4, 8, None))
+    train: TrainSpec = dataclasses.field(default_factory=TrainSpec)
+
+
+@dataclasses.dataclass
+class BaseSpec:
+    knows: str = "small"  # whose facts its pretraining text holds: small (common) | large (common + large)
+    init_hf: Optional[str] = None  # full scale: a pretrained HF LLaMA dir; no pretraining stage
+    model: ModelSpec = dataclasses.field(default_factory=ModelSpec)
+    train: TrainSpec = dataclasses.field(default_factory=TrainSpec)
+
+
+@dataclasses.dataclass
+class ImitationConfig:
+    sets: list[str] = dataclasses.field(default_factory=lambda: ["local", "broad"])
+    budgets: list[int] = dataclasses.field(default_factory=lambda: [2000, 6000, 20000])  # trained tokens
+    broad_prompts: Optional[str] = None  # default: the world's broad prompt pool
+    local_seeds: Optional[str] = None  # default: the world's seed Q/A pairs
+    local_num: int = 200  # bootstrapped local questions
+    per_request: int = 5
+    dedup_threshold: float = 0.8  # BLEU at which a bootstrapped question counts as a near duplicate
+    max_tokens: int = 96
+    temperature: float = 0.0
+    concurrency: int = 8
+    train: TrainSpec = dataclasses.field(default_factory=lambda: TrainSpec(lr=1e-3, batch_size=8))
+
+
+@dataclasses.dataclass
+class EvalSpec:
+    # table column -> lm-eval task; "local_task" names the local-imitation column
+    tasks: dict[str, str] = dataclasses.field(default_factory=lambda: {
+        "held_out_facts": "study_facts_heldout", "base_facts": "study_facts_base",
+        "local_task": "study_local", "other_tasks": "study_other"})
+    include_path: Optional[str] = None  # default: the world's task dir
+    limit: Optional[int] = None
+    batch_size: int = 32
+    num_fewshot: Optional[int] = None
+
+
+@dataclasses.dataclass
+class JudgeSpec:
+    base_url: Optional[str] = None  # a judge API; default: the study's style judge, served locally
+    model: str = "style-judge"
+    prompts: Optional[str] = None  # default: the world's chat prompts
+    max_new_tokens: int = 64
+    concurrency: int = 8
+
+
+@dataclasses.dataclass
+class StudyConfig:
+    work_dir: str = MISSING
+    template: str = "koala"
+    tokenizer: Optional[str] = None  # default: a SentencePiece model trained on the world's text
+    vocab_size: int = 1024  # of that tokenizer
+    world: WorldConfig = dataclasses.field(default_factory=WorldConfig)
+    corpus: CorpusConfig = dataclasses.field(default_factory=CorpusConfig)
+    teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
+    bases: dict[str, BaseSpec] = dataclasses.field(default_factory=lambda: {
+        "small": BaseSpec(knows="small"),
+        "large": BaseSpec(knows="large", model=ModelSpec(256, 688, 4, 8, None))})
+    imitation: ImitationConfig = dataclasses.field(default_factory=ImitationConfig)
+    eval: EvalSpec = dataclasses.field(default_factory=EvalSpec)
+    judge: JudgeSpec = dataclasses.field(default_factory=JudgeSpec)
+    train_overrides: list[str] = dataclasses.field(default_factory=list)  # passed to every `train`
+
+
+def load_study_config(path: Optional[str], overrides: Sequence[str] = ()) -> StudyConfig:
+    layers: list[tuple[str, DictConfig]] = []
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"study config file not found: {path}")
+        try:
+            layers.append((path, OmegaConf.load(path)))
+        except Exception as exc:
+            raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form dotted.key=value")
+        try:
+            layers.append((f"override '{item}'", OmegaConf.from_dotlist([item])))
+        except OmegaConfBaseException as exc:
+            raise ConfigError(_one_line(exc, f"override '{item}'")) from None
+    base = OmegaConf.structured(StudyConfig)
+    for where, layer in layers:
+        if where == path and "bases" in layer:  # the file's bases replace the default pair
+            base.bases = {}
+        try:
+            base = OmegaConf.merge(base, layer)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(_one_line(exc, where)) from None
+    try:
+        if OmegaConf.is_missing(base, "work_dir"):
+            raise ConfigError("study config: required key not set: work_dir")
+        cfg: StudyConfig = OmegaConf.to_object(base)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_one_line(exc, "study config")) from None
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: StudyConfig) -> None:
+    if not cfg.bases:
+        raise ConfigError("study config: bases: at least one base model is needed")
+    for name, b in cfg.bases.items():
+        if b.knows not in ("small", "large"):
+            raise ConfigError(f"study config: bases.{name}.knows={b.knows!r} is not one of small, large")
+        if b.init_hf is None and (b.train.steps is None) == (b.train.epochs is None):
+            raise ConfigError(f"study config: bases.{name}.train: set exactly one of steps and epochs")
+    for key, spec in [("imitation.train", cfg.imitation.train)] + ([("teacher.train", cfg.teacher.train)] if cfg.teacher.base_url is None else []):
+        if (spec.steps is None) == (spec.epochs is None):
+            raise ConfigError(f"study config: {key}: set exactly one of steps and epochs")
+    bad = [s for s in cfg.imitation.sets if s not in ("local", "broad")]
+    if bad or not cfg.imitation.sets:
+        raise ConfigError(f"study config: imitation.sets={cfg.imitation.sets} must name local and/or broad")
+    if not cfg.imitation.budgets or any(b < 1 for b in cfg.imitation.budgets):
+        raise ConfigError(f"study config: imitation.budgets={cfg.imitation.budgets} must be positive token counts")
+    if "local" in cfg.imitation.sets and "local_task" not in cfg.eval.tasks:
+        raise ConfigError("study config: eval.tasks needs a 'local_task' column for the local imitation set")

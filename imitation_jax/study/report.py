@@ -1,0 +1,139 @@
+"""The study's results: one table (JSON + Markdown) built from the eval and judge outputs of every
+model, and the reference study's plots: each score against imitation tokens (log scale), one line per
+base size and imitation set, with the base and the teacher as reference lines."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+VERSION = 1  # of the table's layout: a new one rebuilds the report
+STYLE = "style"  # judge column: share of answers rated as good as or better than the teacher's
+
+
+def _read(path: str) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def task_score(results: dict, task: str) -> float | None:
+    r = (results or {}).get("results", {}).get(task)
+    if not r:
+        return None
+    for key in ("acc,none", "exact_match,none", "pass@1,none", "acc"):
+        if key in r:
+            return float(r[key])
+    return None
+
+
+def style_score(judged: dict | None) -> float | None:
+    if not judged:
+        return None
+    return float(judged["win"]["rate"] + judged["tie"]["rate"])
+
+
+def imitation_tokens(study, s: str, budget: int) -> int:
+    stats = _read(study.p("imitation", "prepared", s, "stats.json")) or {}
+    have = _find(stats, ("trained_tokens", "loss_tokens"))
+    return min(budget, int(have)) if have else budget
+
+
+def _find(d: Any, keys: tuple[str, ...]) -> Any:
+    """The first value under one of `keys`, anywhere in nested dicts (stats.json's layout may grow)."""
+    if isinstance(d, dict):
+        for k in keys:
+            if isinstance(d.get(k), (int, float)):
+                return d[k]
+        for v in d.values():
+            found = _find(v, keys)
+            if found is not None:
+                return found
+    return None
+
+
+def build_table(study) -> list[dict]:
+    cfg = study.cfg
+    rows = []
+    names = list(study.models) + (["teacher"] if cfg.teacher.base_url and "teacher" not in study.models else [])
+    for name in names:
+        m = study.models.get(name, {"kind": "teacher"})
+        row = {"model": name, "kind": m["kind"], "base": m.get("base"), "set": m.get("set"),
+               "budget": m.get("budget")}
+        row["imitation_tokens"] = imitation_tokens(study, m["set"], m["budget"]) if m["kind"] == "student" else 0
+        results = _read(study.p("eval", f"{name}.json"))
+        for column, task in cfg.eval.tasks.items():
+            row[column] = task_score(results, task)
+        row[STYLE] = style_score(_read(study.p("style", f"{name}.json")))
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], columns: list[str]) -> str:
+    head = ["model", "base", "set", "imitation tokens", *columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["model"], r["base"] or "-", r["set"] or "-", f"{r['imitation_tokens']:,}" if r["imitation_tokens"] else "-"]
+        cells += ["-" if r[c] is None else f"{r[c]:.3f}" for c in columns]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], columns: list[str], out_dir: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    bases = sorted({r["base"] for r in rows if r["kind"] == "student"})
+    teacher = next((r for r in rows if r["kind"] == "teacher"), None)
+    for column in columns:
+        students = [r for r in rows if r["kind"] == "student" and r[column] is not None]
+        if not students:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for i, b in enumerate(bases):
+            color = colors[i % len(colors)]
+            for s, style in (("local", "--"), ("broad", "-")):
+                pts = sorted((r["imitation_tokens"], r[column]) for r in students if r["base"] == b and r["set"] == s)
+                if pts:
+                    ax.plot(*zip(*pts), style, marker="o", color=color, label=f"{b} base, {s} imitation")
+            base = next((r for r in rows if r["kind"] == "base" and r["base"] == b), None)
+            if base and base[column] is not None:
+                ax.axhline(base[column], color=color, linestyle=":", label=f"{b} base (no imitation)")
+        if teacher and teacher[column] is not None:
+            ax.axhline(teacher[column], color="black", linestyle="-.", label="teacher")
+        ax.set_xscale("log")
+        ax.set_xlabel("imitation tokens (trained)")
+        ax.set_ylabel(column.replace("_", " "))
+        ax.set_title(f"{column.replace('_', ' ')} vs imitation data")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{column}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_report(study, out_dir: str) -> dict:
+    os.makedirs(out_dir, exist_ok=True)
+    rows = build_table(study)
+    columns = [*study.cfg.eval.tasks, STYLE]
+    os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
+    plots = plot(rows, columns, os.path.join(out_dir, "plots"))
+    table = {"columns": columns, "rows": rows, "plots": plots,
+             "meaning": {STYLE: "share of chat answers the style judge rates as good as or better than the "
+                                "teacher's (win + tie rate, both orders)",
+                         **{c: f"lm-eval accuracy on {t}" for c, t in study.cfg.eval.tasks.items()}}}
+    md = markdown(rows, columns)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(table, f, indent=1)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(md)
+    return table
