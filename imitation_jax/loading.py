@@ -65,6 +65,33 @@ def load_model(path: str, *, step: Optional[int] = None, dtype: Optional[str] = 
                           f"({params_dir.MODEL_FILE}) nor a Hugging Face dir (config.json)")
 
 
+@dataclasses.dataclass
+class SavedModel:
+    """What a run dir or import-hf dir holds, without reading its parameters."""
+
+    config: ModelConfig
+    tokenizer: Tokenizer
+    template: Any
+    params_item: str  # the Orbax params item dir
+    source: str
+
+
+def describe(path: str, *, step: Optional[int] = None) -> Optional[SavedModel]:
+    """A run dir or import-hf dir, described; None for an HF dir (or anything else)."""
+    from imitation_jax.convert import params_dir
+
+    path = os.path.abspath(path)
+    if os.path.isfile(os.path.join(path, "config.yaml")):
+        cfg, data = read_run_config(path)
+        tokenizer = run_tokenizer(path, data)
+        item, step = run_params_item(path, step)
+        return SavedModel(cfg, tokenizer, _run_template(data, tokenizer), item, f"{path} (step {step})")
+    if params_dir.is_params_dir(path):
+        cfg, tokenizer, template = params_dir.read(path)
+        return SavedModel(cfg, tokenizer, template, os.path.join(path, params_dir.PARAMS_DIR), path)
+    return None
+
+
 def _one_device_mesh():
     import jax
 
@@ -155,20 +182,20 @@ def run_tokenizer(run_dir: str, data: dict) -> Tokenizer:
     raise CheckpointError(f"{run_dir}: no tokenizer/ directory (written by training) to load")
 
 
-def _from_run_dir(run_dir: str, step: Optional[int], dtype: Optional[str], mesh) -> LoadedModel:
+def _run_template(data: dict, tokenizer: Tokenizer):
     from imitation_jax.data.templates import get_template
     from imitation_jax.data.training import DEFAULT_TEMPLATE
 
-    saved_cfg, data = read_run_config(run_dir)
-    tokenizer = run_tokenizer(run_dir, data)
-    if tokenizer.vocab_size > saved_cfg.vocab_size:
-        raise CheckpointError(f"{run_dir}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
-                              f"only {saved_cfg.vocab_size}")
-    template = get_template(data.get("template") or DEFAULT_TEMPLATE, tokenizer,
-                            turn_tokens=bool(data.get("turn_tokens")))
-    item, step = run_params_item(run_dir, step)
-    cfg, params = restore_into(item, saved_cfg, dtype, mesh)
-    return LoadedModel(cfg, _graphdef(cfg), params, tokenizer, template, f"{run_dir} (step {step})")
+    return get_template(data.get("template") or DEFAULT_TEMPLATE, tokenizer, turn_tokens=bool(data.get("turn_tokens")))
+
+
+def _from_run_dir(run_dir: str, step: Optional[int], dtype: Optional[str], mesh) -> LoadedModel:
+    saved = describe(run_dir, step=step)
+    if saved.tokenizer.vocab_size > saved.config.vocab_size:
+        raise CheckpointError(f"{run_dir}: the tokenizer has {saved.tokenizer.vocab_size} tokens but the model "
+                              f"only {saved.config.vocab_size}")
+    cfg, params = restore_into(saved.params_item, saved.config, dtype, mesh)
+    return LoadedModel(cfg, _graphdef(cfg), params, saved.tokenizer, saved.template, saved.source)
 
 
 # ------------------------------------------------------------------------------------ import-hf dirs

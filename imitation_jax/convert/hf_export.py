@@ -26,12 +26,14 @@ DTYPES = ("bfloat16", "float16", "float32")
 
 def export_hf(source: str, out: str, *, step: Optional[int] = None, dtype: str = "bfloat16",
               max_shard_size: str | int = "5GB") -> dict:
-    from imitation_jax.loading import load_model
+    from imitation_jax.loading import describe, load_model
 
     if dtype not in DTYPES:
         raise CheckpointError(f"--dtype {dtype}: not one of {', '.join(DTYPES)}")
     max_bytes = parse_size(max_shard_size)
-    loaded = load_model(source, step=step)
+    # Run dirs and import-hf dirs are read one parameter at a time; anything else (an HF dir)
+    # through load_model.
+    loaded = describe(source, step=step) or load_model(source, step=step)
     out = os.path.abspath(out)
     if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, "config.json")):
         raise CheckpointError(f"{out}: exists and is not an HF model dir; refusing to write into it")
@@ -40,7 +42,10 @@ def export_hf(source: str, out: str, *, step: Optional[int] = None, dtype: str =
         if name.endswith(".safetensors") or name == "model.safetensors.index.json":
             os.remove(os.path.join(out, name))
     tokenizer = loaded.tokenizer
-    files = write_weights(loaded.config, loaded.params, out, np.dtype(dtype) if dtype != "bfloat16"
+    params = getattr(loaded, "params", None)
+    if params is None:
+        params = LazyParams(loaded.params_item, loaded.config)
+    files = write_weights(loaded.config, params, out, np.dtype(dtype) if dtype != "bfloat16"
                           else _bf16(), max_bytes)
     hf_tok = save_tokenizer(tokenizer, loaded.template, out)
     config = hf_config_dict(loaded.config, dtype, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
@@ -57,19 +62,53 @@ def _bf16():
     return np.dtype(ml_dtypes.bfloat16)
 
 
-def hf_tensors(cfg, params: dict):
+class LazyParams:
+    """Parameters of an Orbax params item, restored one at a time as numpy (partial restore), the
+    last one kept: export walks layers of one parameter in a row."""
+
+    def __init__(self, item_dir: str, cfg):
+        self.item_dir, self.cfg = item_dir, cfg
+        self._path, self._value = None, None
+
+    def get(self, path: tuple[str, ...]) -> np.ndarray:
+        if path != self._path:
+            import orbax.checkpoint as ocp
+
+            from imitation_jax.checkpoint import saved_param_shapes
+
+            self._path = self._value = None
+            meta = saved_param_shapes(self.item_dir)["/".join(path)]
+            item, args = {}, {}
+            node_i, node_a = item, args
+            for key in path[:-1]:
+                node_i, node_a = node_i.setdefault(key, {}), node_a.setdefault(key, {})
+            node_i[path[-1]] = np.zeros((), meta.dtype)  # structure only; shape comes from disk
+            node_a[path[-1]] = ocp.RestoreArgs(restore_type=np.ndarray)
+            with ocp.PyTreeCheckpointer() as ckptr:
+                out = ckptr.restore(self.item_dir, args=ocp.args.PyTreeRestore(
+                    item=item, restore_args=args, partial_restore=True))
+            for key in path:
+                out = out[key]
+            self._path, self._value = path, out
+        return self._value
+
+
+def hf_tensors(cfg, params):
     """(HF name, numpy array in HF layout) in HF's order, one layer of one parameter at a time."""
     def get(path, layer=None):
-        node = params
-        for key in path:
-            node = node[key]
+        if isinstance(params, LazyParams):
+            node = params.get(path)
+        else:
+            node = params
+            for key in path:
+                node = node[key]
         return np.asarray(node[layer] if layer is not None else node)
 
     globals_ = {e.hf_name: e for e in hf_layout.iter_layout(cfg) if "{i}" not in e.hf_name}
     e = globals_["model.embed_tokens.weight"]
     yield e.hf_name, hf_layout.to_hf(e.kind, get(e.path), cfg)
-    for i in range(cfg.num_layers):
-        for e in hf_layout.LAYER_LAYOUT:
+    for e in hf_layout.LAYER_LAYOUT:  # parameter-major: one stacked parameter restored at a time
+        for i in range(cfg.num_layers):
             yield e.hf_name.format(i=i), hf_layout.to_hf(e.kind, get(e.path, i), cfg)
     for name in ("model.norm.weight", "lm_head.weight"):
         if name in globals_:

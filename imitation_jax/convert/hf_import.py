@@ -94,6 +94,16 @@ def load_hf_params(directory: str, cfg: ModelConfig, mesh, *, allow_pickle: bool
     """Our sharded parameter tree (pure dict of jax.Arrays on `mesh`) for the HF weights in
     `directory`. `cfg.vocab_size` may exceed the checkpoint's rows (`hf_vocab`, default
     config.json's): the extra embedding/lm_head rows are initialised by `vocab.new_rows`."""
+    out: dict = {}
+    for path, array in iter_hf_params(directory, cfg, mesh, allow_pickle=allow_pickle, hf_vocab=hf_vocab,
+                                      seed=seed):
+        _set(out, path, array)
+    return out
+
+
+def iter_hf_params(directory: str, cfg: ModelConfig, mesh, *, allow_pickle: bool = False,
+                   hf_vocab: Optional[int] = None, seed: int = 0):
+    """(our path, sharded jax.Array) one parameter at a time (checked against config.json first)."""
     import jax
 
     from imitation_jax.sharding import tree_shardings
@@ -106,12 +116,10 @@ def load_hf_params(directory: str, cfg: ModelConfig, mesh, *, allow_pickle: bool
     _, shapes, names = model_graph(cfg)
     shardings = tree_shardings(shapes, names, mesh)
     dtype = np.dtype(cfg.weight_dtype)
-    out: dict = {}
     for entry in hf_layout.iter_layout(cfg):
         shape = _get(shapes, entry.path).shape
         reader = _reader(files, entry, cfg, shape, dtype, hf_vocab, seed)
-        _set(out, entry.path, jax.make_array_from_callback(shape, _get(shardings, entry.path), reader))
-    return out
+        yield entry.path, jax.make_array_from_callback(shape, _get(shardings, entry.path), reader)
 
 
 def _reader(files: WeightFiles, entry, cfg: ModelConfig, shape, dtype, hf_vocab: int, seed: int):
@@ -166,9 +174,6 @@ def _set(tree, path, value):
 
 def import_hf(directory: str, out: str, *, dtype: str = "float32", allow_pickle: bool = False) -> dict:
     """`imitation-jax import-hf`: HF dir -> params checkpoint dir (layout in params_dir)."""
-    import jax
-
-    from imitation_jax.checkpoint import save_params
     from imitation_jax.convert import params_dir
     from imitation_jax.loading import _one_device_mesh
 
@@ -179,13 +184,10 @@ def import_hf(directory: str, out: str, *, dtype: str = "float32", allow_pickle:
     tokenizer = None
     if any(os.path.isfile(os.path.join(directory, f)) for f in ("tokenizer.json", "tokenizer.model")):
         tokenizer = hf_tokenizer(directory)
-    mesh = _one_device_mesh()
-    with jax.set_mesh(mesh):
-        params = load_hf_params(directory, cfg, mesh, allow_pickle=allow_pickle)
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
-    save_params(os.path.join(out, params_dir.PARAMS_DIR), params)
-    del params
+    save_streamed(os.path.join(out, params_dir.PARAMS_DIR),
+                  iter_hf_params(directory, cfg, _one_device_mesh(), allow_pickle=allow_pickle))
     template = None
     if tokenizer is not None:
         tokenizer.save(os.path.join(out, params_dir.TOKENIZER_DIR))
@@ -194,3 +196,23 @@ def import_hf(directory: str, out: str, *, dtype: str = "float32", allow_pickle:
             {"name": "hf", "turn_tokens": False} if getattr(tokenizer.hf, "chat_template", None) else None)
     params_dir.write_meta(out, cfg, template, directory)
     return {"out": out, "config": cfg, "tokenizer": tokenizer is not None}
+
+
+def save_streamed(item_dir: str, leaves) -> None:
+    """An Orbax params item written one parameter at a time (Orbax partial saves), so only one
+    parameter is in memory; readable by checkpoint.restore_params like any other."""
+    import shutil
+
+    from orbax.checkpoint.experimental.v1 import partial
+
+    staging = item_dir + ".partial"
+    for path in (item_dir, staging):
+        shutil.rmtree(path, ignore_errors=True)
+    for path, array in leaves:
+        tree: dict = {}
+        _set(tree, path, array)
+        partial.save(staging, tree)
+        del tree, array
+    partial.finalize(staging)
+    os.replace(os.path.join(staging, "state"), item_dir)  # the pytree itself, in the v0 layout
+    shutil.rmtree(staging)
