@@ -133,7 +133,13 @@ def _reader(files: WeightFiles, entry, cfg: ModelConfig, shape, dtype, hf_vocab:
     def read(index: tuple[slice, ...]) -> np.ndarray:
         if layered:
             layers = range(*index[0].indices(shape[0]))
-            return np.stack([piece(entry.hf_name.format(i=i), index[1:], shape[1:]) for i in layers])
+            out = None
+            for k, i in enumerate(layers):  # filled in place: one stacked copy, not two
+                layer = piece(entry.hf_name.format(i=i), index[1:], shape[1:])
+                if out is None:
+                    out = np.empty((len(layers), *layer.shape), dtype)
+                out[k] = layer
+            return out
         if vocab_axis is None or shape[vocab_axis] == hf_vocab:
             return piece(entry.hf_name, index, shape)
         # Vocab grown past the checkpoint: rows < hf_vocab come from it, the rest are new.
