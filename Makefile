@@ -28,6 +28,8 @@ demo: install
 	$(VENV)/bin/imitation-jax train configs/tiny.yaml run_dir=$(DEMO_RUN) data.path=$(DEMO_DATA)/prepared
 	$(VENV)/bin/imitation-jax eval $(DEMO_RUN) --tasks mini_suite --limit 4 --out $(DEMO_RUN)/eval/final.json
 	$(VENV)/bin/imitation-jax plot $(DEMO_RUN) --out $(DEMO_RUN)/plots
+	$(VENV)/bin/imitation-jax export-hf $(DEMO_RUN) --out $(DEMO_RUN)/hf --dtype float32
+	$(PY) tools/hf_greedy.py $(DEMO_RUN)/hf --run $(DEMO_RUN)  # transformers loads it back: same greedy reply
 
 test: install
 	$(PY) -m pytest -q -n 2 tests
