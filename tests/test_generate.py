@@ -118,14 +118,14 @@ def test_decode_logits_match_full_forward_with_left_padding(loaded):
 
 
 def test_greedy_generation_equals_recompute_across_buckets_and_batches(loaded, gen):
-    """Prompts of 3..33 tokens (buckets 16, 32, 64), more prompts than max_batch."""
-    prompts = prompts_of([3, 20, 7, 33, 12], seed=3)
-    out = gen.generate(prompts, SamplingParams(max_new_tokens=10))
+    """Prompts of 3..30 tokens, padded to 32, more prompts than max_batch (4 + 1)."""
+    prompts = prompts_of([3, 20, 7, 30, 12], seed=3)
+    out = gen.generate(prompts, SamplingParams(max_new_tokens=9))
     for p, c in zip(prompts, out):
-        want = greedy_by_recompute(loaded, p, 10, stop=gen.stop_ids)
+        want = greedy_by_recompute(loaded, p, 9, stop=gen.stop_ids)
         assert c.tokens == want
         assert c.prompt_tokens == len(p)
-        assert c.finish_reason == ("length" if len(want) == 10 else "stop")
+        assert c.finish_reason == ("length" if len(want) == 9 else "stop")
         assert c.text == loaded.tokenizer.decode(c.tokens)
 
 
@@ -134,10 +134,10 @@ def test_no_recompile_for_new_prompt_length_in_bucket(gen):
     gen.generate(prompts_of([5]), params)
     before = dict(gen.traces)
     gen.generate(prompts_of([9], seed=4), params)
-    gen.generate(prompts_of([14], seed=5), params)
+    gen.generate(prompts_of([14], seed=5), SamplingParams(max_new_tokens=9, temperature=0.5, top_k=3))
     assert gen.traces == before
-    gen.generate(prompts_of([20], seed=6), params)  # the next bucket: one new prefill
-    assert gen.traces["prefill"] == before["prefill"] + 1
+    gen.generate(prompts_of([40], seed=6), params)  # the 64 bucket (no other test uses it): a new prefill
+    assert gen.traces["prefill"] > before["prefill"]
 
 
 def test_context_limit(gen):
@@ -225,12 +225,12 @@ def test_text_tracker_stop_string_across_tokens_and_held_back_text():
 
 def test_stop_string_ends_generation_and_is_trimmed(loaded, gen):
     prompt = prompts_of([8], seed=8)
-    [full] = gen.generate(prompt, SamplingParams(max_new_tokens=24))
+    [full] = gen.generate(prompt, SamplingParams(max_new_tokens=16))
     text = full.text
     assert len(text) > 6
     stop = text[3:6]
     streamed_text, streamed_ids = [], []
-    [c] = gen.generate(prompt, SamplingParams(max_new_tokens=24, stop=[stop]),
+    [c] = gen.generate(prompt, SamplingParams(max_new_tokens=16, stop=[stop]),
                        on_token=lambda i, t: streamed_ids.append(t), on_text=lambda i, d: streamed_text.append(d))
     assert c.finish_reason == "stop"
     assert c.text == text[:text.find(stop)]
@@ -241,11 +241,14 @@ def test_stop_string_ends_generation_and_is_trimmed(loaded, gen):
 
 def test_stop_id_ends_generation(loaded, gen):
     prompt = prompts_of([10], seed=9)
-    [full] = gen.generate(prompt, SamplingParams(max_new_tokens=12))
+    [full] = gen.generate(prompt, SamplingParams(max_new_tokens=8))
     third = full.tokens[2]
-    stopper = Generator(loaded, max_batch=1)
-    stopper.stop_ids = frozenset(gen.stop_ids | {third})
-    [c] = stopper.generate(prompt, SamplingParams(max_new_tokens=12))
+    stop_ids = gen.stop_ids
+    gen.stop_ids = frozenset(stop_ids | {third})
+    try:
+        [c] = gen.generate(prompt, SamplingParams(max_new_tokens=8))
+    finally:
+        gen.stop_ids = stop_ids
     assert c.finish_reason == "stop"
     assert c.tokens == full.tokens[:full.tokens.index(third)]
 
@@ -268,6 +271,8 @@ def gen_messages(messages):
 
 
 def test_cli_generate_writes_answers_jsonl(tmp_path, loaded, gen):
+    """A params dir (as import-hf writes it) through `imitation-jax generate`: a plain prompt is
+    continued as raw text after BOS, a messages record is rendered with the template."""
     from imitation_jax.checkpoint import save_params
     from imitation_jax.cli import main
     from imitation_jax.convert import params_dir
@@ -281,24 +286,21 @@ def test_cli_generate_writes_answers_jsonl(tmp_path, loaded, gen):
                {"id": "b", "messages": [{"role": "user", "content": "what is up"}]}]
     prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
     out = tmp_path / "out" / "answers.jsonl"
-    assert main(["generate", str(model_dir), "--prompts", str(prompts), "--chat", "--system", "Be brief.",
+    assert main(["generate", str(model_dir), "--prompts", str(prompts), "--system", "Be brief.",
                  "--out", str(out), "--max-new-tokens", "6"]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["a", "b"]
-    want = gen.chat([[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello there"}],
-                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "what is up"}]],
-                    SamplingParams(max_new_tokens=6))
-    for r, w in zip(rows, want):
-        assert r["messages"][0] == {"role": "system", "content": "Be brief."}
-        assert r["messages"][-1] == {"role": "assistant", "content": w.text}
+    tok = loaded.tokenizer
+    system = {"role": "system", "content": "Be brief."}
+    p = SamplingParams(max_new_tokens=6)
+    [raw] = gen.generate([[tok.bos_id] + tok.encode("hello there")], p)
+    [chat] = gen.chat([[system, {"role": "user", "content": "what is up"}]], p)
+    assert rows[0]["prompt"] == "hello there"
+    assert rows[0]["messages"] == [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": raw.text}]
+    assert rows[1]["messages"] == [system, records[1]["messages"][0], {"role": "assistant", "content": chat.text}]
+    for r, w in zip(rows, [raw, chat]):
         assert r["completion"] == w.text and r["finish_reason"] == w.finish_reason
         assert r["prompt_tokens"] == w.prompt_tokens and r["completion_tokens"] == len(w.tokens)
-    # A raw-text prompt (no --chat): BOS + the text, continued.
-    assert main(["generate", str(model_dir), "--prompt", "hello", "--out", str(out), "--max-new-tokens", "5"]) == 0
-    [row] = [json.loads(line) for line in out.read_text().splitlines()]
-    tok = loaded.tokenizer
-    [w] = gen.generate([[tok.bos_id] + tok.encode("hello")], SamplingParams(max_new_tokens=5))
-    assert row["completion"] == w.text and row["prompt"] == "hello"
     # User mistakes: exit 2, one line.
     assert main(["generate", str(model_dir), "--prompt", "x", "--out", str(out), "--top-p", "0"]) == 2
     assert main(["generate", str(tmp_path / "nope"), "--prompt", "x", "--out", str(out)]) == 2
@@ -321,8 +323,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
     prompts = prompts_of([5, 17, 9, 30], seed=11)
     params = [SamplingParams(max_new_tokens=8), SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=5)] * 2
     out = {}
-    for name, mesh in [("one", None), ("fsdp2_tensor4", make_mesh(MeshConfig(data=1, fsdp=2, tensor=4))),
-                       ("data2_fsdp2_tensor2", make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)))]:
+    for name, mesh in [("one", None), ("sharded", make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)))]:
         loaded = tiny_loaded(tok, mesh=mesh)
         out[name] = [c.tokens for c in Generator(loaded, max_batch=4).generate(prompts, params)]
         if mesh is not None:
@@ -332,13 +333,14 @@ SHARDED_SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_generation_equals_unsharded(tiny_tokenizer):
+    """8 simulated devices as data 2 x fsdp 2 x tensor 2 (parameters split by the rules table, heads
+    over tensor, rows over data x fsdp): the same tokens, greedy and sampled, as one device."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, tiny_tokenizer.path, os.path.dirname(__file__)],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["fsdp2_tensor4"] == out["one"]
-    assert out["data2_fsdp2_tensor2"] == out["one"]
+    assert out["sharded"] == out["one"]
 
 
 def test_chat_repl_keeps_history_streams_and_resets(gen):
