@@ -1,0 +1,231 @@
+"""The FastAPI app: /v1/chat/completions, /v1/completions (both with SSE streaming), /v1/models,
+/health.
+
+Every error is OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`: 400 for bad
+JSON, missing or invalid fields, a prompt that leaves no room in the context or a max_tokens
+that does not fit; 401 for a missing or wrong bearer token (when an API key is set); 404 for an
+unknown model or path; 405 for a wrong method. A 500 would mean a bug of ours, never bad input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import logging
+import secrets
+import time
+import uuid
+from typing import Any, Optional
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from imitation_jax.serving.batcher import Batcher, Done
+from imitation_jax.serving.schemas import ChatCompletionRequest, CompletionRequest
+
+log = logging.getLogger("imitation_jax.serving")
+DEFAULT_MAX_TOKENS = 512  # chat requests without max_tokens: this much, or what the context leaves
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.message, self.type, self.param, self.code)
+
+
+def error_response(status: int, message: str, type: str = "invalid_request_error",
+                   param: Optional[str] = None, code: Optional[str] = None, headers=None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}},
+                        status_code=status, headers=headers)
+
+
+def _validation_error(exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    if first.get("type") == "json_invalid":
+        return error_response(400, "the request body is not valid JSON", code="invalid_json")
+    where = ".".join(loc) or "body"
+    return error_response(400, f"{where}: {first.get('msg', 'invalid value')}", param=where or None,
+                          code="missing_field" if first.get("type") == "missing" else "invalid_value")
+
+
+def create_app(generator, model_name: str, *, api_key: Optional[str] = None, max_batch: int = 8,
+               batch_wait_ms: float = 5.0, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> FastAPI:
+    """An app serving `generator` (a `Generator`, or anything with its `generate`/`encode_chat`/
+    `max_len`/`tokenizer`) as model `model_name`."""
+    from imitation_jax.generate import SamplingParams
+
+    batcher = Batcher(generator, max_batch=max_batch, max_wait_s=batch_wait_ms / 1000)
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher.start()
+        try:
+            yield
+        finally:
+            batcher.stop()
+
+    app = FastAPI(title="imitation-jax", lifespan=lifespan)
+    app.state.batcher = batcher
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return _validation_error(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return error_response(exc.status_code, str(exc.detail), code=kind, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception):
+        log.exception("internal error")
+        return error_response(500, "internal server error", type="server_error")
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(401, "missing or incorrect API key (send it as 'Authorization: Bearer KEY')",
+                           code="invalid_api_key")
+
+    def check_model(name: str) -> None:
+        if name != model_name:
+            raise APIError(404, f"the model '{name}' does not exist; this server has '{model_name}'",
+                           param="model", code="model_not_found")
+
+    def sampling(req, prompt: list[int], default: int) -> Any:
+        room = generator.max_len - len(prompt)
+        if room < 1:
+            raise APIError(400, f"the prompt has {len(prompt)} tokens; this model's context is "
+                           f"{generator.max_len} tokens", param="messages", code="context_length_exceeded")
+        limit = req.limit()
+        if limit is not None and limit > room:
+            raise APIError(400, f"max_tokens={limit} does not fit: the prompt has {len(prompt)} tokens and "
+                           f"the context is {generator.max_len}, leaving {room}", param="max_tokens",
+                           code="context_length_exceeded")
+        seed = req.seed if req.seed is not None else secrets.randbits(31)
+        return SamplingParams(max_new_tokens=limit if limit is not None else min(room, default),
+                              temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
+                              stop=req.stops(), seed=seed % (1 << 32))
+
+    def usage(prompt: list[int], completion) -> dict:
+        n = len(completion.tokens)
+        return {"prompt_tokens": len(prompt), "completion_tokens": n, "total_tokens": len(prompt) + n}
+
+    async def finish(request) -> Any:
+        while True:
+            item = await request.events.get()
+            if isinstance(item, Done):
+                return item.completion
+            if isinstance(item, BaseException):
+                raise item
+
+    def stream(request, prompt, chunk, include_usage: bool):
+        """SSE events: chunk(delta_text=None, finish=None) builds one event body."""
+        async def events():
+            try:
+                yield _sse(chunk(None, None, first=True))
+                while True:
+                    item = await request.events.get()
+                    if isinstance(item, str):
+                        yield _sse(chunk(item, None))
+                    elif isinstance(item, Done):
+                        yield _sse(chunk(None, item.completion.finish_reason))
+                        if include_usage:
+                            yield _sse({**chunk(None, None), "choices": [], "usage": usage(prompt, item.completion)})
+                        break
+                    else:  # generation failed after the 200 was sent: report in-band, as OpenAI does
+                        yield _sse({"error": {"message": "generation failed", "type": "server_error",
+                                              "param": None, "code": None}})
+                        break
+                yield "data: [DONE]\n\n"
+            finally:
+                request.cancelled = True  # a client that left stops receiving
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, "batches": batcher.batches, "requests": batcher.requests}
+
+    @app.get("/v1/models", dependencies=[Depends(check_key)])
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "imitation-jax"}]}
+
+    @app.get("/v1/models/{name}", dependencies=[Depends(check_key)])
+    async def model(name: str):
+        check_model(name)
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "imitation-jax"}
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+    async def chat(req: ChatCompletionRequest):
+        check_model(req.model)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in req.messages]
+        try:
+            prompt = generator.encode_chat(messages)
+        except ValueError as exc:  # e.g. a system message that is not first
+            raise APIError(400, f"messages: {exc}", param="messages") from None
+        params = sampling(req, prompt, default_max_tokens)
+        request = app.state.batcher.submit(prompt, params)
+        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if req.stream:
+            def chunk(delta, finish, first=False):
+                d = {"role": "assistant", "content": ""} if first else ({"content": delta} if delta else {})
+                return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
+                        "choices": [{"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}]}
+            return stream(request, prompt, chunk, bool(req.stream_options and req.stream_options.include_usage))
+        completion = await finish(request)
+        return {"id": rid, "object": "chat.completion", "created": now, "model": model_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
+                             "logprobs": None, "finish_reason": completion.finish_reason}],
+                "usage": usage(prompt, completion)}
+
+    @app.post("/v1/completions", dependencies=[Depends(check_key)])
+    async def completions(req: CompletionRequest):
+        check_model(req.model)
+        tok = generator.tokenizer
+        if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], int):
+            if any(not 0 <= t < tok.vocab_size for t in req.prompt):
+                raise APIError(400, f"prompt: token ids must be in [0, {tok.vocab_size})", param="prompt")
+            prompt = list(req.prompt)
+        else:
+            text = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
+            prompt = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(text)
+        if not prompt:
+            raise APIError(400, "prompt: empty", param="prompt")
+        params = sampling(req, prompt, default_max_tokens)
+        request = app.state.batcher.submit(prompt, params)
+        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if req.stream:
+            def chunk(delta, finish, first=False):
+                return {"id": rid, "object": "text_completion", "created": now, "model": model_name,
+                        "choices": [{"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}]}
+            return stream(request, prompt, chunk, bool(req.stream_options and req.stream_options.include_usage))
+        completion = await finish(request)
+        return {"id": rid, "object": "text_completion", "created": now, "model": model_name,
+                "choices": [{"index": 0, "text": completion.text, "logprobs": None,
+                             "finish_reason": completion.finish_reason}],
+                "usage": usage(prompt, completion)}
+
+    return app
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"

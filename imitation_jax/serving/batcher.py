@@ -1,0 +1,108 @@
+"""Concurrent requests -> batched `Generator.generate` calls on one worker thread.
+
+Requests wait in a thread-safe queue. The worker takes the first, then whatever else arrives
+within `max_wait_s` (a few ms), up to `max_batch`, and decodes them together in one `generate`
+call. While a batch decodes, new requests queue up, so under load the next batch is full as soon
+as the previous one ends: batches grow with the load without any fixed delay. (Requests do not
+join a batch already decoding; that would need continuous batching inside the generator.)
+
+Each request has an asyncio queue on the server's event loop; the worker pushes text deltas
+(the generator's `on_text`, already held back at possible stop strings) and then the final
+`Completion` (or an exception) into it with `call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from typing import Any, Optional
+
+log = logging.getLogger("imitation_jax.serving")
+
+
+@dataclasses.dataclass
+class Request:
+    prompt: list[int]
+    params: Any  # SamplingParams
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)
+    cancelled: bool = False  # the client went away: drop it if not started, ignore its output
+
+    def push(self, item: Any) -> None:
+        if not self.cancelled:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+
+
+@dataclasses.dataclass
+class Done:
+    completion: Any  # generate.Completion
+
+
+class Batcher:
+    def __init__(self, generator, *, max_batch: int = 8, max_wait_s: float = 0.005):
+        self.generator = generator
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self._queue: queue.Queue[Optional[Request]] = queue.Queue()
+        self._thread: Optional[threading.Thread] = None
+        self.batches = 0  # counters for /health and the load figures
+        self.requests = 0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=60)
+            self._thread = None
+
+    def submit(self, prompt: list[int], params) -> Request:
+        """Queues a request; read its events with `await request.events.get()`."""
+        req = Request(prompt, params, asyncio.get_running_loop())
+        self._queue.put(req)
+        return req
+
+    def _gather(self, first: Request) -> tuple[list[Request], bool]:
+        batch, deadline = [first], time.monotonic() + self.max_wait_s
+        while len(batch) < self.max_batch:
+            try:
+                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if item is None:
+                return batch, True
+            batch.append(item)
+        return batch, False
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
+                break
+            batch, stopping = self._gather(first)
+            batch = [r for r in batch if not r.cancelled]
+            if not batch:
+                continue
+            self.batches += 1
+            self.requests += len(batch)
+
+            def on_text(i: int, delta: str) -> None:
+                batch[i].push(delta)
+
+            try:
+                done = self.generator.generate([r.prompt for r in batch], [r.params for r in batch],
+                                               on_text=on_text)
+            except Exception as exc:  # noqa: BLE001 - every waiting request must hear about it
+                log.exception("generation failed")
+                for r in batch:
+                    r.push(exc)
+                continue
+            for r, c in zip(batch, done):
+                r.push(Done(c))
