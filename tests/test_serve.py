@@ -1,0 +1,278 @@
+"""serve: a tiny model behind the OpenAI API on a free localhost port, used through the official
+`openai` client (plain, streaming, concurrent), bad requests, the API key; collect against it,
+then prepare and train on what it collected."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import json
+import os
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from conftest import SMALL_MODEL
+from openai_fake import serve_in_thread
+
+KEY = "test-key-123"
+MAX_LEN = 256
+KOALA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "koala_test_set",
+                     "koala_test_set.jsonl")
+koala = pytest.mark.skipif(not os.path.exists(KOALA), reason="the Koala test set is not at ../shared/data")
+
+
+def tiny_loaded(tokenizer):
+    """A randomly initialised small LLaMA with the conftest tokenizer, as `load_model` returns it."""
+    import jax
+
+    from imitation_jax.data.templates import get_template
+    from imitation_jax.loading import LoadedModel
+    from imitation_jax.model.config import ModelConfig
+    from imitation_jax.sharding import MeshConfig, make_mesh
+    from imitation_jax.train.state import init_params, model_graph
+
+    values = dict(kv.split("=", 1) for kv in SMALL_MODEL)
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=MAX_LEN,
+                      **{k.split(".", 1)[1]: int(v) for k, v in values.items()})
+    mesh = make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+    return LoadedModel(cfg, model_graph(cfg)[0], init_params(cfg, mesh, seed=0), tokenizer,
+                       get_template("koala", tokenizer), "init_params(seed=0)")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_tokenizer):
+    from imitation_jax.generate import Generator
+    from imitation_jax.serving.app import create_app
+
+    loaded = tiny_loaded(tiny_tokenizer)
+    generator = Generator(loaded, max_batch=8, buckets=(64, MAX_LEN))  # few shapes: few compiles
+    app = create_app(generator, "tiny", api_key=KEY, max_batch=8, batch_wait_ms=20)
+    with serve_in_thread(app) as url:
+        yield {"url": url, "base_url": url + "/v1", "loaded": loaded, "generator": generator, "app": app}
+
+
+def client(server, **kw):
+    return openai.OpenAI(base_url=server["base_url"], api_key=KEY, max_retries=0, **kw)
+
+
+_FORWARD = {}
+
+
+def greedy_reference(loaded, prompt: list[int], n: int) -> list[int]:
+    """Greedy continuation by full forward passes over the whole sequence (no cache, no batching).
+    Rows are right-padded to one length (causal attention: padding after a position does not
+    change its logits), so one compiled forward serves every call."""
+    import jax
+    import jax.numpy as jnp
+
+    from imitation_jax.data.templates import stop_ids
+
+    from flax import nnx
+
+    def logits(params, ids):
+        model = nnx.merge(loaded.graphdef, params)
+        return model.logits(model(ids))
+
+    if id(loaded) not in _FORWARD:
+        _FORWARD[id(loaded)] = jax.jit(logits)
+    forward = functools.partial(_FORWARD[id(loaded)], loaded.params)
+    stops = set(stop_ids(loaded.tokenizer, loaded.template)) | {loaded.tokenizer.eos_id}
+    ids, out = list(prompt), []
+    for _ in range(n):
+        row = np.full((1, MAX_LEN), loaded.tokenizer.pad_id, np.int32)
+        row[0, :len(ids)] = ids
+        token = int(np.argmax(np.asarray(forward(jnp.asarray(row))[0, len(ids) - 1], np.float32)))
+        if token in stops:
+            break
+        out.append(token)
+        ids.append(token)
+    return out
+
+
+def check_text(text: str, tokenizer, ref: list[int]) -> None:
+    """The served text is the reference tokens' text. (A random model often ends inside a UTF-8
+    character, which the generator holds back; then only the token count can be compared.)"""
+    expected = tokenizer.decode(ref)
+    if "\ufffd" not in expected:
+        assert text == expected
+
+
+MESSAGES = [{"role": "system", "content": "You are helpful."},
+            {"role": "user", "content": "What is the capital of France? Answer in one word, s'il vous plaît ✓"}]
+
+
+def test_openai_client_chat_plain_and_streaming(server):
+    c = client(server)
+    assert [m.id for m in c.models.list().data] == ["tiny"]
+    resp = c.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0)
+    gen, loaded = server["generator"], server["loaded"]
+    prompt = gen.encode_chat(MESSAGES)
+    ref = greedy_reference(loaded, prompt, 12)
+    check_text(resp.choices[0].message.content, loaded.tokenizer, ref)
+    assert resp.choices[0].finish_reason == ("length" if len(ref) == 12 else "stop")
+    assert resp.usage.prompt_tokens == len(prompt) and resp.usage.completion_tokens == len(ref)
+    assert resp.model == "tiny" and resp.choices[0].message.role == "assistant"
+
+    chunks = list(c.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == resp.choices[0].message.content
+    assert sum(1 for ch in chunks if ch.choices and ch.choices[0].delta.content) > 1  # really streamed
+    finals = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert finals == [resp.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == resp.usage.completion_tokens
+
+    # stop strings cut the text, streamed or not
+    assert len(text) >= 4  # (so for this seed)
+    word = text[len(text) // 2:len(text) // 2 + 2]
+    cut = c.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0, stop=[word])
+    assert cut.choices[0].message.content == text[:text.index(word)]
+    assert cut.choices[0].finish_reason == "stop"
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=12, temperature=0, stop=word, stream=True) if ch.choices)
+    assert streamed == cut.choices[0].message.content
+
+    # sampling with a seed is reproducible
+    a, b = (c.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, temperature=1.0, seed=7)
+            for _ in range(2))
+    assert a.choices[0].message.content == b.choices[0].message.content
+
+
+def test_completions_endpoint(server):
+    c = client(server)
+    tok = server["loaded"].tokenizer
+    resp = c.completions.create(model="tiny", prompt="USER: hello", max_tokens=6, temperature=0)
+    ref = greedy_reference(server["loaded"], [tok.bos_id] + tok.encode("USER: hello"), 6)
+    check_text(resp.choices[0].text, tok, ref)
+    assert resp.usage.completion_tokens == len(ref)
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+        model="tiny", prompt="USER: hello", max_tokens=6, temperature=0, stream=True))
+    assert streamed == resp.choices[0].text
+
+
+def test_concurrent_requests_are_batched(server):
+    batcher = server["app"].state.batcher
+    before_batches, before_requests = batcher.batches, batcher.requests
+    c = client(server)
+    prompts = [f"Tell me about topic number {i}." for i in range(8)]
+
+    def ask(p):
+        r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": p}],
+                                      max_tokens=10, temperature=0)
+        return r.choices[0].message.content, r.usage.completion_tokens
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, prompts))
+    assert batcher.requests - before_requests == 8
+    assert batcher.batches - before_batches < 8  # decoded together, not one at a time
+    gen, loaded = server["generator"], server["loaded"]
+    for p, (text, n) in zip(prompts, answers):  # each as if alone
+        ref = greedy_reference(loaded, gen.encode_chat([{"role": "user", "content": p}]), 10)
+        check_text(text, loaded.tokenizer, ref)
+        assert n == len(ref)
+
+
+def test_bad_requests_get_openai_style_4xx(server):
+    url, h = server["url"], {"Authorization": f"Bearer {KEY}"}
+    chat = url + "/v1/chat/completions"
+    ok = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    long_text = "word " * (2 * MAX_LEN)
+    cases = [
+        (dict(content=b"{not json"), 400, None),
+        (dict(json={"messages": ok["messages"]}), 400, "model"),
+        (dict(json={"model": "tiny"}), 400, "messages"),
+        (dict(json={**ok, "messages": []}), 400, "messages"),
+        (dict(json={**ok, "model": "gpt-9"}), 404, "model"),
+        (dict(json={**ok, "messages": [{"role": "user", "content": long_text}]}), 400, "messages"),
+        (dict(json={**ok, "max_tokens": 0}), 400, "max_tokens"),
+        (dict(json={**ok, "max_tokens": MAX_LEN}), 400, "max_tokens"),
+        (dict(json={**ok, "max_tokens": "many"}), 400, "max_tokens"),
+        (dict(json={**ok, "temperature": -1}), 400, "temperature"),
+        (dict(json={**ok, "n": 3}), 400, "n"),
+        (dict(json={**ok, "messages": [{"role": "wizard", "content": "hi"}]}), 400, None),
+        (dict(json={**ok, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}),
+         400, None),
+        (dict(json=[1, 2, 3]), 400, None),
+    ]
+    with httpx.Client(timeout=60) as http:
+        for kwargs, status, param in cases:
+            if "content" in kwargs:
+                r = http.post(chat, headers={**h, "Content-Type": "application/json"}, **kwargs)
+            else:
+                r = http.post(chat, headers=h, **kwargs)
+            assert r.status_code == status, (kwargs, r.text)
+            err = r.json()["error"]
+            assert set(err) == {"message", "type", "param", "code"} and err["message"]
+            if param is not None:
+                assert param in (err["param"] or ""), (kwargs, err)
+        r = http.post(url + "/v1/completions", headers=h, json={"model": "tiny", "prompt": [99999]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+        r = http.get(chat, headers=h)
+        assert r.status_code == 405 and "error" in r.json()
+        assert http.get(url + "/v1/nothing", headers=h).status_code == 404
+        # the server is unharmed
+        assert http.post(chat, headers=h, json=ok).status_code == 200
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client(server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": long_text}])
+
+
+def test_api_key_required(server):
+    url = server["url"]
+    with httpx.Client(timeout=60) as http:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+            r = http.post(url + "/v1/chat/completions", json=body, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert http.get(url + "/v1/models").status_code == 401
+        assert http.get(url + "/health").status_code == 200  # liveness needs no key
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server["base_url"], api_key="nope", max_retries=0).models.list()
+
+
+@koala
+def test_collect_from_serve_then_prepare_and_train(server, tmp_path, monkeypatch, tiny_tokenizer,
+                                                   small_overrides, capsys):
+    from imitation_jax.cli import main
+
+    with open(KOALA, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    # the first prompts that fit this tiny model's context, and the longest one (which does not)
+    gen = server["generator"]
+    fits = [r for r in records if len(gen.encode_chat([{"role": "user", "content": r["prompt"]}])) < MAX_LEN - 16]
+    longest = max(records, key=lambda r: len(r["prompt"]))
+    chosen = fits[:10] + [longest]
+    prompts = tmp_path / "koala.jsonl"
+    prompts.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in chosen), encoding="utf-8")
+    out = tmp_path / "collected.jsonl"
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    rc = main(["collect", "--prompts", str(prompts), "--base-url", server["base_url"], "--model", "tiny",
+               "--out", str(out), "--max-tokens", "16", "--temperature", "0", "--concurrency", "4", "--quiet"])
+    printed = capsys.readouterr().out
+    assert rc == 1 and "failed:    1" in printed and "context" in printed  # the one too long: a clean 400
+    got = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert sorted(r["id"] for r in got) == sorted(r["id"] for r in fits[:10])
+    for r in got:
+        src = next(x for x in chosen if x["id"] == r["id"])
+        assert r["messages"][0] == {"role": "user", "content": src["prompt"]}
+        prompt_ids = gen.encode_chat(r["messages"][:1])
+        ref = greedy_reference(server["loaded"], prompt_ids, 16)
+        check_text(r["messages"][1]["content"], tiny_tokenizer, ref)
+        assert r["provenance"]["usage"]["completion_tokens"] == len(ref)
+        assert r["provenance"]["teacher"] == "tiny" and KEY not in json.dumps(r)
+
+    # prepare reads the collected file as it is, and train runs on the prepared set
+    prepared = tmp_path / "prepared"
+    assert main(["prepare", str(out), "--tokenizer", tiny_tokenizer.path, "--template", "koala",
+                 "--seq-len", "128", "--out", str(prepared), "--quiet", "--truncate-long-turns"]) == 0
+    stats = json.loads((prepared / "stats.json").read_text())
+    assert stats["inputs"][0]["format"] == "openai" and stats["inputs"][0]["read"] == 10
+    assert stats["inputs"][0]["invalid"] == 0 and stats["inputs"][0]["used"] > 0
+    overrides = [o for o in small_overrides if not o.startswith(("data.train_files", "data.eval_files",
+                                                                 "data.tokenizer", "data.seq_len"))]
+    overrides += [f"data.path={prepared}", "data.seq_len=128", "data.train_files=[]", "data.eval_files=[]",
+                  "data.tokenizer=null", "train.steps=3", "train.batch_size=2"]
+    assert main(["train", "configs/tiny.yaml", *overrides]) == 0
+    assert "last loss" in capsys.readouterr().out
