@@ -20,7 +20,21 @@ def offline() -> None:
         os.environ.setdefault(var, "1")
 
 
+class _QuietCustomDataset:
+    """lm-eval warns at every load of a task with a custom_dataset loader (all of the shipped
+    suite) about passing --metadata, which does not apply to them."""
+
+    @staticmethod
+    def filter(record) -> bool:
+        return "Custom kwargs can be passed" not in record.getMessage()
+
+
 def task_manager(include_paths: Sequence[str] = ()):
+    import logging
+
+    task_log = logging.getLogger("lm_eval.api.task")
+    if _QuietCustomDataset not in task_log.filters:
+        task_log.addFilter(_QuietCustomDataset)
     from lm_eval.tasks import TaskManager
 
     for path in include_paths:
