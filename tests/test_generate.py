@@ -28,7 +28,9 @@ from imitation_jax.model.kv_cache import KVCache
 from imitation_jax.train.state import init_params, model_graph
 
 TINY = dict(hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4, num_kv_heads=2,
-            max_position_embeddings=128, initializer_range=0.1)
+            max_position_embeddings=128, initializer_range=0.1,
+            # cuDNN (what "auto" picks on a GPU) has no fp32 attention for the reference forward pass
+            attention="xla" if jax.devices()[0].platform == "gpu" else "auto")
 
 
 def tiny_loaded(tokenizer, seed: int = 0, mesh=None) -> LoadedModel:

@@ -6,7 +6,7 @@
     python tools/bench_generate.py --batch 1,8 --steps-per-call 1,8,32
 
 Both sides decode the same prompts (random ids, `--prompt-len` each) for exactly `--new-tokens`
-tokens per row (no EOS stop), greedy, fp32. The HF model is built from our parameters (the
+tokens per row (no EOS stop), greedy, fp32 on a CPU and bf16 on a GPU (torch on CUDA there). The HF model is built from our parameters (the
 export's tensor table), so the weights are identical, and the two outputs are compared token by
 token. Times include the prefill; each side is warmed up once (compilation, caches) and the
 median of `--repeats` runs is reported. tokens/s = rows x new tokens / seconds. On a shared
@@ -36,6 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--steps-per-call", default="8", help="comma-separated decode steps per jitted call (ours)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                   help="parameters and compute on both sides (default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -62,16 +64,16 @@ def build_loaded(args):
     from imitation_jax.train.state import init_params, model_graph
 
     if args.model:
-        return load_model(args.model)
+        return load_model(args.model, dtype=args.dtype)
     cfg = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
                       num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads,
-                      max_position_embeddings=4096, rms_norm_eps=1e-5)
+                      max_position_embeddings=4096, rms_norm_eps=1e-5, param_dtype=args.dtype, dtype=args.dtype)
     params = init_params(cfg, _one_device_mesh(), args.seed)
     jax.block_until_ready(params)
     return LoadedModel(cfg, model_graph(cfg)[0], params, _NoTextTokenizer(), get_template("koala"), "random")
 
 
-def build_hf(loaded):
+def build_hf(loaded, device: str):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -79,9 +81,12 @@ def build_hf(loaded):
     from imitation_jax.convert.hf_export import hf_tensors
 
     cfg = loaded.config
-    fields = hf_config_dict(cfg, "float32", None, 0, None)
-    hf = LlamaForCausalLM(LlamaConfig(**fields, attn_implementation="sdpa")).to(torch.float32).eval()
-    state = {name: torch.from_numpy(arr.astype("float32")) for name, arr in hf_tensors(cfg, loaded.params)}
+    dtype = getattr(torch, cfg.param_dtype)
+    fields = hf_config_dict(cfg, cfg.param_dtype, None, 0, None)
+    hf = LlamaForCausalLM(LlamaConfig(**fields, attn_implementation="sdpa")).to(device=device, dtype=dtype).eval()
+    # via float32: numpy has no bfloat16 of torch's (the round trip is exact)
+    state = {name: torch.from_numpy(arr.astype("float32")).to(device=device, dtype=dtype)
+             for name, arr in hf_tensors(cfg, loaded.params)}
     missing, unexpected = hf.load_state_dict(state, strict=False)
     missing = [m for m in missing if not m.endswith("rotary_emb.inv_freq")]
     if missing or unexpected:
@@ -101,21 +106,27 @@ def time_runs(fn, repeats: int) -> tuple[float, object]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import jax
     import numpy as np
+
+    on_gpu = jax.devices()[0].platform == "gpu"
+    args.dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
 
     from imitation_jax.generate import Generator, SamplingParams
 
     loaded = build_loaded(args)
     cfg = loaded.config
-    hf = None
+    hf, device = None, "-"
     if not args.no_torch:
         import torch
 
         torch.set_num_threads(os.cpu_count() or 1)
-        hf = build_hf(loaded)
+        device = "cuda" if on_gpu and torch.cuda.is_available() else "cpu"
+        hf = build_hf(loaded, device)
     n_params = cfg.num_params()
     print(f"model: {loaded.source}, {n_params / 1e6:.1f}M params, hidden {cfg.hidden_size}, {cfg.num_layers} layers, "
-          f"vocab {cfg.vocab_size}; prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, fp32; "
+          f"vocab {cfg.vocab_size}; prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, {args.dtype}; "
+          f"JAX on {jax.devices()[0].device_kind}, torch on {device}; "
           f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.2f} at start")
     rng = np.random.default_rng(args.seed)
     params = SamplingParams(max_new_tokens=args.new_tokens)
@@ -133,13 +144,14 @@ def main(argv=None) -> int:
         if hf is not None:
             import torch
 
-            ids = torch.tensor(prompts)
+            ids = torch.tensor(prompts, device=device)
 
             def run_hf():
                 with torch.inference_mode():
-                    return hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                       max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                       eos_token_id=None, pad_token_id=0)
+                    out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                      max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                      eos_token_id=None, pad_token_id=0)
+                    return out.cpu()
 
             sec, out = time_runs(run_hf, args.repeats)
             theirs = out[:, args.prompt_len:].tolist()
