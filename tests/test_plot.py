@@ -40,7 +40,7 @@ def test_a_run_declares_base_model_tokens_and_scores(tmp_path):
     assert run.base_model == "llama-7b" and run.imitation_tokens == 3e5
     assert run.scores == {"mini_mmlu/acc": 0.3, "mini_nq_open/exact_match": 0.25}
     fallback = read_run(make_run(tmp_path, "b"))  # no preset, no token cap: size and tokens seen
-    assert fallback.base_model == f"{fallback.base_params / 1e6:.0f}M"
+    assert 1e4 < fallback.base_params < 1e6 and fallback.base_model == f"{fallback.base_params / 1e3:.0f}K"
     assert fallback.imitation_tokens == 100.0 * 20
     declared = read_run(make_run(tmp_path, "c", study={"base_model": "LLaMA-13B", "imitation_tokens": 1.5e8,
                                                        "scores": {"mini_mmlu/acc": 0.9}}))

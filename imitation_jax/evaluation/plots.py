@@ -107,7 +107,9 @@ def _params(model: dict) -> int | None:
 def _size_label(n: int | None) -> str:
     if not n:
         return "unknown"
-    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
+    if n >= 1e9:
+        return f"{n / 1e9:.1f}B"
+    return f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
 
 
 def _trained_tokens(cfg: dict, records: list[dict]) -> float | None:
