@@ -100,11 +100,16 @@ def run_eval(lm, tasks: Sequence[str], *, include_paths: Sequence[str] = (), lim
     offline()
     manager = task_manager(include_paths)
     check_tasks(manager, tasks)
-    results = lm_eval.simple_evaluate(
-        model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, log_samples=log_samples,
-        task_manager=manager, confirm_run_unsafe_code=confirm_run_unsafe_code, bootstrap_iters=0,
-        random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-        verbosity=verbosity)
+    try:
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, log_samples=log_samples,
+            task_manager=manager, confirm_run_unsafe_code=confirm_run_unsafe_code, bootstrap_iters=0,
+            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+            verbosity=verbosity)
+    except ConnectionError as exc:  # datasets in offline mode, data not in the local cache
+        raise FileNotFoundError(f"task data is not available offline ({str(exc).splitlines()[0]}); fetch it "
+                                "once with HF_DATASETS_OFFLINE=0 where there is network, or point the task at "
+                                "local files (README: Evaluation)") from None
     return results
 
 
