@@ -6,7 +6,7 @@ the whole vocabulary equals every continuation token: the same test as lm-eval's
 
 How it stays fast:
 - requests are sorted longest first and run `batch_size` rows at a time; rows are right-padded to a
-  power-of-two length bucket and the batch to a fixed size, so a handful of shapes compile once;
+  length bucket (powers of two and 1.5x between them) and the batch to a fixed size, so a handful of shapes compile once;
 - only the positions that predict continuation tokens go through the output layer (hidden states
   are gathered first), so the (batch, seq, vocab) logits tensor is never built;
 - requests whose input rows are identical and whose continuations differ only in the last token
@@ -28,10 +28,14 @@ LOGITS_CHUNK = 128  # continuation positions through the output layer at once (b
 
 
 def _bucket(n: int, lo: int, hi: int) -> int:
-    size = lo
-    while size < n:
-        size *= 2
-    return min(size, hi) if hi >= n else n
+    """The smallest of lo * 2^k and (from 4 up) 1.5 * lo * 2^k that holds n — at most a third is
+    padding and few shapes compile — capped at hi."""
+    k = lo
+    while True:
+        for size in (k, k * 3 // 2 if k >= 4 else k):
+            if size >= n:
+                return min(size, hi) if hi >= n else n
+        k *= 2
 
 
 def make_score_fn(graphdef: nnx.GraphDef) -> Callable:
