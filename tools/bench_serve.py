@@ -7,7 +7,7 @@ Without --model, a randomly initialised `tiny` preset model (~4M params) with a 
 SentencePiece tokenizer is written to a temp dir (its replies are noise; the cost is the same).
 Each server runs as its own `imitation-jax serve` process, one after the other; clients are
 asyncio tasks in this process using the `openai` client, each sending --requests requests one after
-another. Every configuration is run once unmeasured first, so compilation is not timed.
+another. Before timing, each server gets bursts of 1, 2, 4, ... --max-batch simultaneous requests\n(compiling every padded batch size) and each load is run once unmeasured.
 """
 
 from __future__ import annotations
@@ -57,18 +57,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, max_batch: int, log_path: str) -> tuple[subprocess.Popen, str]:
     import httpx
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "imitation_jax.cli", "serve", model, "--port", str(port),
-                             "--model-name", "m", "--max-batch", str(max_batch)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    with open(log_path, "wb") as log:  # a file, not a pipe nobody reads (a full pipe blocks the server)
+        proc = subprocess.Popen([sys.executable, "-m", "imitation_jax.cli", "serve", model, "--port", str(port),
+                                 "--model-name", "m", "--max-batch", str(max_batch)],
+                                stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+            with open(log_path, errors="replace") as f:
+                raise RuntimeError(f"server exited: {f.read()[-2000:]}")
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 return proc, url + "/v1"
@@ -104,6 +106,18 @@ async def load(base_url: str, clients: int, requests: int, max_tokens: int) -> d
             "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]}
 
 
+async def warm_up(base_url: str, max_batch: int, max_tokens: int) -> None:
+    """Bursts of 1, 2, 4, ... max_batch simultaneous requests, twice: every batch size the
+    generator pads to is compiled before anything is timed."""
+    sizes, r = [], 1
+    while r <= max_batch:
+        sizes.append(r)
+        r *= 2
+    for _ in range(2):
+        for r in sizes:
+            await load(base_url, r, 1, max_tokens)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="model dir for serve (default: a random tiny model)")
@@ -116,10 +130,11 @@ def main(argv=None) -> int:
         model = args.model or make_tiny_model(tmp)
         results: dict[tuple[str, int], dict] = {}
         for label, max_batch in (("batched", args.max_batch), ("one at a time", 1)):
-            proc, url = start_server(model, max_batch)
+            proc, url = start_server(model, max_batch, os.path.join(tmp, f"serve-{max_batch}.log"))
             try:
+                asyncio.run(warm_up(url, max_batch, args.max_tokens))
                 for c in args.concurrency:
-                    asyncio.run(load(url, c, args.requests, args.max_tokens))  # warm-up: compiles
+                    asyncio.run(load(url, c, args.requests, args.max_tokens))  # warm-up at this load
                     results[(label, c)] = asyncio.run(load(url, c, args.requests, args.max_tokens))
                     r = results[(label, c)]
                     print(f"  {label}, {c} clients: {r['rps']:.2f} req/s", file=sys.stderr)
