@@ -192,6 +192,8 @@ def test_bad_requests_get_openai_style_4xx(server):
         (dict(json={**ok, "max_tokens": "many"}), 400, "max_tokens"),
         (dict(json={**ok, "temperature": -1}), 400, "temperature"),
         (dict(json={**ok, "n": 3}), 400, "n"),
+        (dict(json={**ok, "top_k": 10**30}), 400, "top_k"),
+        (dict(json={**ok, "stop": ["a", "b", "c", "d", "e"]}), 400, "stop"),
         (dict(json={**ok, "messages": [{"role": "wizard", "content": "hi"}]}), 400, None),
         (dict(json={**ok, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}),
          400, None),
@@ -213,8 +215,9 @@ def test_bad_requests_get_openai_style_4xx(server):
         r = http.get(chat, headers=h)
         assert r.status_code == 405 and "error" in r.json()
         assert http.get(url + "/v1/nothing", headers=h).status_code == 404
-        # the server is unharmed
+        # the server is unharmed; a top_k past the vocabulary is just "no top-k"
         assert http.post(chat, headers=h, json=ok).status_code == 200
+        assert http.post(chat, headers=h, json={**ok, "top_k": 10**9, "temperature": 1.0}).status_code == 200
     with pytest.raises(openai.BadRequestError, match="context"):
         client(server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": long_text}])
 

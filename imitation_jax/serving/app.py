@@ -120,7 +120,8 @@ def create_app(generator, model_name: str, *, api_key: Optional[str] = None, max
                            code="context_length_exceeded")
         seed = req.seed if req.seed is not None else secrets.randbits(31)
         return SamplingParams(max_new_tokens=limit if limit is not None else min(room, default),
-                              temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
+                              temperature=req.temperature, top_p=req.top_p,
+                              top_k=min(req.top_k, generator.tokenizer.vocab_size),
                               stop=req.stops(), seed=seed % (1 << 32))
 
     def usage(prompt: list[int], completion) -> dict:

@@ -37,7 +37,7 @@ class _Sampling(BaseModel):
     max_tokens: Optional[int] = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)  # not in OpenAI's API; vLLM-style extension
+    top_k: int = Field(0, ge=0, le=2**31 - 1)  # not in OpenAI's API; vLLM-style extension
     n: int = Field(1, ge=1, le=1, description="one choice per request")
     stop: Union[str, list[str], None] = None
     seed: Optional[int] = None
