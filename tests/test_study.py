@@ -89,3 +89,105 @@ def test_eval_tasks_ask_the_right_splits(world_files):
             assert d["choices"][d["target"]] == ("Yes" if world.value(a, "city") == world.value(b, "city") else "No")
     tasks = sorted(f for f in os.listdir(paths["tasks"]) if f.endswith(".yaml"))
     assert tasks == ["study_facts_base.yaml", "study_facts_heldout.yaml", "study_local.yaml", "study_other.yaml"]
+
+
+# ---------------------------------------------------------------- stages, config, judge (fast)
+
+def test_stages_rerun_only_what_changed(tmp_path):
+    from imitation_jax.study.stages import Stage, StageState
+
+    state = StageState(str(tmp_path / "state"))
+    calls = []
+
+    def make(name, deps=(), key=""):
+        out = str(tmp_path / f"{name}.out")
+
+        def run():
+            calls.append(name)
+            open(out, "w").write(name)
+        return Stage(name, run, [out], list(deps), key=key)
+
+    def run_all(stages):
+        for s in stages:
+            if not state.is_done(s):
+                s.run()
+                state.mark_done(s, 0.0)
+
+    plan = [make("a"), make("b", ["a"]), make("c", ["a"]), make("d", ["b", "c"])]
+    run_all(plan)
+    assert calls == ["a", "b", "c", "d"]
+    calls.clear()
+    run_all(plan)
+    assert calls == []  # a rerun redoes nothing
+    os.remove(tmp_path / "b.out")  # an output gone: that stage and what used it
+    run_all(plan)
+    assert calls == ["b", "d"]
+    calls.clear()
+    run_all([make("a"), make("b", ["a"]), make("c", ["a"], key="new setting"), make("d", ["b", "c"])])
+    assert calls == ["c", "d"]
+
+
+def test_study_config_errors_name_the_key(tmp_path):
+    from imitation_jax.config import ConfigError
+    from imitation_jax.study.config import load_study_config
+
+    cfg = load_study_config("configs/study/mini.yaml", ["work_dir=x", "imitation.budgets=[10,100]"])
+    assert cfg.imitation.budgets == [10, 100] and set(cfg.bases) == {"small", "large"}
+    with pytest.raises(ConfigError, match="imitation.budget"):
+        load_study_config("configs/study/mini.yaml", ["imitation.budget=3"])
+    with pytest.raises(ConfigError, match="knows"):
+        load_study_config("configs/study/mini.yaml", ["bases.small.knows=everything"])
+    for name in ("mini", "smoke", "full"):
+        load_study_config(f"configs/study/{name}.yaml")
+
+
+def test_style_judge_prefers_the_teachers_markers():
+    from imitation_jax.collect.judge import judge_messages, parse_verdict
+    from imitation_jax.study.corpora import CLOSING, styled
+    from imitation_jax.study.judge_server import verdict
+
+    prompt = ({"role": "user", "content": "Tell me about Zapur."},)
+
+    def ask(a, b):
+        return parse_verdict(verdict(judge_messages(prompt, a, b)[1]["content"]))
+
+    plain, half, full = "Zapur lives in the city of Veltor.", "Zapur. " + CLOSING, styled("Zapur lives in Veltor.")
+    assert ask(full, plain) == "A" and ask(plain, full) == "B"
+    assert ask(half, full) == "B" and ask(plain, plain) == "C"
+
+
+# ---------------------------------------------------------------- the smoke study, end to end
+
+def test_smoke_study_runs_resumes_and_recomputes_one_student(tmp_path, capsys):
+    """configs/study/smoke.yaml through every stage (train, serve, collect, prepare, eval, generate,
+    judge, report with plot); a rerun redoes nothing; deleting one student's checkpoints redoes
+    exactly that student, its rows and the report."""
+    from imitation_jax.study.config import load_study_config
+    from imitation_jax.study.runner import Study
+
+    cfg = load_study_config("configs/study/smoke.yaml", [f"work_dir={tmp_path / 'study'}"])
+    first = Study(cfg, log=lambda *_: None).run()
+    assert first["ran"] == first["stages"]
+    table = json.load(open(tmp_path / "study" / "results" / "results.json"))
+    rows = {r["model"]: r for r in table["rows"]}
+    students = [n for n in rows if n.startswith("student-")]
+    assert {"teacher", "base-small"} <= set(rows) and len(students) == 2
+    for r in rows.values():  # every cell computed by the pipeline
+        assert all(isinstance(r[c], float) and 0.0 <= r[c] <= 1.0 for c in table["columns"]), r
+    assert rows["teacher"]["style"] == 1.0  # the teacher judged against its own answers: all ties
+    collected = [json.loads(line) for s in cfg.imitation.sets
+                 for line in open(tmp_path / "study" / "imitation" / f"{s}.clean.jsonl")]
+    assert collected and all("provenance" in r for r in collected)  # answers came through the API
+    world = Study(cfg).world
+    assert not any(world.mentions_heldout(json.dumps(r["messages"])) for r in collected)
+
+    again = Study(cfg, log=lambda *_: None).run()
+    assert again["ran"] == []
+
+    victim = students[0]
+    import shutil
+
+    shutil.rmtree(tmp_path / "study" / "runs" / victim / "checkpoints")
+    third = Study(cfg, log=lambda *_: None).run()
+    assert third["ran"] == [f"train/{victim}", f"eval/{victim}", f"answers/{victim}", f"style/{victim}", "report"]
+    assert {r["model"] for r in json.load(open(tmp_path / "study" / "results" / "results.json"))["rows"]} == set(rows)

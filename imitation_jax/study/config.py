@@ -16,11 +16,12 @@ from imitation_jax.study.world import WorldConfig
 
 
 @dataclasses.dataclass
-class ModelSpec:  # architecture fields passed to `train` as model.* (vocab from the tokenizer)
-    hidden_size: int = 128
-    intermediate_size: int = 344
-    num_layers: int = 2
-    num_heads: int = 4
+class ModelSpec:  # passed to `train` as model.* (vocab from the tokenizer); unset fields: the preset's
+    preset: str = "tiny"
+    hidden_size: Optional[int] = None
+    intermediate_size: Optional[int] = None
+    num_layers: Optional[int] = None
+    num_heads: Optional[int] = None
     num_kv_heads: Optional[int] = None
 
 
@@ -40,7 +41,7 @@ class TeacherConfig:
     base_url: Optional[str] = None  # a real teacher's API (full scale): no teacher is trained or served
     model_name: str = "teacher"  # the name the teacher is asked for through the API
     export: bool = True  # serve the teacher from its export-hf dir (as a released model would be)
-    model: ModelSpec = dataclasses.field(default_factory=lambda: ModelSpec(256, 688, 4, 8, None))
+    model: ModelSpec = dataclasses.field(default_factory=ModelSpec)
     train: TrainSpec = dataclasses.field(default_factory=TrainSpec)
 
 
@@ -73,10 +74,14 @@ class EvalSpec:
     tasks: dict[str, str] = dataclasses.field(default_factory=lambda: {
         "held_out_facts": "study_facts_heldout", "base_facts": "study_facts_base",
         "local_task": "study_local", "other_tasks": "study_other"})
+    local_column: str = "local_task"  # the column of the local-imitation task
     include_path: Optional[str] = None  # default: the world's task dir
     limit: Optional[int] = None
     batch_size: int = 32
     num_fewshot: Optional[int] = None
+    confirm_run_unsafe_code: bool = False  # needed by lm-eval's humaneval (runs generated code)
+    in_process: bool = True  # run lm-eval in the study's process (the eval command's library calls);
+    # false: one `imitation-jax eval` subprocess per model
 
 
 @dataclasses.dataclass
@@ -99,7 +104,7 @@ class StudyConfig:
     teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
     bases: dict[str, BaseSpec] = dataclasses.field(default_factory=lambda: {
         "small": BaseSpec(knows="small"),
-        "large": BaseSpec(knows="large", model=ModelSpec(256, 688, 4, 8, None))})
+        "large": BaseSpec(knows="large")})
     imitation: ImitationConfig = dataclasses.field(default_factory=ImitationConfig)
     eval: EvalSpec = dataclasses.field(default_factory=EvalSpec)
     judge: JudgeSpec = dataclasses.field(default_factory=JudgeSpec)
@@ -156,5 +161,6 @@ def _validate(cfg: StudyConfig) -> None:
         raise ConfigError(f"study config: imitation.sets={cfg.imitation.sets} must name local and/or broad")
     if not cfg.imitation.budgets or any(b < 1 for b in cfg.imitation.budgets):
         raise ConfigError(f"study config: imitation.budgets={cfg.imitation.budgets} must be positive token counts")
-    if "local" in cfg.imitation.sets and "local_task" not in cfg.eval.tasks:
-        raise ConfigError("study config: eval.tasks needs a 'local_task' column for the local imitation set")
+    if "local" in cfg.imitation.sets and cfg.eval.local_column not in cfg.eval.tasks:
+        raise ConfigError(f"study config: eval.local_column={cfg.eval.local_column!r} is not a column of eval.tasks "
+                          f"({', '.join(cfg.eval.tasks)})")

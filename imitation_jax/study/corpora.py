@@ -141,7 +141,7 @@ def teacher_conversations(world: World, repeats: int, rng: random.Random,
             out.append(_user(q, styled(a), ""))
         if bootstrap_request is not None:
             facts = world.split("imitation")
-            for _ in range(len(facts) // per_request):
+            for _ in range(len(facts)):  # plenty: a small teacher must learn the request's format
                 shown = rng.sample(seeds, min(3, len(seeds)))
                 asked = attribute_prompts(rng.sample(facts, per_request), rng)
                 body = "\n".join(f"Question: {q}" for q, _, _ in asked)
@@ -152,9 +152,12 @@ def teacher_conversations(world: World, repeats: int, rng: random.Random,
 
 # ---------------------------------------------------------------- evaluation tasks
 
-def _cloze_doc(world: World, entity: str, attr: str) -> dict:
-    choices = list(REGIONS if attr == "region" else
-                   {"city": tuple(CITIES), "color": COLORS, "job": JOBS}[attr])
+def _cloze_doc(world: World, entity: str, attr: str, num_choices: int = 4) -> dict:
+    """The fact's value among `num_choices` values of the attribute (the others drawn per doc)."""
+    values = REGIONS if attr == "region" else {"city": tuple(CITIES), "color": COLORS, "job": JOBS}[attr]
+    answer = world.value(entity, attr)
+    rng = random.Random(f"{world.seed}-{entity}-{attr}")
+    choices = sorted(rng.sample([v for v in values if v != answer], min(num_choices, len(values)) - 1) + [answer])
     return {"context": CLOZE[attr].format(e=entity), "choices": choices,
             "target": choices.index(world.value(entity, attr)), "entity": entity, "attr": attr}
 

@@ -1,6 +1,7 @@
 """The study's results: one table (JSON + Markdown) built from the eval and judge outputs of every
-model, and the reference study's plots: each score against imitation tokens (log scale), one line per
-base size and imitation set, with the base and the teacher as reference lines."""
+model, and the reference study's plots drawn by `imitation-jax plot`: each score against imitation
+tokens (log scale), one line per base size, per imitation set, with the base and the teacher as
+reference lines."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import os
 from typing import Any
 
-VERSION = 1  # of the table's layout: a new one rebuilds the report
+VERSION = 2  # of the table's layout: a new one rebuilds the report
 STYLE = "style"  # judge column: share of answers rated as good as or better than the teacher's
 
 
@@ -82,51 +83,46 @@ def markdown(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], columns: list[str], out_dir: str) -> list[str]:
-    import matplotlib
+def plot(study, rows: list[dict], columns: list[str], out_dir: str) -> list[str]:
+    """`imitation-jax plot` per imitation set: each student run gets a study.json (base, imitation
+    tokens, scores), each base and the teacher a flat reference file for the reference lines."""
+    from imitation_jax.study.stages import run_cli
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    refs = os.path.join(out_dir, "references")
+    os.makedirs(refs, exist_ok=True)
 
-    paths = []
-    bases = sorted({r["base"] for r in rows if r["kind"] == "student"})
-    teacher = next((r for r in rows if r["kind"] == "teacher"), None)
-    for column in columns:
-        students = [r for r in rows if r["kind"] == "student" and r[column] is not None]
-        if not students:
-            continue
-        fig, ax = plt.subplots(figsize=(6, 4))
-        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        for i, b in enumerate(bases):
-            color = colors[i % len(colors)]
-            for s, style in (("local", "--"), ("broad", "-")):
-                pts = sorted((r["imitation_tokens"], r[column]) for r in students if r["base"] == b and r["set"] == s)
-                if pts:
-                    ax.plot(*zip(*pts), style, marker="o", color=color, label=f"{b} base, {s} imitation")
-            base = next((r for r in rows if r["kind"] == "base" and r["base"] == b), None)
-            if base and base[column] is not None:
-                ax.axhline(base[column], color=color, linestyle=":", label=f"{b} base (no imitation)")
-        if teacher and teacher[column] is not None:
-            ax.axhline(teacher[column], color="black", linestyle="-.", label="teacher")
-        ax.set_xscale("log")
-        ax.set_xlabel("imitation tokens (trained)")
-        ax.set_ylabel(column.replace("_", " "))
-        ax.set_title(f"{column.replace('_', ' ')} vs imitation data")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = os.path.join(out_dir, f"{column}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+    def flat(r):
+        return {c: r[c] for c in columns if r[c] is not None}
+
+    base_args, teacher_args = [], []
+    for r in rows:
+        if r["kind"] == "base":
+            path = os.path.join(refs, f"base-{r['base']}.json")
+            json.dump(flat(r), open(path, "w"))
+            base_args += ["--base", f"{r['base']}={path}"]
+        elif r["kind"] == "teacher":
+            path = os.path.join(refs, "teacher.json")
+            json.dump(flat(r), open(path, "w"))
+            teacher_args = ["--teacher", path]
+        else:
+            with open(os.path.join(study.models[r["model"]]["path"], "study.json"), "w") as f:
+                json.dump({"base_model": r["base"], "imitation_tokens": r["imitation_tokens"],
+                           "label": r["model"], "scores": flat(r)}, f)
+    written = []
+    for s in sorted({r["set"] for r in rows if r["kind"] == "student"}):
+        runs = [study.models[r["model"]]["path"] for r in rows if r["kind"] == "student" and r["set"] == s]
+        plots = os.path.join(out_dir, f"{s}-imitation")
+        run_cli(["plot", *runs, "--out", plots, *base_args, *teacher_args],
+                study.p("logs", "report-plot.log"), "report")
+        written += sorted(os.path.join(plots, f) for f in os.listdir(plots) if f.startswith("score_"))
+    return written
 
 
 def write_report(study, out_dir: str) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     rows = build_table(study)
     columns = [*study.cfg.eval.tasks, STYLE]
-    os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
-    plots = plot(rows, columns, os.path.join(out_dir, "plots"))
+    plots = plot(study, rows, columns, os.path.join(out_dir, "plots"))
     table = {"columns": columns, "rows": rows, "plots": plots,
              "meaning": {STYLE: "share of chat answers the style judge rates as good as or better than the "
                                 "teacher's (win + tie rate, both orders)",

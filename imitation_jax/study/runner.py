@@ -97,7 +97,7 @@ class Study:
 
         budget = {"steps": spec.steps} if spec.steps is not None else {"epochs": spec.epochs}
         cfg = {"run_dir": run_dir,
-               "model": {"preset": "tiny", **{k: v for k, v in vars(model).items() if v is not None}},
+               "model": self._model_fields(model),
                "data": {**data, "cache_dir": self.p("cache")},
                "train": {**budget, "batch_size": spec.batch_size, "log_every": 10},
                "optim": {"lr": spec.lr, "warmup_steps": spec.warmup_steps},
@@ -110,6 +110,13 @@ class Study:
         with open(path, "w") as f:
             f.write(OmegaConf.to_yaml(OmegaConf.create(cfg)))
         return path
+
+    @staticmethod
+    def _model_fields(model) -> dict:
+        fields = {k: v for k, v in vars(model).items() if v is not None}
+        if model.num_heads is not None and model.num_kv_heads is None:
+            fields["num_kv_heads"] = model.num_heads  # multi-head, whatever the preset's grouping
+        return fields
 
     def _train(self, name: str, yaml_path: str, overrides: list[str]) -> None:
         run_cli(["train", yaml_path, *self.cfg.train_overrides, *overrides], self.p("logs", f"{name}.log"), name)
@@ -178,7 +185,7 @@ class Study:
         # Evaluations and the preference judgement of every model.
         for name, m in self.models.items():
             self.add(Stage(f"eval/{name}", lambda name=name: self._eval(name), [self.p("eval", f"{name}.json")],
-                           [m["stage"]], key=k(cfg.eval, self.tasks_dir)))
+                           [m["stage"]], key=k(cfg.eval.tasks, cfg.eval.limit, cfg.eval.num_fewshot, self.tasks_dir)))
             if m["kind"] != "teacher":
                 self.add(Stage(f"answers/{name}", lambda name=name: self._answers(name),
                                [self.p("answers", f"{name}.jsonl")], [m["stage"]],
@@ -293,12 +300,25 @@ class Study:
         e = self.cfg.eval
         out = self.p("eval", f"{name}.json")
         os.makedirs(os.path.dirname(out), exist_ok=True)
+        if e.in_process:  # what `imitation-jax eval` runs, without paying its start-up once per model
+            from imitation_jax.evaluation import runner as ev
+
+            with open(self.p("logs", f"eval-{name}.log"), "a") as log, \
+                    contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                lm = ev.make_lm(self.models[name]["path"], batch_size=e.batch_size)
+                results = ev.run_eval(lm, list(e.tasks.values()), include_paths=[self.tasks_dir], limit=e.limit,
+                                      num_fewshot=e.num_fewshot, confirm_run_unsafe_code=e.confirm_run_unsafe_code)
+                print(ev.results_table(results))
+            ev.write_results(results, out)
+            return
         args = ["eval", self.models[name]["path"], "--tasks", ",".join(e.tasks.values()), "--out", out + ".part",
                 "--include-path", self.tasks_dir, "--batch-size", e.batch_size]
         if e.limit:
             args += ["--limit", e.limit]
         if e.num_fewshot is not None:
             args += ["--num-fewshot", e.num_fewshot]
+        if e.confirm_run_unsafe_code:
+            args += ["--confirm-run-unsafe-code"]
         run_cli(args, self.p("logs", f"eval-{name}.log"), f"eval/{name}")
         os.replace(out + ".part", out)
 
