@@ -8,61 +8,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
-from typing import Iterator, Optional
+from typing import Iterator
 
 from imitation_jax.study import corpora, report
 from imitation_jax.study.config import StudyConfig, TrainSpec
-from imitation_jax.study.stages import Stage, StageState, StudyError, cli_env, run_cli, settings_key, tail
+from imitation_jax.study.stages import (Stage, StageState, StudyError, available_commands, free_port, run_cli, service,
+                                        settings_key)
 from imitation_jax.study.world import build_world
-
-
-def available_commands() -> set[str]:
-    from imitation_jax.cli import build_parser
-
-    sub = next(a for a in build_parser()._actions if a.dest == "command")
-    return set(sub.choices)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def service(cmd: list[str], port: int, log_path: str, name: str, timeout: float = 600) -> Iterator[str]:
-    """Starts a local HTTP service, waits for /health, yields its /v1 base URL, stops it."""
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    log = open(log_path, "a")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=cli_env())
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise StudyError(f"{name} exited with {proc.returncode} before it was up; "
-                                 f"last lines of {log_path}:\n{tail(log_path)}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise StudyError(f"{name} did not answer /health within {timeout:.0f}s ({log_path})")
-            time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 class Study:

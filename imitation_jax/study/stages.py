@@ -7,14 +7,17 @@ that student and its evaluation rows only.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 
 class StudyError(RuntimeError):
@@ -113,3 +116,47 @@ def tail(path: str, n: int = 15) -> str:
             return "".join(f.readlines()[-n:])
     except FileNotFoundError:
         return ""
+
+
+def available_commands() -> set[str]:
+    from imitation_jax.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    return set(sub.choices)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def service(cmd: list[str], port: int, log_path: str, name: str, timeout: float = 600) -> Iterator[str]:
+    """Starts a local HTTP service, waits for /health, yields its /v1 base URL, stops it."""
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    log = open(log_path, "a")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=cli_env())
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise StudyError(f"{name} exited with {proc.returncode} before it was up; "
+                                 f"last lines of {log_path}:\n{tail(log_path)}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise StudyError(f"{name} did not answer /health within {timeout:.0f}s ({log_path})")
+            time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
