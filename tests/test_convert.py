@@ -214,7 +214,6 @@ def test_student_export_matches_our_greedy_continuation(demo_dir, small_override
     assert rendered == render_text(msgs, loaded.template, bos=tok.bos_token, eos=tok.eos_token,
                                    generation_marker=True)
     prompt = encode_prompt(loaded.tokenizer, msgs, loaded.template)
-
     model = loaded.model()
     ids = list(prompt)
     for _ in range(8):

@@ -37,6 +37,22 @@ def test_run_ckpt_and_hf_dirs_load_the_same_model(small_overrides, tmp_path):
         np.testing.assert_array_equal(logits(other, tokens), ref)
     assert "step 2" in loaded[0].source
 
+    # The exported tokenizer + chat_template give exactly the ids we trained on.
+    import json
+
+    from transformers import AutoTokenizer
+
+    from imitation_jax.data.formats import Message
+    from imitation_jax.data.templates import encode_conversation
+
+    tok = AutoTokenizer.from_pretrained(hf)
+    train_file = next(o.split("[", 1)[1].rstrip("]") for o in small_overrides if o.startswith("data.train_files"))
+    with open(train_file) as f:
+        for line in list(f)[:20]:
+            messages = json.loads(line)["messages"]
+            ours = encode_conversation(loaded[0].tokenizer, [Message(**m) for m in messages], loaded[0].template)
+            assert tok.apply_chat_template(messages, return_dict=True)["input_ids"] == ours.ids.tolist()
+
     half = load_model(run_dir, dtype="bfloat16")
     assert str(half.params["embed"].dtype) == "bfloat16" and half.config.param_dtype == "bfloat16"
     with pytest.raises(CheckpointError, match="no checkpoint for step 7"):

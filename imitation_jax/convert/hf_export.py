@@ -143,7 +143,7 @@ def save_tokenizer(tokenizer, template, out: str):
             shutil.copy(tokenizer.path, os.path.join(tmp, "tokenizer.model"))
             with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
                 json.dump({"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
-                           "legacy": False}, f)
+                           "legacy": True}, f)
             hf = AutoTokenizer.from_pretrained(tmp, local_files_only=True)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -167,6 +167,16 @@ def save_tokenizer(tokenizer, template, out: str):
     hf.chat_template = chat_template_for(template, tokenizer)
     hf.model_max_length = 1 << 30
     hf.save_pretrained(out)
+    if tokenizer.kind == "sentencepiece":
+        # transformers' LlamaTokenizer class re-adds its own prefix-space rules on top of
+        # tokenizer.json (no "▁" after a special token); the plain fast class uses tokenizer.json as
+        # converted, which splits text the way SentencePiece (and so training) did.
+        path = os.path.join(out, "tokenizer_config.json")
+        with open(path) as f:
+            config = json.load(f)
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        with open(path, "w") as f:
+            json.dump(config, f, indent=2)
     return hf
 
 
