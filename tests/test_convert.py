@@ -120,26 +120,36 @@ def test_half_precision_inputs_round_trip_bitwise(dtype, tmp_path, bpe_tokenizer
         assert torch.equal(back.state_dict()[name], tensor), name
 
 
+SHARDED_CHECK = """
+import sys, numpy as np, jax
+from jax.sharding import Mesh, PartitionSpec
+from imitation_jax.convert.hf_import import load_hf_params, read_hf_config
+from imitation_jax.loading import load_model
+from imitation_jax.sharding import AxisType
+hf = sys.argv[1]
+cfg = read_hf_config(hf)
+mesh = Mesh(np.array(jax.devices()[:4]).reshape(1, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+sharded = load_hf_params(hf, cfg, mesh)
+assert sharded["layers"]["attn"]["q"].sharding.spec != PartitionSpec(), sharded["layers"]["attn"]["q"].sharding
+assert len(sharded["embed"].addressable_shards) == 4
+single = load_model(hf).params
+for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+print("SHARDED_OK")
+"""
+
+
 def test_sharded_streaming_load_equals_single_device(tmp_path, bpe_tokenizer):
-    """init.hf's path: each device shard read as HF slices gives the same arrays as one device."""
-    import jax
-    from jax.sharding import Mesh
+    """init.hf's path on a 2x2 (fsdp x tensor) mesh of simulated devices: every device shard read
+    as HF slices gives the same arrays as a one-device load."""
+    import subprocess
+    import sys
 
-    from imitation_jax.convert.hf_import import load_hf_params, read_hf_config
-    from imitation_jax.sharding import AxisType
-
-    if jax.device_count() < 4:
-        pytest.skip("needs simulated devices")
-    model = hf_model("llama2-gqa")
-    save(model, tmp_path / "hf", bpe_tokenizer)
-    cfg = read_hf_config(str(tmp_path / "hf"))
-    mesh = Mesh(np.array(jax.devices()[:4]).reshape(1, 2, 2), ("data", "fsdp", "tensor"),
-                axis_types=(AxisType.Auto,) * 3)
-    sharded = load_hf_params(str(tmp_path / "hf"), cfg, mesh)
-    single = load_model(str(tmp_path / "hf")).params
-    assert sharded["layers"]["attn"]["q"].sharding.spec != jax.sharding.PartitionSpec()
-    for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    save(hf_model("llama2-gqa"), tmp_path / "hf", bpe_tokenizer)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", SHARDED_CHECK, str(tmp_path / "hf")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert "SHARDED_OK" in proc.stdout, proc.stderr[-3000:]
 
 
 def _cli_error(capsys, argv) -> str:
