@@ -9,7 +9,7 @@ import json
 import os
 from typing import Any
 
-VERSION = 2  # of the table's layout: a new one rebuilds the report
+VERSION = 3  # of the table's layout: a new one rebuilds the report
 STYLE = "style"  # judge column: share of answers rated as good as or better than the teacher's
 
 
@@ -38,22 +38,10 @@ def style_score(judged: dict | None) -> float | None:
 
 
 def imitation_tokens(study, s: str, budget: int) -> int:
+    """Trained tokens a student saw per epoch: its budget, or the whole set when that is smaller."""
     stats = _read(study.p("imitation", "prepared", s, "stats.json")) or {}
-    have = _find(stats, ("trained_tokens", "loss_tokens"))
+    have = stats.get("splits", {}).get("train", {}).get("trained_tokens")
     return min(budget, int(have)) if have else budget
-
-
-def _find(d: Any, keys: tuple[str, ...]) -> Any:
-    """The first value under one of `keys`, anywhere in nested dicts (stats.json's layout may grow)."""
-    if isinstance(d, dict):
-        for k in keys:
-            if isinstance(d.get(k), (int, float)):
-                return d[k]
-        for v in d.values():
-            found = _find(v, keys)
-            if found is not None:
-                return found
-    return None
 
 
 def build_table(study) -> list[dict]:
