@@ -32,6 +32,8 @@ def register(sub) -> None:
     p.add_argument("--confirm-run-unsafe-code", action="store_true",
                    help="allow tasks marked unsafe_code (lm-eval's humaneval) to execute generated code")
     p.add_argument("--seed", type=int, default=0, help="few-shot sampling and sampling seed")
+    p.add_argument("--apply-chat-template", action="store_true",
+                   help="render prompts with the model's chat template (--backend hf: the exported chat_template)")
     p.set_defaults(func=run)
 
 
@@ -47,11 +49,16 @@ def run(args: argparse.Namespace) -> int:
     runner.offline()
     if args.backend == "hf" and args.step is not None:
         raise ConfigError("--step applies to a run dir with --backend ours")
+    if args.apply_chat_template and args.backend != "hf":
+        raise ConfigError("--apply-chat-template: our backend scores plain-text prompts only; export the model "
+                          "(imitation-jax export-hf MODEL --out HF_DIR) and use --backend hf, whose tokenizer "
+                          "carries the training template as its chat_template")
     lm = runner.make_lm(args.model, args.backend, batch_size=args.batch_size, dtype=args.dtype, step=args.step)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     results = runner.run_eval(lm, tasks, include_paths=args.include_path, limit=limit,
                               num_fewshot=args.num_fewshot, log_samples=args.log_samples,
-                              confirm_run_unsafe_code=args.confirm_run_unsafe_code, seed=args.seed)
+                              confirm_run_unsafe_code=args.confirm_run_unsafe_code, seed=args.seed,
+                              apply_chat_template=args.apply_chat_template)
     results.setdefault("config", {})["imitation_jax"] = {"model": args.model, "backend": args.backend,
                                                          "step": args.step, "tasks": tasks}
     runner.write_results(results, args.out)

@@ -4,7 +4,8 @@ The training loop calls `TaskEval.run(params)` every `eval.tasks_every_steps` st
 the flat scores ({"mini_mmlu/acc": ...}) go to metrics.jsonl and TensorBoard with the prefix
 `task/`. One backend object lives for the whole run and only its parameters are swapped, so the
 scoring and generation functions compile once. Every process runs the same requests (the
-computation is SPMD over the global parameters); only process 0 writes the metrics.
+computation is SPMD over the global parameters) and only process 0 writes the metrics; the tests
+cover one process (with any mesh), not several.
 """
 
 from __future__ import annotations

@@ -93,7 +93,7 @@ def _cuda() -> bool:
 
 def run_eval(lm, tasks: Sequence[str], *, include_paths: Sequence[str] = (), limit: float | None = None,
              num_fewshot: int | None = None, log_samples: bool = False, confirm_run_unsafe_code: bool = False,
-             seed: int = 0, verbosity: str = "WARNING") -> dict:
+             seed: int = 0, verbosity: str = "WARNING", apply_chat_template: bool = False) -> dict:
     """simple_evaluate on `lm` (an lm-eval LM instance); returns lm-eval's results dict."""
     import lm_eval
 
@@ -105,7 +105,7 @@ def run_eval(lm, tasks: Sequence[str], *, include_paths: Sequence[str] = (), lim
             model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit, log_samples=log_samples,
             task_manager=manager, confirm_run_unsafe_code=confirm_run_unsafe_code, bootstrap_iters=0,
             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-            verbosity=verbosity)
+            verbosity=verbosity, apply_chat_template=apply_chat_template)
     except ConnectionError as exc:  # datasets in offline mode, data not in the local cache
         raise FileNotFoundError(f"task data is not available offline ({str(exc).splitlines()[0]}); fetch it "
                                 "once with HF_DATASETS_OFFLINE=0 where there is network, or point the task at "
