@@ -18,6 +18,7 @@ Accepted questions are appended (fsynced) to a prompts file as `{"id", "prompt",
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import collections
 import json
 import random
@@ -176,20 +177,21 @@ async def _generate(seeds, prompts_path, num, *, model, base_url, per_request, e
         return (resp.choices[0].message.content or "") if resp.choices else ""
 
     try:
-        async for _, result in bounded_map(ask, requests(), concurrency):
-            counts["requests"] += 1
-            if isinstance(result, BaseException):
-                if is_fatal(result):
-                    raise DataError(f"{base_url}: {describe_error(result)}", "api_error")
-                counts["failed"] += 1
-                continue
-            for q in parse_questions(result):
-                counts["parsed"] += 1
-                if len(kept) < num and dedup.add(q):
-                    kept.append(q)
-                    writer.write({"id": stable_id([{"role": "user", "content": q}]), "prompt": q,
-                                  "source": "bootstrap"})
-                    bar.update(1)
+        async with contextlib.aclosing(bounded_map(ask, requests(), concurrency)) as finished:
+            async for _, result in finished:
+                counts["requests"] += 1
+                if isinstance(result, BaseException):
+                    if is_fatal(result):
+                        raise DataError(f"{base_url}: {describe_error(result)}", "api_error")
+                    counts["failed"] += 1
+                    continue
+                for q in parse_questions(result):
+                    counts["parsed"] += 1
+                    if len(kept) < num and dedup.add(q):
+                        kept.append(q)
+                        writer.write({"id": stable_id([{"role": "user", "content": q}]), "prompt": q,
+                                      "source": "bootstrap"})
+                        bar.update(1)
     finally:
         bar.close()
         writer.close()

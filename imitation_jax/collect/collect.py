@@ -20,6 +20,7 @@ OUT and asks only for the rest; a line torn by a crash mid-write is cut off firs
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -204,35 +205,36 @@ async def _collect(prompts: list[Prompt], out: str, model: str, base_url: str, s
         return resp, time.monotonic() - start
 
     try:
-        async for p, result in bounded_map(ask, prompts, concurrency):
-            bar.update(1)
-            if isinstance(result, BaseException):
-                if is_fatal(result):
-                    raise DataError(f"{base_url}: {describe_error(result)} (stopping: every "
-                                    f"request would fail the same way)", "api_error")
-                summary.failed += 1
-                summary.failures.append((p.id, describe_error(result)))
-                continue
-            resp, latency = result
-            choice = resp.choices[0] if resp.choices else None
-            content = choice.message.content if choice is not None else None
-            if content is None:
-                summary.failed += 1
-                summary.failures.append((p.id, "the reply has no text content"))
-                continue
-            usage = resp.usage.model_dump(exclude_none=True) if resp.usage is not None else None
-            if usage:
-                summary.prompt_tokens += usage.get("prompt_tokens", 0)
-                summary.completion_tokens += usage.get("completion_tokens", 0)
-            writer.write({
-                "id": p.id,
-                "messages": [*p.messages, {"role": "assistant", "content": content}],
-                "provenance": {"teacher": resp.model or model, "requested_model": model,
-                               "params": sampling.as_kwargs(), "created": _now(),
-                               "finish_reason": choice.finish_reason, "usage": usage,
-                               "latency_s": round(latency, 3)}})
-            summary.answered += 1
-            bar.set_postfix(failed=summary.failed, refresh=False)
+        async with contextlib.aclosing(bounded_map(ask, prompts, concurrency)) as finished:
+            async for p, result in finished:
+                bar.update(1)
+                if isinstance(result, BaseException):
+                    if is_fatal(result):
+                        raise DataError(f"{base_url}: {describe_error(result)} (stopping: every "
+                                        f"request would fail the same way)", "api_error")
+                    summary.failed += 1
+                    summary.failures.append((p.id, describe_error(result)))
+                    continue
+                resp, latency = result
+                choice = resp.choices[0] if resp.choices else None
+                content = choice.message.content if choice is not None else None
+                if content is None:
+                    summary.failed += 1
+                    summary.failures.append((p.id, "the reply has no text content"))
+                    continue
+                usage = resp.usage.model_dump(exclude_none=True) if resp.usage is not None else None
+                if usage:
+                    summary.prompt_tokens += usage.get("prompt_tokens", 0)
+                    summary.completion_tokens += usage.get("completion_tokens", 0)
+                writer.write({
+                    "id": p.id,
+                    "messages": [*p.messages, {"role": "assistant", "content": content}],
+                    "provenance": {"teacher": resp.model or model, "requested_model": model,
+                                   "params": sampling.as_kwargs(), "created": _now(),
+                                   "finish_reason": choice.finish_reason, "usage": usage,
+                                   "latency_s": round(latency, 3)}})
+                summary.answered += 1
+                bar.set_postfix(failed=summary.failed, refresh=False)
     finally:
         bar.close()
         writer.close()

@@ -15,6 +15,7 @@ disagreeing). A verdict the judge does not state in the asked form leaves the pr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import math
@@ -173,14 +174,15 @@ async def _judge_all(pairs, *, model, base_url, concurrency, max_tokens, timeout
         return (resp.choices[0].message.content or "") if resp.choices else ""
 
     try:
-        async for job, result in bounded_map(ask, jobs, concurrency):
-            bar.update(1)
-            if isinstance(result, BaseException):
-                if is_fatal(result):
-                    raise DataError(f"{base_url}: {describe_error(result)}", "api_error")
-                results[job] = {"verdict": None, "error": describe_error(result)}
-            else:
-                results[job] = {"verdict": parse_verdict(result), "reply": result}
+        async with contextlib.aclosing(bounded_map(ask, jobs, concurrency)) as finished:
+            async for job, result in finished:
+                bar.update(1)
+                if isinstance(result, BaseException):
+                    if is_fatal(result):
+                        raise DataError(f"{base_url}: {describe_error(result)}", "api_error")
+                    results[job] = {"verdict": None, "error": describe_error(result)}
+                else:
+                    results[job] = {"verdict": parse_verdict(result), "reply": result}
     finally:
         bar.close()
         await client.close()
