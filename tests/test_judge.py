@@ -44,12 +44,16 @@ def write_answers(tmp_path):
         for pid in SCRIPT:
             good_a = pid != "b-better"
             prompt = f"question id {pid} ünïcode"
-            # A in collect's format (messages), B in generate's (prompt + completion)
+            # A as `collect` writes it
             fa.write(json.dumps({"id": pid, "messages": [
                 {"role": "user", "content": prompt},
                 {"role": "assistant", "content": "GOOD answer" if good_a else "weak answer"}]}) + "\n")
-            fb.write(json.dumps({"id": pid, "prompt": prompt,
-                                 "completion": "weak answer" if good_a else "GOOD answer"}) + "\n")
+            # B as `generate` writes it: messages ending with the answer, plus prompt and completion
+            b_text = "weak answer" if good_a else "GOOD answer"
+            fb.write(json.dumps({"id": pid, "messages": [{"role": "system", "content": "Be brief."},
+                                                         {"role": "user", "content": prompt},
+                                                         {"role": "assistant", "content": b_text}],
+                                 "prompt": prompt, "completion": b_text}) + "\n")
         fb.write(json.dumps({"id": "only-b", "prompt": "x", "completion": "y"}) + "\n")
     return str(a), str(b)
 
@@ -100,3 +104,11 @@ def test_read_answers_errors(tmp_path):
     bad.write_text('{"id": 1, "prompt": "q"}\n')
     with pytest.raises(DataError, match="bad.jsonl:1: needs the prompt"):
         read_answers(str(bad))
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text('{"id": 1, "prompt": "q", "completion": "c"}\n')
+    assert read_answers(str(plain))["1"].prompt == ({"role": "user", "content": "q"},)
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"id": 1, "prompt": "another q", "completion": "c"}\n')
+    with pytest.raises(DataError, match="questions .* differ"):
+        from imitation_jax.collect.judge import judge
+        judge(str(plain), str(other), model="j", base_url="http://127.0.0.1:9/v1", progress=False)

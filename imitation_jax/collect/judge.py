@@ -58,8 +58,9 @@ def read_answers(path: str) -> dict[str, Answer]:
             text = next((r[k] for k in ANSWER_KEYS if isinstance(r.get(k), str)), None)
             msgs = r.get("messages")
             if isinstance(msgs, list) and msgs and all(isinstance(m, dict) for m in msgs):
-                if text is None and msgs[-1].get("role") == "assistant":
-                    text, msgs = msgs[-1].get("content"), msgs[:-1]
+                if msgs[-1].get("role") == "assistant":  # the answer (generate also repeats it as "completion")
+                    text = text if text is not None else msgs[-1].get("content")
+                    msgs = msgs[:-1]
                 prompt = tuple({"role": m.get("role"), "content": m.get("content")} for m in msgs)
             elif isinstance(r.get("prompt"), str):
                 prompt = ({"role": "user", "content": r["prompt"]},)
@@ -70,6 +71,11 @@ def read_answers(path: str) -> dict[str, Answer]:
                                 f"({', '.join(ANSWER_KEYS)}, or a last assistant message)", "missing_field")
             answers[str(r["id"])] = Answer(str(r["id"]), prompt, text)
     return answers
+
+
+def _question(answer: Answer) -> str:
+    users = [m["content"] for m in answer.prompt if m.get("role") == "user"]
+    return users[-1] if users else ""
 
 
 def _render_prompt(prompt: tuple[dict, ...]) -> str:
@@ -194,9 +200,9 @@ def judge(a_path: str, b_path: str, *, model: str, base_url: str, concurrency: i
           progress: bool = True) -> dict:
     a, b = read_answers(a_path), read_answers(b_path)
     ids = [i for i in a if i in b]
-    for i in ids:
-        if a[i].prompt != b[i].prompt:
-            raise DataError(f"id {i!r}: the prompts in {a_path} and {b_path} differ", "prompt_mismatch")
+    for i in ids:  # (system messages may differ between the systems; the question may not)
+        if _question(a[i]) != _question(b[i]):
+            raise DataError(f"id {i!r}: the questions in {a_path} and {b_path} differ", "prompt_mismatch")
     if not ids:
         raise DataError(f"{a_path} and {b_path} share no ids", "no_overlap")
     pairs = [(a[i], b[i]) for i in ids]
