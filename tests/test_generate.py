@@ -89,15 +89,17 @@ def greedy_by_recompute(loaded, prompt: list[int], n: int, stop=()) -> list[int]
 # ------------------------------------------------------------------------------------ KV cache
 
 
-def test_decode_logits_match_full_forward_with_left_padding(loaded):
+@pytest.mark.parametrize("prefill", ["cache", "segments"])
+def test_decode_logits_match_full_forward_with_left_padding(loaded, prefill):
     """Llama.decode over a prefill then single steps gives the logits of the full forward pass,
-    for a left-padded row and an unpadded one in the same batch."""
+    for a left-padded row and an unpadded one in the same batch. The prefill attends over the
+    masked cache, or (as the Generator does) over the new tokens with padding as segment 0."""
     from flax import nnx
 
     @jax.jit
-    def decode(params, tokens, positions, cache):
+    def decode(params, tokens, positions, cache, segments=None):
         model = nnx.merge(loaded.graphdef, params)
-        hidden, cache = model.decode(tokens, positions, cache)
+        hidden, cache = model.decode(tokens, positions, cache, segments)
         return model.logits(hidden[:, -1]), cache
 
     seqs = prompts_of([9, 13], seed=1)
@@ -107,7 +109,9 @@ def test_decode_logits_match_full_forward_with_left_padding(loaded):
     start = np.asarray([width - 9, 0], np.int32)
     tokens[0, start[0]:], tokens[1] = seqs[0], seqs[1]
     positions = np.maximum(np.arange(width)[None] - start[:, None], 0)
-    logits, cache = decode(loaded.params, tokens, positions, KVCache.create(loaded.config, jnp.asarray(start), 24))
+    segments = (np.arange(width)[None] >= start[:, None]).astype(np.int32) if prefill == "segments" else None
+    logits, cache = decode(loaded.params, tokens, positions, KVCache.create(loaded.config, jnp.asarray(start), 24),
+                           segments)
     got = [logits]
     for step in range(4):
         new = np.asarray([[extra[0][step]], [extra[1][step]]], np.int32)

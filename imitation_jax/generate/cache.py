@@ -16,8 +16,10 @@ from imitation_jax.model.kv_cache import KVCache
 def prefill(model, tokens: jax.Array, start: jax.Array, slots: int) -> tuple[jax.Array, KVCache]:
     """Run the (B, P) left-padded prompts into a fresh cache of `slots` slots; returns the fp32
     logits (B, V) after each prompt and the cache."""
-    positions = jnp.maximum(jnp.arange(tokens.shape[1])[None, :] - start[:, None], 0)
-    hidden, cache = model.decode(tokens, positions, KVCache.create(model.cfg, start, slots))
+    slot = jnp.arange(tokens.shape[1])[None, :]
+    positions = jnp.maximum(slot - start[:, None], 0)
+    segments = (slot >= start[:, None]).astype(jnp.int32)  # padding is segment 0: no row sees it
+    hidden, cache = model.decode(tokens, positions, KVCache.create(model.cfg, start, slots), segments)
     return model.logits(hidden[:, -1]), cache
 
 

@@ -15,11 +15,13 @@ import jax
 import jax.numpy as jnp
 
 
-def resolve_impl(impl: str) -> str:
+def resolve_impl(impl: str, dtype=None) -> str:
     if impl != "auto":
         return impl
     platform = jax.devices()[0].platform
-    return {"gpu": "cudnn", "cuda": "cudnn", "cpu": "einsum"}.get(platform, "xla")
+    if platform in ("gpu", "cuda"):  # cuDNN's fused attention has fp16/bf16 kernels only
+        return "cudnn" if dtype is None or jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+    return {"cpu": "einsum"}.get(platform, "xla")
 
 
 def segment_mask(segment_ids: jax.Array, causal: bool = True) -> jax.Array:
@@ -33,7 +35,7 @@ def segment_mask(segment_ids: jax.Array, causal: bool = True) -> jax.Array:
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, impl: str) -> jax.Array:
     """q: (B, T, H, D); k, v: (B, T, KV, D) with H a multiple of KV; returns (B, T, H, D)."""
-    impl = resolve_impl(impl)
+    impl = resolve_impl(impl, q.dtype)
     if impl == "einsum":
         return _einsum_attention(q, k, v, segment_mask(segment_ids))
     if impl == "cudnn":

@@ -45,7 +45,7 @@ class LayerCache(NamedTuple):
     k: jax.Array  # (batch, slots, kv_heads, head_dim)
     v: jax.Array
     index: jax.Array
-    mask: jax.Array
+    mask: jax.Array | None  # None: a prefill, the new tokens attend to each other only
 
     def write(self, k: jax.Array, v: jax.Array) -> LayerCache:
         """The cache with k, v (batch, new, kv_heads, head_dim) stored at slots index, index+1, ..."""

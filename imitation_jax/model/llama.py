@@ -35,8 +35,9 @@ class Attention(nnx.Module):
         self.impl = cfg.attention
 
     def __call__(self, x, cos, sin, segment_ids, cache: LayerCache | None = None):
-        """Returns (output, cache). With a cache (decoding), this call's keys and values are written
-        into it and the queries attend over the whole cache under its mask instead."""
+        """Returns (output, cache). With a cache, this call's keys and values are written into it;
+        the queries then attend over the whole cache under its mask, or, for a prefill (a cache
+        without a mask), over the new tokens only, as in training."""
         dt = self.dtype
 
         def project(w):  # one (tokens, d) x (d, heads * head_dim) matmul: the backward pass of a
@@ -47,10 +48,11 @@ class Attention(nnx.Module):
         q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "act_heads", None))
         k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "act_kv_heads", None))
         v = constrain(v, ("batch", "seq", "act_kv_heads", None))
-        if cache is None:
+        if cache is not None:
+            cache = cache.write(k, v)
+        if cache is None or cache.mask is None:
             out = attention(q, k, v, segment_ids, self.impl)
         else:
-            cache = cache.write(k, v)
             out = cached_attention(q, cache.k, cache.v, cache.mask)
         wo = self.o[...].astype(dt)
         return (out.reshape(-1, wo.shape[0] * wo.shape[1]) @ wo.reshape(-1, wo.shape[2])).reshape(x.shape), cache
@@ -100,10 +102,14 @@ class Llama(nnx.Module):
             segment_ids = jnp.ones_like(tokens)
         return self._run(tokens, positions, segment_ids, None)[0]
 
-    def decode(self, tokens: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    def decode(self, tokens: jax.Array, positions: jax.Array, cache: KVCache,
+               segment_ids: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
         """Run new tokens (batch, new) at `positions` against the keys and values in `cache`, which
-        are extended by theirs (written at cache.index); returns (hidden, updated cache)."""
-        return self._run(tokens, positions, None, cache)
+        are extended by theirs (written at cache.index); returns (hidden, updated cache).
+
+        With `segment_ids` (a prefill into an empty cache; 0 marks padding) the new tokens attend to
+        each other only, through the training attention (flash/cuDNN where it is), not the cache."""
+        return self._run(tokens, positions, segment_ids, cache)
 
     def _run(self, tokens, positions, segment_ids, cache: KVCache | None):
         cfg = self.cfg
@@ -115,7 +121,7 @@ class Llama(nnx.Module):
         # A trace-time constant, not a state variable (so checkpoints hold parameters only).
         cos, sin = rope_tables(positions, rope_inv_freq(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling))
 
-        mask = None if cache is None else cache.mask(tokens.shape[1])
+        mask = None if cache is None or segment_ids is not None else cache.mask(tokens.shape[1])
 
         def run_block(block: Block, x, kv):
             layer_cache = None if kv is None else LayerCache(*kv, cache.index, mask)
