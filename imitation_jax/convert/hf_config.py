@@ -61,8 +61,6 @@ def check_supported(hf: dict, where: str) -> None:
     for key in ("attention_bias", "mlp_bias"):
         if hf.get(key):
             raise CheckpointError(f"{where}: {key}=true is not supported (LLaMA has no biases)")
-    if (hf.get("pretraining_tp") or 1) != 1:
-        pass  # only changes how HF splits its matmuls, not the weights
     _rope(hf, where)
 
 

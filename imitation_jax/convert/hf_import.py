@@ -34,7 +34,7 @@ def hf_template(tokenizer) -> Any:
     """The built-in template whose HF rendering is the tokenizer's chat_template (what export-hf
     writes), else the chat_template itself ('hf'), else koala."""
     from imitation_jax.data.formats import DataError
-    from imitation_jax.data.templates import HFChatTemplate, TEMPLATES, chat_template_jinja, get_template
+    from imitation_jax.data.templates import TEMPLATES, HFChatTemplate, get_template
 
     name_turns = template_of(tokenizer)
     if name_turns is not None:
