@@ -263,3 +263,14 @@ def test_train_from_init_hf_grows_vocab_for_turn_tokens(demo_dir, small_override
     assert new.shape == (2, 64) and 0 < np.abs(new).max() < 0.2  # normal(0, initializer_range)
     head = np.asarray(params["lm_head"])
     np.testing.assert_array_equal(head[:, :512], base.lm_head.weight.detach().numpy().T)
+
+    # init.checkpoint of the imported base grows the same way (same seed: the same new rows).
+    assert cli(["import-hf", str(tmp_path / "base"), "--out", str(tmp_path / "ckpt")]) == 0
+    arch = ["model.hidden_size=64", "model.intermediate_size=128", "model.num_layers=2", "model.num_heads=4",
+            "model.num_kv_heads=2", "model.rms_norm_eps=1e-6", f"run_dir={tmp_path / 'run2'}"]
+    cfg2 = load_config("configs/tiny.yaml", overrides + arch + [
+        f"init.checkpoint={tmp_path / 'ckpt'}", "data.turn_tokens=true", "train.steps=1", "optim.lr=0",
+        "logging.tensorboard=false"])
+    again = train(cfg2)["params"]
+    np.testing.assert_array_equal(np.asarray(again["embed"]), embed)
+    np.testing.assert_array_equal(np.asarray(again["lm_head"]), head)
