@@ -276,7 +276,7 @@ def gen_messages(messages):
 # ------------------------------------------------------------------------------------ CLI
 
 
-def test_cli_generate_writes_answers_jsonl(tmp_path, loaded, gen):
+def test_cli_generate_writes_answers_jsonl(tmp_path, loaded, gen, monkeypatch, capsys):
     """A params dir (as import-hf writes it) through `imitation-jax generate`: a plain prompt is
     continued as raw text after BOS, a messages record is rendered with the template."""
     from imitation_jax.checkpoint import save_params
@@ -302,7 +302,8 @@ def test_cli_generate_writes_answers_jsonl(tmp_path, loaded, gen):
     [raw] = gen.generate([[tok.bos_id] + tok.encode("hello there")], p)
     [chat] = gen.chat([[system, {"role": "user", "content": "what is up"}]], p)
     assert rows[0]["prompt"] == "hello there"
-    assert rows[0]["messages"] == [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": raw.text}]
+    assert rows[0]["messages"] == [{"role": "user", "content": "hello there"},
+                                   {"role": "assistant", "content": raw.text}]
     assert rows[1]["messages"] == [system, records[1]["messages"][0], {"role": "assistant", "content": chat.text}]
     for r, w in zip(rows, [raw, chat]):
         assert r["completion"] == w.text and r["finish_reason"] == w.finish_reason
@@ -310,6 +311,19 @@ def test_cli_generate_writes_answers_jsonl(tmp_path, loaded, gen):
     # User mistakes: exit 2, one line.
     assert main(["generate", str(model_dir), "--prompt", "x", "--out", str(out), "--top-p", "0"]) == 2
     assert main(["generate", str(tmp_path / "nope"), "--prompt", "x", "--out", str(out)]) == 2
+    # `imitation-jax chat` on the same dir: one exchange, then end of input.
+    typed = iter(["what is up"])
+    monkeypatch.setattr("builtins.input", lambda _: _next_or_eof(typed))
+    capsys.readouterr()
+    assert main(["chat", str(model_dir), "--system", "Be brief.", "--temperature", "0", "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == f"model> {chat.text}\n\n"
+
+
+def _next_or_eof(it):
+    try:
+        return next(it)
+    except StopIteration:
+        raise EOFError from None
 
 
 # ------------------------------------------------------------------------------------ sharding
@@ -327,7 +341,8 @@ SHARDED_SCRIPT = textwrap.dedent("""
     tok = load_tokenizer(sys.argv[1])
     assert len(jax.devices()) == 8
     prompts = prompts_of([5, 17, 9, 30], seed=11)
-    params = [SamplingParams(max_new_tokens=8), SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=5)] * 2
+    params = [SamplingParams(max_new_tokens=8),
+              SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=5)] * 2
     out = {}
     for name, mesh in [("one", None), ("sharded", make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)))]:
         loaded = tiny_loaded(tok, mesh=mesh)

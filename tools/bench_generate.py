@@ -6,9 +6,9 @@
     python tools/bench_generate.py --batch 1,8 --steps-per-call 1,8,32
 
 Both sides decode the same prompts (random ids, `--prompt-len` each) for exactly `--new-tokens`
-tokens per row (no EOS stop), greedy, fp32 on a CPU and bf16 on a GPU (torch on CUDA there). The HF model is built from our parameters (the
-export's tensor table), so the weights are identical, and the two outputs are compared token by
-token. Times include the prefill; each side is warmed up once (compilation, caches) and the
+tokens per row (no EOS stop), greedy, fp32 on a CPU and bf16 on a GPU (torch on CUDA there). The
+HF model is built from our parameters (the export's tensor table), so the weights are identical,
+and the two outputs are compared token by token. Times include the prefill; each side is warmed up once (compilation, caches) and the
 median of `--repeats` runs is reported. tokens/s = rows x new tokens / seconds. On a shared
 machine the numbers move with other processes' load: the output reports the load average.
 """

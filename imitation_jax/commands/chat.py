@@ -48,10 +48,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def repl(gen, params, system: str | None = None, read: Callable[[str], str] = input,
-         out: TextIO = sys.stdout) -> list[dict]:
-    """The chat loop; returns the history at exit (for tests)."""
+def repl(gen, params, system: str | None = None, read: Callable[[str], str] | None = None,
+         out: TextIO | None = None) -> list[dict]:
+    """The chat loop (reading with `input`, writing to stdout by default); returns the history."""
     import dataclasses
+
+    read = read or input
+    out = out or sys.stdout
 
     from imitation_jax.generate import PromptTooLong
 

@@ -31,7 +31,8 @@ class PromptTooLong(ValueError):
 
 @dataclasses.dataclass
 class Completion:
-    tokens: list[int]  # generated ids, without the stop id that ended them
+    tokens: list[int]  # generated ids: without the stop id that ended them; with a stop string, up to
+    # and including the token that completed it
     text: str  # decoded tokens, cut before a stop string
     finish_reason: str  # 'stop' (stop id or stop string) | 'length' (max_new_tokens or context)
     prompt_tokens: int
