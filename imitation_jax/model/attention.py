@@ -47,7 +47,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Decoding: q (B, T, H, D) over cached keys/values (B, S, KV, D) with a boolean mask
-    (B, 1, T, S); fp32 scores and softmax. T is small (one step, or a prompt), so no blocking."""
+    (B, 1, T, S); fp32 scores and softmax. T is a decode step or a few, so no blocking (a prompt
+    goes through `attention`, as in training)."""
     b, t, h, d = q.shape
     kv = k.shape[2]
     qg = q.reshape(b, t, kv, h // kv, d)
