@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
-VERSION = 3  # of the table's layout: a new one rebuilds the report
+VERSION = 4  # of the table's layout: a new one rebuilds the report
 STYLE = "style"  # judge column: share of answers rated as good as or better than the teacher's
 
 
@@ -37,8 +38,16 @@ def style_score(judged: dict | None) -> float | None:
     return float(judged["win"]["rate"] + judged["tie"]["rate"])
 
 
-def imitation_tokens(study, s: str, budget: int) -> int:
-    """Trained tokens a student saw per epoch: its budget, or the whole set when that is smaller."""
+def imitation_tokens(study, name: str, s: str, budget: int) -> int:
+    """Trained tokens in the student's capped subset (train's data line in its log: the nested subset
+    of whole rows under the budget), else its budget or the whole set when that is smaller."""
+    try:
+        with open(study.p("logs", f"train-{name}.log")) as f:
+            found = re.findall(r"^data: .*?([\d,]+) trained tokens", f.read(), re.M)
+        if found:
+            return int(found[-1].replace(",", ""))
+    except FileNotFoundError:
+        pass
     stats = _read(study.p("imitation", "prepared", s, "stats.json")) or {}
     have = stats.get("splits", {}).get("train", {}).get("trained_tokens")
     return min(budget, int(have)) if have else budget
@@ -52,7 +61,8 @@ def build_table(study) -> list[dict]:
         m = study.models.get(name, {"kind": "teacher"})
         row = {"model": name, "kind": m["kind"], "base": m.get("base"), "set": m.get("set"),
                "budget": m.get("budget")}
-        row["imitation_tokens"] = imitation_tokens(study, m["set"], m["budget"]) if m["kind"] == "student" else 0
+        row["imitation_tokens"] = (imitation_tokens(study, name, m["set"], m["budget"])
+                                   if m["kind"] == "student" else 0)
         results = _read(study.p("eval", f"{name}.json"))
         for column, task in cfg.eval.tasks.items():
             row[column] = task_score(results, task)
