@@ -85,14 +85,14 @@ class Generator:
             self.traces["decode"] += 1
 
             def one(carry, i):
-                # NNX wants a module built at the trace level that uses it: the (loop-invariant)
-                # parameters ride in the carry and the model is merged inside the loop body.
-                params, state, last = carry
+                # NNX wants a module built at the trace level that uses it: merged inside the loop
+                # body, from the closed-over parameters (in the carry, XLA copied them every step).
+                state, last = carry
                 logits, state = decode_cache.extend(_merge(graphdef, params), state, last)
                 token = sample(logits, (step0 + i).astype(jnp.uint32), **samp)
-                return (params, state, token), token
+                return (state, token), token
 
-            (_, state, last), tokens = jax.lax.scan(one, (params, state, last), jnp.arange(steps))
+            (state, last), tokens = jax.lax.scan(one, (state, last), jnp.arange(steps))
             return tokens, state, last
 
         self._prefill = jax.jit(prefill, static_argnums=(4,))
