@@ -283,14 +283,7 @@ class Study:
                  self.world_file("chat_prompts"), "--chat", "--max-new-tokens", self.cfg.judge.max_new_tokens,
                  "--temperature", 0.0, "--out", out + ".part"], self.p("logs", f"answers-{name}.log"),
                 f"answers/{name}")
-        # generate writes the reply both as "completion" and as the last message; judge matches
-        # prompts on the messages, so keep the prompt turns only (as collect's records have them).
-        rows = corpora.read_jsonl(out + ".part")
-        for r in rows:
-            if isinstance(r.get("completion"), str) and r.get("messages") and r["messages"][-1]["role"] == "assistant":
-                r["messages"] = r["messages"][:-1]
-        corpora.write_jsonl(out, rows)
-        os.remove(out + ".part")
+        os.replace(out + ".part", out)
 
     def _style(self, name: str) -> None:
         mine = self.p("answers", f"{name}.jsonl")
