@@ -128,7 +128,7 @@ def chat_template_for(template: Any, tokenizer) -> Optional[str]:
 
     if isinstance(template, HFChatTemplate):
         return template.tokenizer.hf.chat_template
-    return chat_template_jinja(template)
+    return chat_template_jinja(template, prepends_space=tokenizer.prepends_space)
 
 
 def save_tokenizer(tokenizer, template, out: str):

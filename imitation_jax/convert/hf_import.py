@@ -60,8 +60,9 @@ def template_of(tokenizer) -> Optional[tuple[str, bool]]:
         return None
     for name, template in TEMPLATES.items():
         for turns in (False, True):
-            if chat_template_jinja(template.with_turn_tokens() if turns else template) == source:
-                return name, turns
+            for spaces in (False, True):  # as exported for the tokenizer's kind
+                if chat_template_jinja(template.with_turn_tokens() if turns else template, spaces) == source:
+                    return name, turns
     return None
 
 

@@ -36,7 +36,10 @@ prepends_space tokenizer also starts a word right after a newline or special tok
 `encode_prompt` runs the same code for inference, so a prompt is exactly the training ids up to the
 first token of the reply the model is asked to write; `stop_ids` are the ids that end a reply.
 `chat_template_jinja` writes a built-in template as a Hugging Face chat_template (with generation
-markers) for export.
+markers) for export; it replays these spacing rules, so the exported tokenizer turns its text into
+exactly these ids (not `render_text`'s, whose spaces before special tokens would each become a
+token). One case no text reproduces: with a prepends_space tokenizer, a message ending in a space
+before more text (the whole-text tokenizer merges that space with the next word's).
 """
 
 from __future__ import annotations
@@ -362,41 +365,61 @@ def render_text(messages: Conversation | Sequence[Message], template: Template, 
     return text.rstrip(" ") if generation_marker else text
 
 
-def chat_template_jinja(template: Template) -> str:
-    """A Hugging Face chat_template rendering `template` (with `{% generation %}` markers)."""
-    def lit(text: str) -> str:
+def chat_template_jinja(template: Template, prepends_space: bool = False) -> str:
+    """A Hugging Face chat_template rendering `template` (with `{% generation %}` markers).
+
+    The Jinja replays `_encode`'s spacing rules as it renders (a namespace carries the spaces cut
+    from the end of a literal), so tokenizing its text gives exactly our ids: spaces before a
+    special token (or at the end) are left out, as `_encode` drops them. `prepends_space` (the
+    tokenizer's): `_encode` starts every segment as a new word, so the text also starts each
+    segment with a space (inserted where none is, except right after a special token or at the
+    start, where the tokenizer prepends it itself), e.g. chatml's `"user\\n" + " Hi"`.
+    """
+    def text(expr: str, literal: bool) -> str:
+        out = "{%- set ns.t = ns.carry + " + expr + " -%}{%- set ns.carry = '' -%}"
+        if literal:  # trailing spaces belong to the next segment
+            out += ("{%- set ns.body = ns.t.rstrip(' ') -%}"
+                    "{%- set ns.carry = ns.t[ns.body|length:] -%}{%- set ns.t = ns.body -%}")
+        if not prepends_space:
+            return out + "{{ ns.t }}"
+        return out + ("{%- if ns.t.startswith(' ') -%}{%- set ns.t = ns.t[1:] -%}{%- endif -%}"
+                      "{%- if ns.t -%}"
+                      "{{ ns.t if ns.fresh and not ns.t.startswith(' ') else ' ' + ns.t }}"
+                      "{%- set ns.fresh = false -%}{%- endif -%}")
+
+    def lit(literal: str) -> str:
         out = []
-        for k, part in enumerate(SPECIAL.split(text)):
+        for k, part in enumerate(SPECIAL.split(literal)):
             if k % 2:
-                out.append({"{bos}": "{{ bos_token }}", "{eos}": "{{ eos_token }}"}.get(part, part))
+                out.append("{%- set ns.carry = '' -%}{%- set ns.fresh = true -%}" +
+                           {"{bos}": "{{ bos_token }}", "{eos}": "{{ eos_token }}"}.get(part, part))
             elif part:
-                out.append("{{ " + json.dumps(part) + " }}")
+                out.append(text(json.dumps(part), literal=True))
         return "".join(out)
 
-    def role(fmt: str, trained: bool = False) -> tuple[str, str]:
-        before, _, after = fmt.partition(CONTENT)
-        content = "{{ message['content'] }}"
-        if trained:  # a space ending the marker is the reply's first token's, so trained
-            marker = before.rstrip(" ")
-            return lit(marker), ("{% generation %}" + lit(before[len(marker):]) + content + lit(after)
-                                 + "{% endgeneration %}")
-        return lit(before), content + lit(after)
+    content = text("message['content']", literal=False)
 
-    sys_b, sys_rest = role(template.system)
-    usr_b, usr_rest = role(template.user)
-    uas_b, uas_rest = role(template.user_after_system or template.user)
-    ast_b, ast_rest = role(template.assistant, trained=True)
-    default = ("{%- if messages|length == 0 or messages[0]['role'] != 'system' -%}"
-               + lit(template.format("system")[0]) + "{{ " + json.dumps(template.default_system)
-               + " }}" + lit(template.format("system")[1]) + "{%- set ns.prev = 'system' -%}"
-               "{%- endif -%}") if template.default_system is not None else ""
-    return ("{%- set ns = namespace(prev='') -%}" + lit(template.begin) + default +
+    def role(fmt: str, trained: bool = False) -> str:
+        before, _, after = fmt.partition(CONTENT)
+        if trained:  # spaces carried from the marker start the reply's first token: trained
+            return lit(before) + "{% generation %}" + content + lit(after) + "{% endgeneration %}"
+        return lit(before) + content + lit(after)
+
+    default = ""
+    if template.default_system is not None:
+        before, after = template.format("system")
+        default = ("{%- if messages|length == 0 or messages[0]['role'] != 'system' -%}"
+                   + lit(before) + text(json.dumps(template.default_system), literal=False)
+                   + lit(after) + "{%- set ns.prev = 'system' -%}{%- endif -%}")
+    return ("{%- set ns = namespace(prev='', carry='', t='', body='', fresh=true) -%}"
+            + lit(template.begin) + default +
             "{%- for message in messages -%}"
-            "{%- if message['role'] == 'system' -%}" + sys_b + sys_rest +
-            "{%- elif message['role'] == 'user' and ns.prev == 'system' -%}" + uas_b + uas_rest +
-            "{%- elif message['role'] == 'user' -%}" + usr_b + usr_rest +
-            "{%- else -%}" + ast_b + ast_rest + lit(template.assistant_tail) +
+            "{%- if message['role'] == 'system' -%}" + role(template.system) +
+            "{%- elif message['role'] == 'user' and ns.prev == 'system' -%}"
+            + role(template.user_after_system or template.user) +
+            "{%- elif message['role'] == 'user' -%}" + role(template.user) +
+            "{%- else -%}" + role(template.assistant, trained=True) + lit(template.assistant_tail) +
             "{%- endif -%}{%- set ns.prev = message['role'] -%}"
             "{%- endfor -%}"
-            "{%- if add_generation_prompt -%}" + lit(template.format("assistant")[0].rstrip(" "))
+            "{%- if add_generation_prompt -%}" + lit(template.format("assistant")[0])
             + "{%- endif -%}")
