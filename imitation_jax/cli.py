@@ -160,7 +160,7 @@ def _add_compile_check(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="imitation-jax", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="imitation-jax", description=__doc__.split(". ")[0] + ".")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a student (config YAML + dotted.key=value overrides)")
     p.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
