@@ -35,3 +35,15 @@ def test_reference_recipe(path):
     assert cfg.init.checkpoint and size in cfg.init.checkpoint  # the imported base model
     assert cfg.optim.lr == 2e-5 and cfg.train.batch_size % 8 == 0
     assert cfg.checkpoint.every_steps > 0 and cfg.checkpoint.every_minutes > 0  # preemptible hardware
+
+
+@pytest.mark.parametrize("override, named", [("model.num_kv_heads=3", "model.num_heads"),
+                                             ("model.num_heads=3", "model.num_heads")])
+def test_train_model_shape_error_is_one_line_naming_the_key(small_overrides, override, named, capsys):
+    """ModelConfig's own checks (heads divisible by kv heads) reach the user as one config line, exit 2."""
+    from imitation_jax.cli import main
+
+    tiny = str(pathlib.Path(__file__).parent.parent / "configs" / "tiny.yaml")
+    assert main(["train", tiny, *small_overrides, override]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0] and "config" in lines[0], lines

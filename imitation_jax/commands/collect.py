@@ -41,6 +41,8 @@ def register(sub) -> None:
     b.add_argument("--dedup-threshold", type=float, default=0.6,
                    help="drop a question whose BLEU with a kept one is at least this (0-1)")
     b.add_argument("--bootstrap-temperature", type=float, default=1.0)
+    b.add_argument("--bootstrap-max-tokens", type=int, default=1024,
+                   help="length limit of each question-generation reply (default 1024)")
     p.set_defaults(func=_run)
 
 
@@ -56,11 +58,14 @@ def _run(args: argparse.Namespace) -> int:
 
         if not args.num or args.num < 1:
             raise ConfigError("--bootstrap needs --num N (new questions to generate)")
+        if args.bootstrap_max_tokens < 1:
+            raise ConfigError(f"--bootstrap-max-tokens must be >= 1, got {args.bootstrap_max_tokens}")
         prompts_path = args.bootstrap_prompts or os.path.splitext(args.out)[0] + ".prompts.jsonl"
         counts = bootstrap_prompts(
             args.bootstrap, prompts_path, args.num, model=args.model, base_url=args.base_url,
             per_request=args.per_request, examples_per_request=args.examples_per_request,
-            temperature=args.bootstrap_temperature, concurrency=args.concurrency,
+            temperature=args.bootstrap_temperature, max_tokens=args.bootstrap_max_tokens,
+            concurrency=args.concurrency,
             threshold=args.dedup_threshold, seed=args.seed or 0, timeout=args.timeout,
             max_retries=args.max_retries, progress=not args.quiet)
         print(f"bootstrap: {counts['kept']} questions in {prompts_path} ({counts['requests']} requests, "

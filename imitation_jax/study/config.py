@@ -63,6 +63,7 @@ class ImitationConfig:
     per_request: int = 5
     dedup_threshold: float = 0.8  # BLEU at which a bootstrapped question counts as a near duplicate
     max_tokens: int = 96
+    bootstrap_max_tokens: int = 1024  # length limit of each question-generation reply
     temperature: float = 0.0
     concurrency: int = 8
     train: TrainSpec = dataclasses.field(default_factory=lambda: TrainSpec(lr=1e-3, batch_size=8))

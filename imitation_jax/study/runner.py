@@ -198,7 +198,7 @@ class Study:
     def _collect_settings(self) -> dict:
         im = self.cfg.imitation
         return {k: getattr(im, k) for k in ("broad_prompts", "local_seeds", "local_num", "per_request",
-                                             "dedup_threshold", "max_tokens", "temperature")} | {
+                                             "dedup_threshold", "max_tokens", "bootstrap_max_tokens", "temperature")} | {
             "teacher": [self.cfg.teacher.model_name, self.cfg.teacher.base_url]}
 
     def _collect(self, s: str) -> None:
@@ -213,7 +213,8 @@ class Study:
         if s == "local":
             seeds = im.local_seeds or self.world_file("local_seeds")
             args = ["collect", "--bootstrap", seeds, "--num", im.local_num, "--per-request", im.per_request,
-                    "--dedup-threshold", im.dedup_threshold, "--seed", 0, *common]
+                    "--dedup-threshold", im.dedup_threshold, "--bootstrap-max-tokens", im.bootstrap_max_tokens,
+                    "--seed", 0, *common]
         else:
             args = ["collect", "--prompts", im.broad_prompts or self.world_file("broad_prompts"), *common]
         log = self.p("logs", f"collect-{s}.log")

@@ -38,7 +38,11 @@ def resolve_model_config(model: ModelConfig, vocab_size: int, hf_dir: str | None
 
         model = with_hf_architecture(model, hf_dir)
     if model.vocab_size == 0 or vocab_size > model.vocab_size:
-        return dataclasses.replace(model, vocab_size=vocab_size)
+        model = dataclasses.replace(model, vocab_size=vocab_size)
+    try:  # a user's model.* mistake (heads not divisible, odd head dim): one line, not a traceback
+        model.validate()
+    except ValueError as exc:
+        raise ConfigError(f"config: {exc}") from None
     return model
 
 
