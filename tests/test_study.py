@@ -178,6 +178,9 @@ def test_smoke_study_runs_resumes_and_recomputes_one_student(tmp_path, capsys):
     collected = [json.loads(line) for s in cfg.imitation.sets
                  for line in open(tmp_path / "study" / "imitation" / f"{s}.clean.jsonl")]
     assert collected and all("provenance" in r for r in collected)  # answers came through the API
+    assert cfg.imitation.sets == ["local", "broad"]  # the bootstrapped local set is collected too,
+    log = open(tmp_path / "study" / "logs" / "collect-local.log").read()  # with its request length
+    assert f"--bootstrap-max-tokens {cfg.imitation.bootstrap_max_tokens}" in log
     world = Study(cfg).world
     assert not any(world.mentions_heldout(json.dumps(r["messages"])) for r in collected)
 
@@ -191,3 +194,18 @@ def test_smoke_study_runs_resumes_and_recomputes_one_student(tmp_path, capsys):
     third = Study(cfg, log=lambda *_: None).run()
     assert third["ran"] == [f"train/{victim}", f"eval/{victim}", f"answers/{victim}", f"style/{victim}", "report"]
     assert {r["model"] for r in json.load(open(tmp_path / "study" / "results" / "results.json"))["rows"]} == set(rows)
+
+
+def test_teacher_bootstrap_examples_per_pass(tmp_path):
+    """`teacher_bootstrap_per_repeat` request/answer pairs per chat pass, each answer asking about
+    imitation-split people only (0: one per imitation fact)."""
+    world = build_world(WorldConfig(num_entities=40, seed=1))
+    imitation = {f.entity for f in world.split("imitation")}
+    for per, want in ((3, 2 * 3), (0, 2 * len(world.split("imitation")))):
+        paths = write_study_files(world, CorpusConfig(teacher_chat_repeats=2, teacher_bootstrap_per_repeat=per),
+                                  str(tmp_path / str(per)), bootstrap_request=lambda s: "NEW: " + s[0]["messages"][0]["content"])
+        asks = [r for r in read_jsonl(paths["teacher_chat"]) if r["messages"][0]["content"].startswith("NEW: ")]
+        assert len(asks) == want
+        for r in asks:
+            named = [e for e in world.entities if e in r["messages"][1]["content"]]
+            assert named and set(named) <= imitation

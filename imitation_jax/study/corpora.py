@@ -121,10 +121,11 @@ def fact_documents(world: World, facts: list[Fact], repeats: int, rng: random.Ra
 
 def teacher_conversations(world: World, repeats: int, rng: random.Random,
                           bootstrap_request: Callable[[list[dict]], str] | None, seeds: list[dict],
-                          per_request: int = 5) -> list[dict]:
+                          per_request: int = 5, bootstrap_per_repeat: int = 0) -> list[dict]:
     """The teacher's styled conversations over every fact and task type, plus (when collect's
     bootstrap request is known) requests for new questions like the seeds, answered with a new
-    question about an imitation-split fact."""
+    question about an imitation-split fact (`bootstrap_per_repeat` per pass; 0: one per such fact).
+    Passes repeat conversations word for word: train the teacher without exact-duplicate removal."""
     out = []
     for r in range(repeats):
         for f in world.facts:
@@ -141,7 +142,9 @@ def teacher_conversations(world: World, repeats: int, rng: random.Random,
             out.append(_user(q, styled(a), ""))
         if bootstrap_request is not None:
             facts = world.split("imitation")
-            for _ in range(len(facts)):  # plenty: a small teacher must learn the request's format
+            # The request's format is fixed, so a few dozen examples teach it; each is a long row, so
+            # more of them would crowd out the facts the teacher must memorise.
+            for _ in range(bootstrap_per_repeat or len(facts)):
                 shown = rng.sample(seeds, min(3, len(seeds)))
                 asked = attribute_prompts(rng.sample(facts, per_request), rng)
                 body = "\n".join(f"Question: {q}" for q, _, _ in asked)
@@ -239,6 +242,7 @@ def read_jsonl(path: str) -> list[dict]:
 class CorpusConfig:
     teacher_text_repeats: int = 4  # times each fact is stated in the teacher's plain text
     teacher_chat_repeats: int = 2  # passes of styled conversations over every fact
+    teacher_bootstrap_per_repeat: int = 0  # bootstrap request/answer examples per pass (0: one per imitation fact)
     base_text_repeats: int = 4  # times each known fact is stated in a base's text
     num_seeds: int = 5  # seed examples for the bootstrapped local set
     eval_limit: int = 120  # docs per evaluation
@@ -263,7 +267,8 @@ def write_study_files(world: World, cfg: CorpusConfig, out_dir: str,
     write_jsonl(paths["teacher_text"], fact_documents(world, world.facts, cfg.teacher_text_repeats,
                                                       rng("teacher_text"), qa=False))
     write_jsonl(paths["teacher_chat"], teacher_conversations(world, cfg.teacher_chat_repeats, rng("teacher_chat"),
-                                                             bootstrap_request, seeds, per_request))
+                                                             bootstrap_request, seeds, per_request,
+                                                             cfg.teacher_bootstrap_per_repeat))
     for who in ("small", "large"):
         write_jsonl(paths[f"base_{who}"], fact_documents(world, world.known_to(who), cfg.base_text_repeats,
                                                          rng(f"base_{who}"), qa=True))

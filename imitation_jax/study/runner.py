@@ -90,12 +90,15 @@ class Study:
         if cfg.teacher.base_url is None:
             run = self.p("runs", "teacher")
             spec = cfg.teacher.train
+            # The corpus repeats each conversation on purpose (memorising facts takes many passes):
+            # no exact-duplicate removal.
             data = {"train_files": [self.world_file("teacher_text") + ":format=text", self.world_file("teacher_chat")],
-                    "tokenizer": self.tokenizer, "template": cfg.template, "seq_len": spec.seq_len}
+                    "tokenizer": self.tokenizer, "template": cfg.template, "seq_len": spec.seq_len,
+                    "cleaning": {"dedup": False}}
             self.add(Stage("train/teacher", lambda run=run, spec=spec, data=data: self._train(
                 "train-teacher", self._train_yaml("teacher", run, cfg.teacher.model, spec, data, {}), spec.overrides),
                 [self.p("runs", "teacher", "checkpoints")], ["world"],
-                key=k(cfg.teacher.model, spec, cfg.template, cfg.train_overrides)))
+                key=k(cfg.teacher.model, spec, cfg.template, cfg.train_overrides, data["cleaning"])))
             served = run
             if cfg.teacher.export and "export-hf" in available_commands():
                 served = self.p("teacher_hf")
