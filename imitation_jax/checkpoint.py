@@ -82,7 +82,8 @@ class Checkpointer:
         if step in self.manager.all_steps():
             return
         args = ocp.args.Composite(
-            params=ocp.args.StandardSave(state["params"]), opt_state=ocp.args.StandardSave(state["opt_state"]),
+            params=ocp.args.StandardSave(state["params"], save_args=layer_save_args(state["params"])),
+            opt_state=ocp.args.StandardSave(state["opt_state"]),
             rng=ocp.args.StandardSave({"key": state["rng"]}), data=ocp.args.JsonSave({"step": step, **data_state}),
             config=ocp.args.JsonSave(config))
         self.manager.save(step, args=args, force=True)
@@ -202,5 +203,16 @@ def save_params(directory: str, params: Any) -> str:
     """A standalone params checkpoint (e.g. `import-hf`); returns its path."""
     directory = os.path.abspath(directory)
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(directory, params, force=True)
+        ckptr.save(directory, params, save_args=layer_save_args(params), force=True)
     return directory
+
+
+def layer_save_args(params: Any) -> Any:
+    """SaveArgs chunking each stacked parameter (layers/..., leading axis = layer) by layer, so
+    export-hf reads one layer at a time (convert.layered_io); other parameters as Orbax likes."""
+    def args(path, leaf):
+        first = getattr(path[0], "key", getattr(path[0], "name", None)) if path else None
+        stacked = first == "layers" and len(getattr(leaf, "shape", ())) >= 2
+        return ocp.SaveArgs(shard_axes=(0,)) if stacked else ocp.SaveArgs()
+
+    return jax.tree_util.tree_map_with_path(args, params)

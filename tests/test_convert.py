@@ -120,6 +120,78 @@ def test_half_precision_inputs_round_trip_bitwise(dtype, tmp_path, bpe_tokenizer
         assert torch.equal(back.state_dict()[name], tensor), name
 
 
+def test_conversion_holds_one_layer_at_a_time(tmp_path, bpe_tokenizer, monkeypatch):
+    """import-hf reads and writes stacked parameters one layer at a time into per-layer chunks;
+    export-hf reads them back one chunk (layer) at a time; a checkpoint saved without per-layer
+    chunks (older saves) still exports bit-identically."""
+    import orbax.checkpoint as ocp
+
+    from imitation_jax import checkpoint
+    from imitation_jax.convert import hf_import, layered_io
+
+    model = hf_model("llama2-gqa")
+    save(model, tmp_path / "hf", bpe_tokenizer)
+    num_layers = model.config.num_hidden_layers
+    reads: dict[tuple, list] = {}
+    make_reader = hf_import._reader
+
+    def recording_reader(files, entry, *args):
+        read = make_reader(files, entry, *args)
+
+        def wrapped(index):
+            out = read(index)
+            reads.setdefault(entry.path, []).append(out.shape)
+            return out
+        return wrapped
+
+    monkeypatch.setattr(hf_import, "_reader", recording_reader)
+    assert cli(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 0
+    monkeypatch.undo()
+    item = str(tmp_path / "ckpt" / "params")
+    saved = checkpoint.saved_param_shapes(item)
+    for path, shapes in reads.items():
+        if path[0] == "layers":
+            assert len(shapes) == num_layers and all(s[0] == 1 for s in shapes), (path, shapes)
+            meta = saved["/".join(path)]
+            assert meta.storage.chunk_shape == (1, *meta.shape[1:]), (path, meta.storage)
+
+    layer_reads = []
+    get = layered_io.LayerReader.get
+
+    def recording_get(self, path, layer=None):
+        out = get(self, path, layer)
+        layer_reads.append((path, layer, out.shape, self._whole[0]))
+        return out
+
+    monkeypatch.setattr(layered_io.LayerReader, "get", recording_get)
+
+    def export_matches(out):
+        assert cli(["export-hf", str(tmp_path / "ckpt"), "--out", str(out), "--dtype", "float32"]) == 0
+        back = AutoModelForCausalLM.from_pretrained(out).state_dict()
+        for name, tensor in model.state_dict().items():
+            assert torch.equal(back[name], tensor), name
+
+    export_matches(tmp_path / "out")
+    stacked = [r for r in layer_reads if r[1] is not None]
+    assert len(stacked) == 9 * num_layers
+    assert all(whole is None for *_, whole in stacked)  # no whole stacked parameter read
+
+    # The same params saved as one chunk per parameter (what saves wrote before): still exact.
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(item)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(item, params, force=True)
+    assert checkpoint.saved_param_shapes(item)["layers/mlp/gate"].storage.chunk_shape[0] == num_layers
+    layer_reads.clear()
+    export_matches(tmp_path / "out_old")
+    assert any(whole is not None for *_, whole in layer_reads)
+
+    # Training-side saves chunk per layer too.
+    checkpoint.save_params(str(tmp_path / "saved"), params)
+    meta = checkpoint.saved_param_shapes(str(tmp_path / "saved"))["layers/attn/q"]
+    assert meta.storage.chunk_shape == (1, *meta.shape[1:])
+
+
 SHARDED_CHECK = """
 import sys, numpy as np, jax
 from jax.sharding import Mesh, PartitionSpec

@@ -34,9 +34,9 @@ def write_random_checkpoint(directory: str, preset: str, layers: int | None, sha
 
     cfg = make(preset, **({"num_layers": layers} if layers else {}))
     rng = np.random.default_rng(0)
-    writer = ShardedWriter(directory, shard_bytes)
     names = [(n, hf_layout.hf_shape(e, cfg, cfg.vocab_size)) for e in hf_layout.iter_layout(cfg)
              for n in hf_layout.hf_names(e, cfg)]
+    writer = ShardedWriter(directory, shard_bytes, [(n, s, ml_dtypes.bfloat16) for n, s in names])
     for name, shape in names:
         # Random bits reinterpreted as bf16 would hold NaNs; scaled normals are cheap enough.
         writer.add(name, (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16))

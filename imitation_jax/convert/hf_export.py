@@ -2,8 +2,8 @@
 config.json, generation_config.json, model-0000k-of-0000n.safetensors + index, tokenizer files
 (added special tokens included) and the training template as `chat_template`.
 
-Tensors are pulled to the host one HF tensor (one layer of one parameter) at a time and written
-by a ShardedWriter, which holds at most one output shard.
+Tensors are read from the checkpoint one HF tensor (one layer of one parameter) at a time
+(layered_io.LayerReader) and written by a ShardedWriter, which holds at most one output shard.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 from imitation_jax.checkpoint import CheckpointError
 from imitation_jax.convert import hf_layout
 from imitation_jax.convert.hf_config import hf_config_dict
+from imitation_jax.convert.layered_io import LayerReader
 from imitation_jax.convert.safetensors_io import ShardedWriter, parse_size
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -44,7 +45,7 @@ def export_hf(source: str, out: str, *, step: Optional[int] = None, dtype: str =
     tokenizer = loaded.tokenizer
     params = getattr(loaded, "params", None)
     if params is None:
-        params = LazyParams(loaded.params_item, loaded.config)
+        params = LayerReader(loaded.params_item)
     files = write_weights(loaded.config, params, out, np.dtype(dtype) if dtype != "bfloat16"
                           else _bf16(), max_bytes)
     hf_tok = save_tokenizer(tokenizer, loaded.template, out)
@@ -62,62 +63,32 @@ def _bf16():
     return np.dtype(ml_dtypes.bfloat16)
 
 
-class LazyParams:
-    """Parameters of an Orbax params item, restored one at a time as numpy (partial restore), the
-    last one kept: export walks layers of one parameter in a row."""
-
-    def __init__(self, item_dir: str, cfg):
-        self.item_dir, self.cfg = item_dir, cfg
-        self._path, self._value = None, None
-
-    def get(self, path: tuple[str, ...]) -> np.ndarray:
-        if path != self._path:
-            import orbax.checkpoint as ocp
-
-            from imitation_jax.checkpoint import saved_param_shapes
-
-            self._path = self._value = None
-            meta = saved_param_shapes(self.item_dir)["/".join(path)]
-            item, args = {}, {}
-            node_i, node_a = item, args
-            for key in path[:-1]:
-                node_i, node_a = node_i.setdefault(key, {}), node_a.setdefault(key, {})
-            node_i[path[-1]] = np.zeros((), meta.dtype)  # structure only; shape comes from disk
-            node_a[path[-1]] = ocp.RestoreArgs(restore_type=np.ndarray)
-            with ocp.PyTreeCheckpointer() as ckptr:
-                out = ckptr.restore(self.item_dir, args=ocp.args.PyTreeRestore(
-                    item=item, restore_args=args, partial_restore=True))
-            for key in path:
-                out = out[key]
-            self._path, self._value = path, out
-        return self._value
+def hf_plan(cfg):
+    """(HF name, layout entry, layer or None) in HF's order, parameter-major over layers."""
+    globals_ = {e.hf_name: e for e in hf_layout.iter_layout(cfg) if "{i}" not in e.hf_name}
+    out = [("model.embed_tokens.weight", globals_["model.embed_tokens.weight"], None)]
+    out += [(e.hf_name.format(i=i), e, i) for e in hf_layout.LAYER_LAYOUT for i in range(cfg.num_layers)]
+    return out + [(name, globals_[name], None) for name in ("model.norm.weight", "lm_head.weight")
+                  if name in globals_]
 
 
 def hf_tensors(cfg, params):
     """(HF name, numpy array in HF layout) in HF's order, one layer of one parameter at a time."""
     def get(path, layer=None):
-        if isinstance(params, LazyParams):
-            node = params.get(path)
-        else:
-            node = params
-            for key in path:
-                node = node[key]
+        if isinstance(params, LayerReader):
+            return params.get(path, layer)
+        node = params
+        for key in path:
+            node = node[key]
         return np.asarray(node[layer] if layer is not None else node)
 
-    globals_ = {e.hf_name: e for e in hf_layout.iter_layout(cfg) if "{i}" not in e.hf_name}
-    e = globals_["model.embed_tokens.weight"]
-    yield e.hf_name, hf_layout.to_hf(e.kind, get(e.path), cfg)
-    for e in hf_layout.LAYER_LAYOUT:  # parameter-major: one stacked parameter restored at a time
-        for i in range(cfg.num_layers):
-            yield e.hf_name.format(i=i), hf_layout.to_hf(e.kind, get(e.path, i), cfg)
-    for name in ("model.norm.weight", "lm_head.weight"):
-        if name in globals_:
-            e = globals_[name]
-            yield name, hf_layout.to_hf(e.kind, get(e.path), cfg)
+    for name, e, layer in hf_plan(cfg):
+        yield name, hf_layout.to_hf(e.kind, get(e.path, layer), cfg)
 
 
 def write_weights(cfg, params: dict, out: str, dtype: np.dtype, max_bytes: int) -> list[str]:
-    writer = ShardedWriter(out, max_bytes)
+    plan = [(name, hf_layout.hf_shape(e, cfg, cfg.vocab_size), dtype) for name, e, _ in hf_plan(cfg)]
+    writer = ShardedWriter(out, max_bytes, plan)
     for name, array in hf_tensors(cfg, params):
         writer.add(name, array.astype(dtype, copy=False))
     return writer.close()

@@ -110,17 +110,28 @@ def iter_hf_params(directory: str, cfg: ModelConfig, mesh, *, allow_pickle: bool
     from imitation_jax.sharding import tree_shardings
     from imitation_jax.train.state import model_graph
 
+    _, shapes, names = model_graph(cfg)
+    shardings = tree_shardings(shapes, names, mesh)
+    for path, shape, reader in hf_readers(directory, cfg, allow_pickle=allow_pickle, hf_vocab=hf_vocab,
+                                          seed=seed):
+        yield path, jax.make_array_from_callback(shape, _get(shardings, path), reader)
+
+
+def hf_readers(directory: str, cfg: ModelConfig, *, allow_pickle: bool = False, hf_vocab: Optional[int] = None,
+               seed: int = 0):
+    """(our path, our shape, read(index) -> numpy in our layout and dtype) per parameter, after
+    checking the tensors against config.json."""
+    from imitation_jax.train.state import model_graph
+
     files = WeightFiles(directory, allow_pickle=allow_pickle)
     if hf_vocab is None:
         hf_vocab = read_hf_config(directory).vocab_size
     check_tensors(files, cfg, hf_vocab)
-    _, shapes, names = model_graph(cfg)
-    shardings = tree_shardings(shapes, names, mesh)
+    _, shapes, _ = model_graph(cfg)
     dtype = np.dtype(cfg.weight_dtype)
     for entry in hf_layout.iter_layout(cfg):
         shape = _get(shapes, entry.path).shape
-        reader = _reader(files, entry, cfg, shape, dtype, hf_vocab, seed)
-        yield entry.path, jax.make_array_from_callback(shape, _get(shardings, entry.path), reader)
+        yield entry.path, shape, _reader(files, entry, cfg, shape, dtype, hf_vocab, seed)
 
 
 def _reader(files: WeightFiles, entry, cfg: ModelConfig, shape, dtype, hf_vocab: int, seed: int):
@@ -182,7 +193,6 @@ def _set(tree, path, value):
 def import_hf(directory: str, out: str, *, dtype: str = "float32", allow_pickle: bool = False) -> dict:
     """`imitation-jax import-hf`: HF dir -> params checkpoint dir (layout in params_dir)."""
     from imitation_jax.convert import params_dir
-    from imitation_jax.loading import _one_device_mesh
 
     directory = os.path.abspath(directory)
     if not os.path.isdir(directory):
@@ -193,8 +203,8 @@ def import_hf(directory: str, out: str, *, dtype: str = "float32", allow_pickle:
         tokenizer = hf_tokenizer(directory)
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
-    save_streamed(os.path.join(out, params_dir.PARAMS_DIR),
-                  iter_hf_params(directory, cfg, _one_device_mesh(), allow_pickle=allow_pickle))
+    save_streamed(os.path.join(out, params_dir.PARAMS_DIR), cfg,
+                  hf_readers(directory, cfg, allow_pickle=allow_pickle))
     template = None
     if tokenizer is not None:
         tokenizer.save(os.path.join(out, params_dir.TOKENIZER_DIR))
@@ -205,21 +215,25 @@ def import_hf(directory: str, out: str, *, dtype: str = "float32", allow_pickle:
     return {"out": out, "config": cfg, "tokenizer": tokenizer is not None}
 
 
-def save_streamed(item_dir: str, leaves) -> None:
-    """An Orbax params item written one parameter at a time (Orbax partial saves), so only one
-    parameter is in memory; readable by checkpoint.restore_params like any other."""
+def save_streamed(item_dir: str, cfg: ModelConfig, readers) -> None:
+    """An Orbax params item written one layer of one parameter at a time (layered_io), so only
+    that slice (plus the largest unstacked parameter, the embedding) is in memory; readable by
+    checkpoint.restore_params like any other."""
     import shutil
 
-    from orbax.checkpoint.experimental.v1 import partial
+    from imitation_jax.convert.layered_io import Lazy, save_layered
 
-    staging = item_dir + ".partial"
-    for path in (item_dir, staging):
-        shutil.rmtree(path, ignore_errors=True)
-    for path, array in leaves:
-        tree: dict = {}
-        _set(tree, path, array)
-        partial.save(staging, tree)
-        del tree, array
-    partial.finalize(staging)
-    os.replace(os.path.join(staging, "state"), item_dir)  # the pytree itself, in the v0 layout
-    shutil.rmtree(staging)
+    tree: dict = {}
+    for path, shape, read in readers:
+        if path[0] == "layers":
+            def layer(i, read=read, shape=shape):
+                index = (slice(i, i + 1),) + tuple(slice(None) for _ in shape[1:])
+                return read(index)[0]
+
+            leaf = Lazy(shape, cfg.weight_dtype, layer, layers=shape[0])
+        else:
+            full = tuple(slice(None) for _ in shape)
+            leaf = Lazy(shape, cfg.weight_dtype, lambda _, read=read, full=full: read(full))
+        _set(tree, path, leaf)
+    shutil.rmtree(item_dir, ignore_errors=True)
+    save_layered(item_dir, tree)

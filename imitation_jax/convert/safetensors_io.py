@@ -5,8 +5,9 @@ Reading: `model.safetensors`, or shards listed by `model.safetensors.index.json`
 again, so the memory map never keeps more than that tensor's pages resident. Legacy
 `pytorch_model*.bin` files are pickles: refused unless the caller allows running pickled code.
 
-Writing: `ShardedWriter` fills `model-0000k-of-0000n.safetensors` files up to a size limit and
-writes `model.safetensors.index.json`; it holds at most one shard's tensors in memory.
+Writing: `ShardedWriter` streams planned tensors into `model-0000k-of-0000n.safetensors` files up
+to a size limit and writes `model.safetensors.index.json`; it holds no more than the tensor being
+added.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import glob
 import json
 import os
 import re
+import struct
 from typing import Optional
 
 import numpy as np
@@ -141,43 +143,72 @@ class WeightFiles:
             return np.asarray(f.get_slice(name)[index])
 
 
-class ShardedWriter:
-    """`add` tensors in order; `close` names the shards model-0000k-of-0000n and writes the index."""
+SAFETENSORS_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
-    def __init__(self, directory: str, max_shard_bytes: int):
+
+class ShardedWriter:
+    """Writes planned tensors, in plan order, straight into model-0000k-of-0000n.safetensors files:
+    the plan (name, shape, dtype per tensor) fixes every shard's header before its first tensor
+    arrives, so each tensor goes to disk as it is added and no shard is held in memory
+    (safetensors' own save_file needs the whole shard, and copies it). `close` writes the index."""
+
+    def __init__(self, directory: str, max_shard_bytes: int, plan: list[tuple[str, tuple[int, ...], np.dtype]]):
         self.directory = directory
-        self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, np.ndarray] = {}
-        self._pending_bytes = 0
-        self._shards: list[tuple[str, list[str]]] = []  # (temporary file, tensor names)
-        self.total_bytes = 0
+        self.shards: list[list[tuple[str, tuple[int, ...], np.dtype]]] = []
+        size = 0
+        for name, shape, dtype in plan:  # a new shard when the next tensor would overflow this one
+            nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            if not self.shards or (self.shards[-1] and size + nbytes > max_shard_bytes):
+                self.shards.append([])
+                size = 0
+            self.shards[-1].append((name, tuple(shape), np.dtype(dtype)))
+            size += nbytes
+        self.total_bytes = sum(int(np.prod(s)) * d.itemsize for shard in self.shards for _, s, d in shard)
+        self._shard, self._pos, self._file = 0, 0, None
         os.makedirs(directory, exist_ok=True)
 
+    def _tmp(self, k: int) -> str:
+        return os.path.join(self.directory, f".shard-{k}.tmp")
+
     def add(self, name: str, array: np.ndarray) -> None:
-        if self._pending and self._pending_bytes + array.nbytes > self.max_shard_bytes:
-            self._flush()
-        self._pending[name] = np.ascontiguousarray(array)
-        self._pending_bytes += array.nbytes
-        self.total_bytes += array.nbytes
-
-    def _flush(self) -> None:
-        from safetensors.numpy import save_file
-
-        tmp = os.path.join(self.directory, f".shard-{len(self._shards)}.tmp")
-        save_file(self._pending, tmp, metadata={"format": "pt"})
-        self._shards.append((tmp, list(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
+        want, shape, dtype = self.shards[self._shard][self._pos]
+        if (name, tuple(array.shape)) != (want, shape):
+            raise ValueError(f"ShardedWriter: got {name} {tuple(array.shape)}, planned {want} {shape}")
+        if self._pos == 0:
+            self._file = open(self._tmp(self._shard), "wb")
+            self._file.write(_header(self.shards[self._shard]))
+        # Raw bytes (the host's little-endian order is safetensors'); a uint8 view, as bf16 has no
+        # buffer-protocol format.
+        self._file.write(np.ascontiguousarray(array, dtype=dtype).reshape(-1).view(np.uint8).data)
+        self._pos += 1
+        if self._pos == len(self.shards[self._shard]):
+            self._file.close()
+            self._shard, self._pos, self._file = self._shard + 1, 0, None
 
     def close(self) -> list[str]:
-        if self._pending or not self._shards:
-            self._flush()
-        n = len(self._shards)
+        if self._shard != len(self.shards):
+            raise ValueError(f"ShardedWriter: closed before {self.shards[self._shard][self._pos][0]} was added")
+        n = len(self.shards)
         weight_map, files = {}, []
-        for k, (tmp, names) in enumerate(self._shards, start=1):
+        for k, shard in enumerate(self.shards, start=1):
             name = f"model-{k:05d}-of-{n:05d}.safetensors"
-            os.replace(tmp, os.path.join(self.directory, name))
+            os.replace(self._tmp(k - 1), os.path.join(self.directory, name))
             files.append(name)
-            weight_map.update({t: name for t in names})
+            weight_map.update({t: name for t, _, _ in shard})
         with open(os.path.join(self.directory, INDEX), "w") as f:
             json.dump({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, f, indent=2)
         return files
+
+
+def _header(entries) -> bytes:
+    """The safetensors header: u64 little-endian length, then JSON (name -> dtype, shape, data
+    offsets in order), space-padded to 8 bytes so the data that follows stays aligned."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype in entries:
+        end = offset + int(np.prod(shape)) * dtype.itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype.name], "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
