@@ -121,8 +121,8 @@ def test_half_precision_inputs_round_trip_bitwise(dtype, tmp_path, bpe_tokenizer
 
 
 def test_conversion_holds_one_layer_at_a_time(tmp_path, bpe_tokenizer, monkeypatch):
-    """import-hf reads and writes stacked parameters one layer at a time into per-layer chunks;
-    export-hf reads them back one chunk (layer) at a time; a checkpoint saved without per-layer
+    """import-hf reads and writes stacked parameters one layer at a time into per-layer chunks (and
+    the embedding in blocks); export-hf reads them back one chunk (layer) at a time; a checkpoint saved without per-layer
     chunks (older saves) still exports bit-identically."""
     import orbax.checkpoint as ocp
 
@@ -145,6 +145,7 @@ def test_conversion_holds_one_layer_at_a_time(tmp_path, bpe_tokenizer, monkeypat
         return wrapped
 
     monkeypatch.setattr(hf_import, "_reader", recording_reader)
+    monkeypatch.setattr(layered_io, "CHUNK_BYTES", 1 << 14)  # the embedding in 16 KiB blocks
     assert cli(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt")]) == 0
     monkeypatch.undo()
     item = str(tmp_path / "ckpt" / "params")
@@ -154,6 +155,8 @@ def test_conversion_holds_one_layer_at_a_time(tmp_path, bpe_tokenizer, monkeypat
             assert len(shapes) == num_layers and all(s[0] == 1 for s in shapes), (path, shapes)
             meta = saved["/".join(path)]
             assert meta.storage.chunk_shape == (1, *meta.shape[1:]), (path, meta.storage)
+    embed = reads[("embed",)]
+    assert len(embed) > 1 and all(np.prod(s) * 4 <= 1 << 14 for s in embed), embed
 
     layer_reads = []
     get = layered_io.LayerReader.get

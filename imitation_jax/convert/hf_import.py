@@ -216,8 +216,8 @@ def import_hf(directory: str, out: str, *, dtype: str = "float32", allow_pickle:
 
 
 def save_streamed(item_dir: str, cfg: ModelConfig, readers) -> None:
-    """An Orbax params item written one layer of one parameter at a time (layered_io), so only
-    that slice (plus the largest unstacked parameter, the embedding) is in memory; readable by
+    """An Orbax params item written one chunk (one layer of a stacked parameter, a block of the
+    embedding) at a time (layered_io), so only that much is in memory; readable by
     checkpoint.restore_params like any other."""
     import shutil
 
@@ -225,15 +225,6 @@ def save_streamed(item_dir: str, cfg: ModelConfig, readers) -> None:
 
     tree: dict = {}
     for path, shape, read in readers:
-        if path[0] == "layers":
-            def layer(i, read=read, shape=shape):
-                index = (slice(i, i + 1),) + tuple(slice(None) for _ in shape[1:])
-                return read(index)[0]
-
-            leaf = Lazy(shape, cfg.weight_dtype, layer, layers=shape[0])
-        else:
-            full = tuple(slice(None) for _ in shape)
-            leaf = Lazy(shape, cfg.weight_dtype, lambda _, read=read, full=full: read(full))
-        _set(tree, path, leaf)
+        _set(tree, path, Lazy(shape, cfg.weight_dtype, read, stacked=path[0] == "layers"))
     shutil.rmtree(item_dir, ignore_errors=True)
     save_layered(item_dir, tree)

@@ -8,13 +8,15 @@ written before that (one chunk per parameter) still read correctly: the whole pa
 sliced (more memory, as before).
 
 Writing: `save_layered` saves a tree whose leaves are `Lazy` sources through Orbax's PyTree
-handler with a NumpyHandler that asks each source for one layer at a time; the result is an
-ordinary Orbax checkpoint (the leaves restore as arrays).
+handler with a NumpyHandler that asks each source for one chunk (a layer, or a 64 MiB block of an
+unstacked parameter) at a time; the result is an ordinary Orbax checkpoint (leaves restore as
+arrays).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 from typing import Any, Callable, Optional
@@ -64,21 +66,31 @@ class LayerReader:
 
 
 class Lazy:
-    """A parameter to save, produced on demand: `read(layer)` gives layer `layer` of a stacked
-    parameter (`layers` of them), `read(None)` the whole of an unstacked one."""
+    """A parameter to save, produced on demand: `read(index)` gives `value[index]` (a tuple of
+    slices, one chunk of the saved array) as numpy. `stacked`: chunked one layer per chunk,
+    otherwise in chunks of at most CHUNK_BYTES."""
 
-    def __init__(self, shape: tuple[int, ...], dtype, read: Callable[[Optional[int]], np.ndarray],
-                 layers: Optional[int] = None):
-        self.shape, self.dtype, self.read, self.layers = tuple(shape), np.dtype(dtype), read, layers
+    def __init__(self, shape: tuple[int, ...], dtype, read: Callable[[tuple[slice, ...]], np.ndarray],
+                 stacked: bool = False):
+        self.shape, self.dtype, self.read, self.stacked = tuple(shape), np.dtype(dtype), read, stacked
         self.ndim, self.size = len(self.shape), int(np.prod(self.shape))
+
+
+CHUNK_BYTES = 64 << 20  # an unstacked parameter (the embedding: 1 GB in LLaMA-3's bf16) in pieces
+
+
+def _chunks(shape: tuple[int, ...], chunk: tuple[int, ...]):
+    """The chunk grid's blocks, as index tuples."""
+    ranges = [[slice(lo, min(lo + c, n)) for lo in range(0, n, c)] for n, c in zip(shape, chunk)]
+    return itertools.product(*ranges)
 
 
 def _handler():
     import orbax.checkpoint as ocp
 
     class LazyHandler(ocp.type_handlers.NumpyHandler):
-        """Saved as an np.ndarray (restores as one); data pulled from the source one layer at a
-        time, one layer in flight across all parameters."""
+        """Saved as an np.ndarray (restores as one); data pulled from the source one chunk at a
+        time, one chunk in flight across all parameters."""
 
         def __init__(self):
             super().__init__(deepcopy_host_arrays=False)
@@ -91,26 +103,27 @@ def _handler():
                 return await super()._open_and_write(value, tspec, ts_context)
             self._lock = self._lock or asyncio.Lock()
             store = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
-            for i in range(value.layers) if value.layers is not None else (None,):
-                async with self._lock:
-                    data = np.ascontiguousarray(value.read(i), dtype=value.dtype)
-                    await (store if i is None else store[i]).write(data)
+            for index in _chunks(value.shape, store.chunk_layout.write_chunk.shape):
+                async with self._lock:  # whole chunks: no read-modify-write of stored data
+                    data = np.ascontiguousarray(value.read(index), dtype=value.dtype)
+                    await store[index].write(data)
                     del data
 
     return LazyHandler()
 
 
 def save_layered(item_dir: str, tree: dict) -> None:
-    """An Orbax params item from a tree of `Lazy` leaves (stacked ones chunked per layer)."""
+    """An Orbax params item from a tree of `Lazy` leaves."""
     import orbax.checkpoint as ocp
 
     registry = ocp.type_handlers.create_type_handler_registry((Lazy, _handler()))
-    save_args = {}
+    save_args: dict = {}
     for path, leaf in _leaves(tree):
         node = save_args
         for key in path[:-1]:
             node = node.setdefault(key, {})
-        node[path[-1]] = ocp.SaveArgs(shard_axes=(0,)) if leaf.layers is not None else ocp.SaveArgs()
+        node[path[-1]] = (ocp.SaveArgs(shard_axes=(0,)) if leaf.stacked else
+                          ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES))
     handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
     with ocp.Checkpointer(handler) as ckptr:
         ckptr.save(item_dir, args=ocp.args.PyTreeSave(tree, save_args=save_args), force=True)
