@@ -121,9 +121,9 @@ def test_half_precision_inputs_round_trip_bitwise(dtype, tmp_path, bpe_tokenizer
 
 
 def test_conversion_holds_one_layer_at_a_time(tmp_path, bpe_tokenizer, monkeypatch):
-    """import-hf reads and writes stacked parameters one layer at a time into per-layer chunks (and
-    the embedding in blocks); export-hf reads them back one chunk (layer) at a time; a checkpoint saved without per-layer
-    chunks (older saves) still exports bit-identically."""
+    """import-hf reads and writes stacked parameters one layer at a time into per-layer chunks (the
+    embedding in blocks); export-hf reads them back one layer at a time; a checkpoint saved without
+    per-layer chunks (older saves) still exports bit-identically."""
     import orbax.checkpoint as ocp
 
     from imitation_jax import checkpoint

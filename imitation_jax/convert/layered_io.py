@@ -3,9 +3,9 @@ inside Orbax params checkpoints, so conversion never holds a whole stacked matri
 LLaMA-7B MLP weight in bf16).
 
 Saves chunk stacked parameters by layer (checkpoint.layer_save_args, Orbax
-`SaveArgs(shard_axes=(0,))`: one zarr chunk, or one per device shard, per layer), so a layer is one chunk read through tensorstore. Checkpoints
-written before that (one chunk per parameter) still read correctly: the whole parameter once, then
-sliced (more memory, as before).
+`SaveArgs(shard_axes=(0,))`: one zarr chunk, or one per device shard, per layer), so reading a
+layer through tensorstore reads just its chunks. Checkpoints written before that (one chunk per
+parameter) still read correctly: the whole parameter once, then sliced (more memory, as before).
 
 Writing: `save_layered` saves a tree whose leaves are `Lazy` sources through Orbax's PyTree
 handler with a NumpyHandler that asks each source for one chunk (a layer, or a 64 MiB block of an
