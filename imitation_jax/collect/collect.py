@@ -32,6 +32,7 @@ from collections.abc import Sequence
 
 from imitation_jax.collect.client import HttpStats, bounded_map, describe_error, is_fatal, make_client
 from imitation_jax.data.formats import DataError
+from imitation_jax.data.readers import jsonl_records
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,27 +83,19 @@ def _messages(record: dict, where: str) -> list[dict]:
 def read_prompts(path: str, system: str | None = None) -> list[Prompt]:
     """The prompts of a JSONL file; `system` is put first where a prompt has no system message."""
     prompts: list[Prompt] = []
-    seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: invalid JSON ({exc.msg})", "invalid_json") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object", "not_an_object")
-            messages = _messages(record, where)
-            if system and messages[0]["role"] not in ("system", "developer"):
-                messages.insert(0, {"role": "system", "content": system})
-            pid = record.get("id")
-            pid = str(pid) if pid not in (None, "") else stable_id(messages)
-            if pid in seen:
-                raise DataError(f"{where}: id {pid!r} already used on line {seen[pid]}", "duplicate_id")
-            seen[pid] = lineno
-            prompts.append(Prompt(pid, tuple(messages)))
+    seen: dict[str, str] = {}
+    for where, record in jsonl_records(path):
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object", "not_an_object")
+        messages = _messages(record, where)
+        if system and messages[0]["role"] not in ("system", "developer"):
+            messages.insert(0, {"role": "system", "content": system})
+        pid = record.get("id")
+        pid = str(pid) if pid not in (None, "") else stable_id(messages)
+        if pid in seen:
+            raise DataError(f"{where}: id {pid!r} already used at {seen[pid]}", "duplicate_id")
+        seen[pid] = where
+        prompts.append(Prompt(pid, tuple(messages)))
     return prompts
 
 

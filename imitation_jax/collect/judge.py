@@ -17,13 +17,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import math
 import re
 import sys
 
 from imitation_jax.collect.client import HttpStats, bounded_map, describe_error, is_fatal, make_client
 from imitation_jax.data.formats import DataError
+from imitation_jax.data.readers import jsonl_records
 
 JUDGE_SYSTEM = (
     "You are an impartial judge. Compare two AI assistants' answers to the user's question below "
@@ -44,32 +44,24 @@ class Answer:
 
 def read_answers(path: str) -> dict[str, Answer]:
     answers: dict[str, Answer] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: invalid JSON ({exc.msg})", "invalid_json") from None
-            if not isinstance(r, dict) or r.get("id") in (None, ""):
-                raise DataError(f'{where}: needs an "id" to match the other file\'s answers', "missing_field")
-            text = next((r[k] for k in ANSWER_KEYS if isinstance(r.get(k), str)), None)
-            msgs = r.get("messages")
-            if isinstance(msgs, list) and msgs and all(isinstance(m, dict) for m in msgs):
-                if msgs[-1].get("role") == "assistant":  # the answer (generate also repeats it as "completion")
-                    text = text if text is not None else msgs[-1].get("content")
-                    msgs = msgs[:-1]
-                prompt = tuple({"role": m.get("role"), "content": m.get("content")} for m in msgs)
-            elif isinstance(r.get("prompt"), str):
-                prompt = ({"role": "user", "content": r["prompt"]},)
-            else:
-                prompt = ()
-            if not isinstance(text, str) or not prompt:
-                raise DataError(f"{where}: needs the prompt (\"prompt\" or \"messages\") and the answer "
-                                f"({', '.join(ANSWER_KEYS)}, or a last assistant message)", "missing_field")
-            answers[str(r["id"])] = Answer(str(r["id"]), prompt, text)
+    for where, r in jsonl_records(path):
+        if not isinstance(r, dict) or r.get("id") in (None, ""):
+            raise DataError(f'{where}: needs an "id" to match the other file\'s answers', "missing_field")
+        text = next((r[k] for k in ANSWER_KEYS if isinstance(r.get(k), str)), None)
+        msgs = r.get("messages")
+        if isinstance(msgs, list) and msgs and all(isinstance(m, dict) for m in msgs):
+            if msgs[-1].get("role") == "assistant":  # the answer (generate also repeats it as "completion")
+                text = text if text is not None else msgs[-1].get("content")
+                msgs = msgs[:-1]
+            prompt = tuple({"role": m.get("role"), "content": m.get("content")} for m in msgs)
+        elif isinstance(r.get("prompt"), str):
+            prompt = ({"role": "user", "content": r["prompt"]},)
+        else:
+            prompt = ()
+        if not isinstance(text, str) or not prompt:
+            raise DataError(f"{where}: needs the prompt (\"prompt\" or \"messages\") and the answer "
+                            f"({', '.join(ANSWER_KEYS)}, or a last assistant message)", "missing_field")
+        answers[str(r["id"])] = Answer(str(r["id"]), prompt, text)
     return answers
 
 

@@ -167,6 +167,16 @@ def _iter_jsonl(path: str, progress: Progress | None) -> Iterator[Item | DataErr
             yield where, record
 
 
+def jsonl_records(path: str) -> Iterator[Item]:
+    """(where, record) for each non-empty line of a JSONL file (optionally .gz); the first bad line
+    raises its DataError. For small side files (prompts, answers, seeds), where one bad line
+    should stop the command rather than be skipped and counted."""
+    for item in _iter_jsonl(path, None):
+        if isinstance(item, DataError):
+            raise item
+        yield item
+
+
 def _iter_text(path: str, progress: Progress | None) -> Iterator[Item | DataError]:
     with _open(path) as f:
         data = f.read()
