@@ -243,6 +243,8 @@ class CorpusConfig:
     teacher_text_repeats: int = 4  # times each fact is stated in the teacher's plain text
     teacher_chat_repeats: int = 2  # passes of styled conversations over every fact
     teacher_bootstrap_per_repeat: int = 0  # bootstrap request/answer examples per pass (0: one per imitation fact)
+    teacher_text_qa: bool = False  # the teacher's text also asks and answers each fact (cheap practice at
+    # answering about the person asked, which a small model is slow to learn from chat alone)
     base_text_repeats: int = 4  # times each known fact is stated in a base's text
     num_seeds: int = 5  # seed examples for the bootstrapped local set
     eval_limit: int = 120  # docs per evaluation
@@ -265,7 +267,7 @@ def write_study_files(world: World, cfg: CorpusConfig, out_dir: str,
     seeds = local_seeds(world, cfg.num_seeds, rng("seeds"))
     write_jsonl(paths["local_seeds"], seeds)
     write_jsonl(paths["teacher_text"], fact_documents(world, world.facts, cfg.teacher_text_repeats,
-                                                      rng("teacher_text"), qa=False))
+                                                      rng("teacher_text"), qa=cfg.teacher_text_qa))
     write_jsonl(paths["teacher_chat"], teacher_conversations(world, cfg.teacher_chat_repeats, rng("teacher_chat"),
                                                              bootstrap_request, seeds, per_request,
                                                              cfg.teacher_bootstrap_per_repeat))
