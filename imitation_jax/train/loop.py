@@ -12,7 +12,6 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from imitation_jax import checkpoint
 from imitation_jax.config import Config, ConfigError, save_resolved
 from imitation_jax.data.loader import BatchLoader
 from imitation_jax.data.training import load_training_data

@@ -9,7 +9,6 @@ import time
 
 import jax
 
-from imitation_jax.checkpoint import checkpoint_dir
 
 
 def set_aside_previous_run(run_dir: str) -> str | None:
