@@ -28,6 +28,7 @@ import sys
 from imitation_jax.collect.client import HttpStats, bounded_map, describe_error, is_fatal, make_client
 from imitation_jax.collect.collect import JsonlAppender, stable_id
 from imitation_jax.data.formats import DataError
+from imitation_jax.data.readers import jsonl_records
 
 _LINE = re.compile(r"^\s*(?:question\s*\d*\s*[:.)-]|\d+\s*[.):-]|[-*•])\s*(.+?)\s*$", re.IGNORECASE)
 
@@ -36,28 +37,20 @@ def read_seeds(path: str) -> list[tuple[str, str]]:
     """(question, answer) pairs: `{"question"|"prompt"|"instruction", "answer"|"output"}` or
     OpenAI messages (the first user turn and the assistant turn after it)."""
     seeds = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: invalid JSON ({exc.msg})", "invalid_json") from None
-            q = a = None
-            if isinstance(r, dict) and isinstance(r.get("messages"), list):
-                turns = [m for m in r["messages"] if isinstance(m, dict)]
-                users = [i for i, m in enumerate(turns) if m.get("role") == "user"]
-                if users and users[0] + 1 < len(turns) and turns[users[0] + 1].get("role") == "assistant":
-                    q, a = turns[users[0]].get("content"), turns[users[0] + 1].get("content")
-            elif isinstance(r, dict):
-                q = r.get("question", r.get("prompt", r.get("instruction")))
-                a = r.get("answer", r.get("output", r.get("response")))
-            if not (isinstance(q, str) and q.strip() and isinstance(a, str) and a.strip()):
-                raise DataError(f"{where}: a seed needs a question and an answer (question/answer "
-                                f"keys, or messages with a user turn and a reply)", "missing_field")
-            seeds.append((q.strip(), a.strip()))
+    for where, r in jsonl_records(path):
+        q = a = None
+        if isinstance(r, dict) and isinstance(r.get("messages"), list):
+            turns = [m for m in r["messages"] if isinstance(m, dict)]
+            users = [i for i, m in enumerate(turns) if m.get("role") == "user"]
+            if users and users[0] + 1 < len(turns) and turns[users[0] + 1].get("role") == "assistant":
+                q, a = turns[users[0]].get("content"), turns[users[0] + 1].get("content")
+        elif isinstance(r, dict):
+            q = r.get("question", r.get("prompt", r.get("instruction")))
+            a = r.get("answer", r.get("output", r.get("response")))
+        if not (isinstance(q, str) and q.strip() and isinstance(a, str) and a.strip()):
+            raise DataError(f"{where}: a seed needs a question and an answer (question/answer "
+                            f"keys, or messages with a user turn and a reply)", "missing_field")
+        seeds.append((q.strip(), a.strip()))
     if not seeds:
         raise DataError(f"{path}: no seed examples", "empty")
     return seeds
