@@ -135,12 +135,14 @@ def _merge(layers: list[tuple[str, DictConfig]]) -> DictConfig:
     return cfg
 
 
-def load_config(path: str | None, overrides: Sequence[str] = ()) -> Config:
-    """Resolve a YAML file plus `key=value` overrides into a validated `Config`."""
+def read_layers(path: str | None, overrides: Sequence[str] = (), label: str = "config"
+                ) -> list[tuple[str, DictConfig]]:
+    """The YAML file (if any) then each `key=value` override as (where, layer), for merging onto
+    a structured config in order; a missing file, bad YAML or a malformed override is one line."""
     layers: list[tuple[str, DictConfig]] = []
     if path is not None:
         if not os.path.isfile(path):
-            raise ConfigError(f"config file not found: {path}")
+            raise ConfigError(f"{label} file not found: {path}")
         try:
             layer = OmegaConf.load(path)
         except Exception as exc:  # YAML syntax errors come from several parsers' types
@@ -155,7 +157,12 @@ def load_config(path: str | None, overrides: Sequence[str] = ()) -> Config:
             layers.append((f"override '{item}'", OmegaConf.from_dotlist([item])))
         except OmegaConfBaseException as exc:
             raise ConfigError(_one_line(exc, f"override '{item}'")) from None
+    return layers
 
+
+def load_config(path: str | None, overrides: Sequence[str] = ()) -> Config:
+    """Resolve a YAML file plus `key=value` overrides into a validated `Config`."""
+    layers = read_layers(path, overrides)
     cfg = _merge(layers)
     if cfg.model.preset:  # rebuild with the preset as the layer just above the defaults
         try:

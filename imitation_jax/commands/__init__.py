@@ -5,3 +5,12 @@ Each module defines `register(sub)` which adds its argparse subparser(s) and set
 transformers, lm-eval) when it runs, so `imitation-jax --help` stays fast. `cli.build_parser`
 discovers the modules here in name order, so adding a step never edits a shared file.
 """
+
+
+def add_model_arguments(p) -> None:
+    """MODEL, --step and --dtype, as every command that runs a model through
+    `imitation_jax.loading.load_model` takes them."""
+    p.add_argument("model", metavar="MODEL", help="run dir, import-hf params dir, or Hugging Face model dir")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step of a run dir (default: the newest)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="parameter and compute dtype (default: as saved)")

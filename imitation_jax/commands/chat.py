@@ -11,20 +11,19 @@ import argparse
 import sys
 from typing import Callable, TextIO
 
+from imitation_jax.commands import add_model_arguments
+
 
 def register(sub) -> None:
     p = sub.add_parser("chat", help="chat with a model in the terminal (run dir, checkpoint or HF dir)",
                        description=__doc__.split("\n\n")[1])
-    p.add_argument("model", metavar="MODEL", help="run dir, params checkpoint, or Hugging Face model dir")
+    add_model_arguments(p)
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
     p.add_argument("--top-k", type=int, default=0, help="0: off")
     p.add_argument("--top-p", type=float, default=0.9, help="1: off")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--step", type=int, default=None, help="checkpoint step of a run dir (default: the newest)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                   help="parameter and compute dtype (default: as saved)")
     p.set_defaults(func=run)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from imitation_jax.commands import add_model_arguments
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -14,7 +16,7 @@ def register(sub) -> None:
         "The shipped offline suite (mini_mmlu, mini_nq_open, mini_humaneval, mini_perplexity; tag mini_suite) is "
         "always on the include path; lm-eval's own tasks (mmlu, nq_open, humaneval, ...) work where their data is "
         "in the local Hugging Face datasets cache.")
-    p.add_argument("model", metavar="MODEL", help="run dir, params checkpoint, or Hugging Face model dir")
+    add_model_arguments(p)
     p.add_argument("--tasks", required=True, help="comma-separated task, group or tag names (e.g. mini_suite)")
     p.add_argument("--out", required=True, help="where to write lm-eval's results JSON")
     p.add_argument("--include-path", action="append", default=[], metavar="DIR",
@@ -26,9 +28,6 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
     p.add_argument("--backend", choices=("ours", "hf"), default="ours",
                    help="ours: JAX (any MODEL); hf: lm-eval's transformers backend (an HF dir)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step of a run dir (default: the newest)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                   help="parameter and compute dtype (default: as saved; hf backend: float32)")
     p.add_argument("--confirm-run-unsafe-code", action="store_true",
                    help="allow tasks marked unsafe_code (lm-eval's humaneval) to execute generated code")
     p.add_argument("--seed", type=int, default=0, help="few-shot sampling and sampling seed")

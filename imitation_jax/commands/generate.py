@@ -18,11 +18,13 @@ import json
 import os
 import sys
 
+from imitation_jax.commands import add_model_arguments
+
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="generate completions with a model (run dir, checkpoint or HF dir)",
                        description=__doc__.split("\n\n")[1])
-    p.add_argument("model", metavar="MODEL", help="run dir, params checkpoint, or Hugging Face model dir")
+    add_model_arguments(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt")
     src.add_argument("--prompts", metavar="FILE", help="JSONL ({id, prompt} or {id, messages}) or one prompt a line")
@@ -36,9 +38,6 @@ def register(sub) -> None:
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step of a run dir (default: the newest)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                   help="parameter and compute dtype (default: as saved)")
     p.set_defaults(func=run)
 
 

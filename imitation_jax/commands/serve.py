@@ -8,6 +8,8 @@ import sys
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
+from imitation_jax.commands import add_model_arguments
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -15,14 +17,12 @@ def register(sub) -> None:
         description="FastAPI + uvicorn: /v1/chat/completions and /v1/completions (streaming too), "
         "/v1/models, /health. Concurrent requests are decoded together in batches. Binds to "
         "localhost unless --host says otherwise.")
-    p.add_argument("model", metavar="MODEL", help="run dir, import-hf checkpoint dir or Hugging Face dir")
+    add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("IMITATION_JAX_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $IMITATION_JAX_API_KEY, if set)")
     p.add_argument("--model-name", default=None, help="name clients ask for (default: MODEL's basename)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step of a run dir (default: newest)")
-    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
     p.add_argument("--batch-wait-ms", type=float, default=5.0,
                    help="how long a lone request waits for others to join its batch (default 5)")

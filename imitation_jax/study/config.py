@@ -4,13 +4,12 @@ overrides, one-line `ConfigError`s for unknown keys and bad values (as `imitatio
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Optional, Sequence
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from imitation_jax.config import ConfigError, _one_line
+from imitation_jax.config import ConfigError, _one_line, read_layers
 from imitation_jax.study.corpora import CorpusConfig
 from imitation_jax.study.world import WorldConfig
 
@@ -113,21 +112,7 @@ class StudyConfig:
 
 
 def load_study_config(path: Optional[str], overrides: Sequence[str] = ()) -> StudyConfig:
-    layers: list[tuple[str, DictConfig]] = []
-    if path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError(f"study config file not found: {path}")
-        try:
-            layers.append((path, OmegaConf.load(path)))
-        except Exception as exc:
-            raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form dotted.key=value")
-        try:
-            layers.append((f"override '{item}'", OmegaConf.from_dotlist([item])))
-        except OmegaConfBaseException as exc:
-            raise ConfigError(_one_line(exc, f"override '{item}'")) from None
+    layers = read_layers(path, overrides, label="study config")
     base = OmegaConf.structured(StudyConfig)
     for where, layer in layers:
         if where == path and "bases" in layer:  # the file's bases replace the default pair
