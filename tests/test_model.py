@@ -260,6 +260,46 @@ def test_remat_policies_give_identical_loss_and_grads():
                                        err_msg=f"{policy} {jax.tree_util.keystr(path)}")
 
 
+def test_layer_loop_equals_scan_for_training_and_cached_decoding():
+    """scan_unroll = num_layers runs the layers as a Python loop over unstacked parameters
+    (the CPU fast path): the same loss and gradients as nnx.scan, plain and under remat, and the
+    same logits and cache contents when decoding with a KV cache."""
+    from imitation_jax.model.kv_cache import KVCache
+
+    base = our_config("llama2_gqa", attention="einsum")
+    tokens = jnp.asarray(random_tokens(2, SEQ, seed=5))
+    targets = jnp.roll(tokens, -1, axis=1)
+    results = {}
+    for name, unroll, remat in (("scan", 1, "none"), ("loop", base.num_layers, "none"),
+                                ("loop_remat", base.num_layers, "full")):
+        model = Llama(dataclasses.replace(base, scan_unroll=unroll, remat=remat), rngs=nnx.Rngs(0))
+        graphdef, state = nnx.split(model)
+
+        @jax.jit
+        def run(state, graphdef=graphdef):
+            def loss_fn(state):
+                m = nnx.merge(graphdef, state)
+                logp = jax.nn.log_softmax(m.logits(m(tokens)), axis=-1)
+                return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+            loss, grads = jax.value_and_grad(loss_fn)(state)
+            m = nnx.merge(graphdef, state)
+            cache = KVCache.create(m.cfg, jnp.zeros((2,), jnp.int32), SEQ)
+            hidden, cache = m.decode(tokens[:, :SEQ - 1], jnp.broadcast_to(jnp.arange(SEQ - 1), (2, SEQ - 1)), cache)
+            hidden, cache = m.decode(tokens[:, SEQ - 1:], jnp.full((2, 1), SEQ - 1), cache)
+            return loss, grads, m.logits(hidden[:, -1]), cache.k
+        loss, grads, last_logits, cache_k = run(state)
+        results[name] = (float(loss), nnx.to_pure_dict(grads), np.asarray(last_logits), np.asarray(cache_k))
+
+    loss0, grads0, logits0, k0 = results["scan"]
+    assert cache_k.shape[0] == base.num_layers and np.abs(k0).max() > 0
+    for name in ("loop", "loop_remat"):
+        loss, grads, logits, k = results[name]
+        assert abs(loss - loss0) <= 1e-6, (name, loss, loss0)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name), grads, grads0)
+        np.testing.assert_allclose(logits, logits0, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(k, k0, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. bf16 compute with fp32 parameters.
 

@@ -51,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="alternate the sides this many times (each side reports its best round)")
     p.add_argument("--attention", default="auto", choices=("auto", "xla", "einsum", "cudnn"))
     p.add_argument("--remat", default="none", choices=("none", "full", "save_dots"))
+    p.add_argument("--scan-unroll", type=int, default=0,
+                   help="model.scan_unroll (0: the number of layers, i.e. the layer loop without a scan)")
     p.add_argument("--loss-chunk", type=int, default=256, help="train.loss_chunk (0: whole sequence at once)")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                    help="compute dtype (default float32 on CPU, bfloat16 on accelerators)")
@@ -100,7 +102,8 @@ def model_config(args, dtype: str):
     return ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
                        num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads,
                        max_position_embeddings=max(2048, args.seq), rms_norm_eps=1e-5, rope_theta=10000.0,
-                       param_dtype="float32", dtype=dtype, remat=args.remat, attention=args.attention)
+                       param_dtype="float32", dtype=dtype, remat=args.remat, attention=args.attention,
+                       scan_unroll=args.scan_unroll or args.layers)
 
 
 def setup_ours(args, cfg, batch_np: dict) -> dict:

@@ -131,16 +131,40 @@ class Llama(nnx.Module):
         if cfg.remat != "none":
             run_block = nnx.remat(run_block, policy=_REMAT[cfg.remat], prevent_cse=False)
 
+        if cfg.scan_unroll >= cfg.num_layers:
+            x, kv = self._loop_layers(run_block, x, None if cache is None else (cache.k, cache.v))
+        else:
+            x, kv = self._scan_layers(run_block, x, None if cache is None else (cache.k, cache.v))
+        if cache is not None:
+            cache = cache._replace(k=kv[0], v=kv[1], index=cache.index + tokens.shape[1])
+        return self.norm(x), cache
+
+    def _loop_layers(self, run_block, x, kv):
+        """Full unroll as straight-line code over per-layer slices of the stacked parameters: no
+        while loop, so no zero-filled residual stacks and no per-iteration dynamic slices (about 10%
+        of a CPU training step). `unstack` (not `a[i]`) so the gradients are stacked once, instead of
+        each layer's being padded to the full stack and summed."""
+        graphdef, state = nnx.split(self.layers)
+        leaves, treedef = jax.tree.flatten(state)
+        per_layer = list(zip(*(jnp.unstack(leaf, axis=0) for leaf in leaves)))
+        caches = None if kv is None else (jnp.unstack(kv[0], axis=0), jnp.unstack(kv[1], axis=0))
+        outs = []
+        for i, layer_leaves in enumerate(per_layer):
+            block = nnx.merge(graphdef, jax.tree.unflatten(treedef, layer_leaves))
+            x, out = run_block(block, x, None if caches is None else (caches[0][i], caches[1][i]))
+            outs.append(out)
+        return x, (None if kv is None else (jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs])))
+
+    def _scan_layers(self, run_block, x, kv):
+        cfg = self.cfg
+
         # The cache's per-layer keys and values are scanned alongside the layers.
         @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0), unroll=min(cfg.scan_unroll, cfg.num_layers),
                   transform_metadata={nnx.PARTITION_NAME: "layers"})
         def scan_layers(x, block, kv):
             return run_block(block, x, kv)
 
-        x, kv = scan_layers(x, self.layers, None if cache is None else (cache.k, cache.v))
-        if cache is not None:
-            cache = cache._replace(k=kv[0], v=kv[1], index=cache.index + tokens.shape[1])
-        return self.norm(x), cache
+        return scan_layers(x, self.layers, kv)
 
     def output_kernel(self) -> jax.Array:
         """(hidden, vocab) output projection, the transposed embedding when tied."""
