@@ -12,11 +12,12 @@ EXIT_USER_ERROR = 2
 def _cmd_train(args: argparse.Namespace) -> int:
     import jax
 
-    from imitation_jax import distributed
+    from imitation_jax import distributed, host_memory
     from imitation_jax.config import ConfigError, load_config
     from imitation_jax.train.loop import train
 
     cfg = load_config(args.config, args.overrides)
+    host_memory.configure(cfg.train.host_memory)  # before XLA starts its threads
     try:
         distributed.initialize(cfg.distributed)
     except ValueError as exc:

@@ -58,6 +58,9 @@ class TrainConfig:
                            # trained tokens first, chunks with none skipped; 0: all at once
     seed: int = 0  # parameter init
     peak_flops: Optional[float] = None  # per device, for MFU; None: known chips, or measured on CPU
+    # auto | keep | release: keep freed host memory in the process (no page faults every step) when
+    # JAX computes on the CPU; see imitation_jax/host_memory.py
+    host_memory: str = "auto"
 
 
 @dataclasses.dataclass
@@ -189,6 +192,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config: set exactly one of train.steps and train.epochs")
     if t.grad_accum < 1 or t.batch_size % t.grad_accum:
         raise ConfigError(f"config: train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
+    if t.host_memory not in ("auto", "keep", "release"):
+        raise ConfigError(f"config: train.host_memory={t.host_memory!r} is not one of auto, keep, release")
     if cfg.init.checkpoint and cfg.init.hf:
         raise ConfigError("config: set at most one of init.checkpoint and init.hf")
     if cfg.optim.schedule not in ("cosine", "linear", "constant"):

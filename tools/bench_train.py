@@ -12,7 +12,14 @@ with `torch.optim.AdamW` and the same clipping and packed-row mask. Compilation 
 steps are excluded (`--warmup`), every timed JAX step ends in `block_until_ready` (JAX dispatches
 asynchronously), torch uses every core. A side's step time is the median of `--steps` steps, best
 over `--rounds` rounds that alternate the sides; the output says how many CPU cores other
-processes used meanwhile (on a shared machine, repeat until that is ~0). On a GPU the torch side
+processes used meanwhile (on a shared machine, repeat until that is ~0).
+
+Ours runs as `imitation-jax train` does, with `train.host_memory=auto` (`imitation_jax/host_memory.py`:
+on CPU, freed host memory stays in the process instead of being faulted back in every step).
+Each torch variant runs in its own worker process, so the allocator settings cannot leak between
+sides: "default" is torch as it runs out of the box (what the speedup is measured against), and
+"kept" is torch under the same allocator settings as ours, printed beside it so the share of the
+speedup that comes from the allocator is visible (`--torch-alloc` picks). On a GPU the torch side
 runs on CUDA too (fp32 master weights, bf16 autocast, fused AdamW); it is skipped, with a message,
 without torch/transformers or without a CUDA torch.
 
@@ -28,8 +35,11 @@ peak on an accelerator (compute then defaults to bf16). The last line is
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -59,6 +69,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-torch", action="store_true", help="skip the transformers + torch side")
     p.add_argument("--torch-attn", default="sdpa,eager",
                    help="comma-separated HF attn_implementation values to time (the fastest is reported)")
+    p.add_argument("--torch-alloc", default="default,kept",
+                   help="comma-separated torch allocator variants: default (glibc as is) and/or kept "
+                        "(the host_memory settings ours uses)")
+    p.add_argument("--torch-worker", default=None, help=argparse.SUPPRESS)  # IMPL:ALLOC, internal
     p.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before JAX starts")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -67,6 +81,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 ARGS = parse_args() if __name__ == "__main__" else None
 if ARGS is not None and ARGS.xla_flags:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + ARGS.xla_flags).strip()
+HOST_MEMORY_KEPT = False
+if ARGS is not None:
+    # As `imitation-jax train` does, before any allocator arena or XLA thread exists; a torch
+    # worker applies its own variant instead.
+    from imitation_jax import host_memory  # noqa: E402
+
+    HOST_MEMORY_KEPT = host_memory.configure(
+        "auto" if ARGS.torch_worker is None else
+        ("keep" if ARGS.torch_worker.split(":")[1] == "kept" else "release"))
 
 import jax  # noqa: E402  (XLA_FLAGS must be set first)
 import jax.numpy as jnp  # noqa: E402
@@ -191,6 +214,68 @@ def setup_torch(args, batch_np: dict, attn_impl: str, device: str = "cpu", dtype
     return {"step": step, "losses": losses}
 
 
+class TorchWorker:
+    """One torch variant in its own process (`--torch-worker`), so its allocator settings are its
+    own: set up and warmed up at construction, then `round(n)` times n steps there."""
+
+    def __init__(self, impl: str, alloc: str, device: str, dtype: str):
+        cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--torch-worker",
+               f"{impl}:{alloc}:{device}:{dtype}"]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.losses: list[float] = []
+        reply = self._reply()
+        if "error" in reply:
+            self.close()
+            raise RuntimeError(reply["error"])
+
+    def _reply(self) -> dict:
+        for line in self.proc.stdout:  # anything else a library prints to stdout is skipped
+            if line.startswith(WORKER_PREFIX):
+                reply = json.loads(line[len(WORKER_PREFIX):])
+                self.cpu_s = reply.get("cpu_s", 0.0)
+                self.losses = reply.get("losses", self.losses)
+                return reply
+        raise RuntimeError(f"torch worker exited with status {self.proc.wait()}")
+
+    def round(self, steps: int) -> list[float]:
+        self.proc.stdin.write(f"{steps}\n")
+        self.proc.stdin.flush()
+        return self._reply()["times"]
+
+    def close(self) -> None:
+        if self.proc.stdin and not self.proc.stdin.closed:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+WORKER_PREFIX = "@@bench "
+
+
+def torch_worker_main(args) -> int:
+    """The worker side of `TorchWorker`: one JSON line per request on stdout."""
+    impl, alloc, device, dtype = args.torch_worker.split(":")
+
+    def say(**reply) -> None:
+        times = os.times()
+        print(WORKER_PREFIX + json.dumps({"cpu_s": times.user + times.system, **reply}), flush=True)
+
+    try:
+        import torch
+        if device == "cuda" and not torch.cuda.is_available():
+            say(error="no CUDA torch for this accelerator")
+            return 0
+        runner = setup_torch(args, make_batch(args.vocab, args.batch, args.seq, args.seed), impl, device, dtype)
+        for _ in range(max(args.warmup, 1)):
+            runner["step"]()
+    except Exception as exc:  # an attn implementation this transformers lacks, ...
+        say(error=f"{type(exc).__name__}: {exc}")
+        return 0
+    say(ready=True, losses=runner["losses"])
+    for line in sys.stdin:
+        say(times=time_steps(runner, int(line)), losses=runner["losses"])
+    return 0
+
+
 class ForeignLoad:
     """CPU cores used by *other* processes since construction (Linux; None elsewhere): the whole
     machine's busy time from /proc/stat minus this process's own CPU time."""
@@ -209,12 +294,13 @@ class ForeignLoad:
         own = os.times()
         return time.perf_counter(), busy, own.user + own.system
 
-    def cores(self):
+    def cores(self, own_elsewhere: float = 0.0):
+        """own_elsewhere: CPU seconds our own worker processes used meanwhile (not foreign)."""
         end = self._sample()
         if self.start is None or end is None:
             return None
         wall = end[0] - self.start[0]
-        return max(0.0, ((end[1] - self.start[1]) - (end[2] - self.start[2])) / wall)
+        return max(0.0, ((end[1] - self.start[1]) - (end[2] - self.start[2]) - own_elsewhere) / wall)
 
 
 def time_steps(runner: dict, steps: int) -> list[float]:
@@ -247,29 +333,23 @@ def main(args) -> int:
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
 
     runners = {"ours": setup_ours(args, cfg, batch_np)}
+    workers = {}
     if args.no_torch:
         print("torch: skipped (--no-torch)")
+    elif missing := [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]:
+        print(f"torch: skipped ({missing[0]} is not installed)")
     else:
-        try:
-            import torch  # noqa: F401
-            import transformers  # noqa: F401
-        except ImportError as exc:
-            torch = None
-            print(f"torch: skipped ({exc.name} is not installed)")
-        torch_device = "cpu" if on_cpu else ("cuda" if torch is not None and torch.cuda.is_available() else None)
-        if torch is not None and torch_device is None:
-            print(f"torch: skipped (no CUDA torch for this {device.platform} device)")
-        elif torch is not None:
-            for impl in [s.strip() for s in args.torch_attn.split(",") if s.strip()]:
+        torch_device = "cpu" if on_cpu else "cuda"
+        for impl in [x.strip() for x in args.torch_attn.split(",") if x.strip()]:
+            for alloc in [x.strip() for x in args.torch_alloc.split(",") if x.strip()]:
                 try:
-                    runners[f"torch/{impl}"] = setup_torch(args, batch_np, impl, torch_device, dtype)
-                except Exception as exc:  # an attn implementation this transformers lacks
-                    print(f"torch {impl}: failed: {type(exc).__name__}: {exc}")
+                    workers[f"torch/{impl}/{alloc}"] = TorchWorker(impl, alloc, torch_device, dtype)
+                except RuntimeError as exc:  # no CUDA torch, an attn implementation this transformers lacks
+                    print(f"torch {impl} ({alloc} allocator): skipped: {exc}")
 
-    # Warm-up (after compilation): first steps allocate, fill caches, build torch's kernels.
-    for runner in runners.values():
-        for _ in range(max(args.warmup, 1)):
-            runner["step"]()
+    # Warm-up (after compilation): first steps allocate, fill caches (the workers warmed up theirs).
+    for _ in range(max(args.warmup, 1)):
+        runners["ours"]["step"]()
     # Peak: a large f32 matmul measured on CPU in this run (same load); the bf16 figure elsewhere.
     matmul_flops = measured_matmul_flops(n=4096 if on_cpu else 8192,
                                          dtype=jnp.float32 if on_cpu else jnp.bfloat16, repeats=5)
@@ -277,39 +357,49 @@ def main(args) -> int:
     peak_what = "measured f32 matmul" if on_cpu else f"{device.device_kind} bf16 peak"
     # Rounds alternate the sides, so a neighbour's load hits both alike; each side's figure is its
     # best round's median step.
-    times = {name: [] for name in runners}
+    times = {name: [] for name in [*runners, *workers]}
     load = ForeignLoad()
+    worker_cpu = {name: w.cpu_s for name, w in workers.items()}
     for _ in range(args.rounds):
-        for name, runner in runners.items():
-            times[name].append(time_steps(runner, args.steps))
-    foreign = load.cores()
+        times["ours"].append(time_steps(runners["ours"], args.steps))
+        for name, worker in workers.items():
+            times[name].append(worker.round(args.steps))
+    foreign = load.cores(own_elsewhere=sum(w.cpu_s - worker_cpu[n] for n, w in workers.items()))
+    losses = {"ours": runners["ours"]["losses"], **{n: w.losses for n, w in workers.items()}}
+    for worker in workers.values():
+        worker.close()
     step_s = {name: min(statistics.median(r) for r in rounds) for name, rounds in times.items()}
     best_s = {name: min(min(r) for r in rounds) for name, rounds in times.items()}
 
     def tps(name):
         return args.batch * args.seq / step_s[name]
 
-    torch_names = [n for n in runners if n.startswith("torch/")]
-    ref = max(torch_names, key=tps, default=None)
+    # The reference is the fastest torch variant as torch runs out of the box (default allocator).
+    ref = max([n for n in workers if n.endswith("/default")], key=tps, default=None)
+    ref_kept = max([n for n in workers if n.endswith("/kept")], key=tps, default=None)
     print()
     print(f"compile {runners['ours']['compile_s']:.1f}s; loss " + "; ".join(
-        f"{n} {r['losses'][0]:.4f}->{r['losses'][-1]:.4f}" for n, r in runners.items()))
+        f"{n} {v[0]:.4f}->{v[-1]:.4f}" for n, v in losses.items()))
     print(f"matmul ({'f32, 4096^3' if on_cpu else 'bf16, 8192^3'}) measured: {matmul_flops / 1e9:.1f} GFLOP/s; "
           f"peak for MFU ({peak_what}): {peak / 1e9:.1f} GFLOP/s; model train FLOPs/token {flops_tok / 1e6:.1f}M")
     if foreign is not None:
         print(f"timing: {args.rounds} round(s) x {args.steps} steps; other processes used {foreign:.2f} CPU cores "
               f"meanwhile" + (" -- the machine was shared, repeat when it is quiet" if foreign > 0.2 else ""))
-    labels = {"ours": f"ours jax ({cfg.attention}, loss_chunk {args.loss_chunk}, remat {cfg.remat})"}
-    labels.update({n: f"hf torch ({n.split('/', 1)[1]})" + (" *" if n == ref else "") for n in torch_names})
+    kept = "kept" if HOST_MEMORY_KEPT else "default"
+    labels = {"ours": f"ours jax ({cfg.attention}, loss_chunk {args.loss_chunk}, {kept} alloc)"}
+    labels.update({n: "hf torch ({}, {} alloc)".format(*n.split("/")[1:]) + (" *" if n == ref else "")
+                   for n in workers})
     print(f"{'':48s} {'tokens/s':>9s} {'ms/step':>9s} {'best ms':>9s} {'MFU':>6s} {'vs torch':>9s}")
     for name, label in labels.items():
         ratio = f"{tps(name) / tps(ref):8.2f}x" if ref else f"{'-':>9s}"
         print(f"{label:48s} {tps(name):9.1f} {1e3 * step_s[name]:9.1f} {1e3 * best_s[name]:9.1f} "
               f"{flops_tok * tps(name) / peak:6.3f} {ratio}")
+    if ref_kept:
+        print(f"vs torch under the same allocator settings as ours: {tps('ours') / tps(ref_kept):.2f}x")
     speedup = tps("ours") / tps(ref) if ref else float("nan")
     print(f"speedup_vs_hf_torch={speedup:.2f} mfu={flops_tok * tps('ours') / peak:.2f}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(ARGS))
+    sys.exit(torch_worker_main(ARGS) if ARGS.torch_worker else main(ARGS))
