@@ -38,7 +38,8 @@ def test_reference_recipe(path):
 
 
 @pytest.mark.parametrize("override, named", [("model.num_kv_heads=3", "model.num_heads"),
-                                             ("model.num_heads=3", "model.num_heads")])
+                                             ("model.num_heads=3", "model.num_heads"),
+                                             ("model.head_dim=33", "model.head_dim=33")])
 def test_train_model_shape_error_is_one_line_naming_the_key(small_overrides, override, named, capsys):
     """ModelConfig's own checks (heads divisible by kv heads) reach the user as one config line, exit 2."""
     from imitation_jax.cli import main

@@ -74,7 +74,9 @@ class ModelConfig:
         if self.num_heads % self.kv_heads:
             raise ValueError(f"model.num_heads={self.num_heads} is not a multiple of num_kv_heads={self.kv_heads}")
         if self.dim_per_head % 2:
-            raise ValueError(f"head dim {self.dim_per_head} must be even for rotary embeddings")
+            source = (f"model.head_dim={self.head_dim}" if self.head_dim else
+                      f"model.hidden_size={self.hidden_size} / model.num_heads={self.num_heads}")
+            raise ValueError(f"head dim {self.dim_per_head} ({source}) must be even for rotary embeddings")
         if self.vocab_size <= 0:
             raise ValueError("model.vocab_size must be set (it is taken from the tokenizer when 0)")
 
