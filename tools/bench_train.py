@@ -69,9 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-torch", action="store_true", help="skip the transformers + torch side")
     p.add_argument("--torch-attn", default="sdpa,eager",
                    help="comma-separated HF attn_implementation values to time (the fastest is reported)")
-    p.add_argument("--torch-alloc", default="default,kept",
+    p.add_argument("--torch-alloc", default=None,
                    help="comma-separated torch allocator variants: default (glibc as is) and/or kept "
-                        "(the host_memory settings ours uses)")
+                        "(the host_memory settings ours uses); default: both on CPU, default on accelerators")
     p.add_argument("--torch-worker", default=None, help=argparse.SUPPRESS)  # IMPL:ALLOC, internal
     p.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before JAX starts")
     p.add_argument("--seed", type=int, default=0)
@@ -341,7 +341,8 @@ def main(args) -> int:
     else:
         torch_device = "cpu" if on_cpu else "cuda"
         for impl in [x.strip() for x in args.torch_attn.split(",") if x.strip()]:
-            for alloc in [x.strip() for x in args.torch_alloc.split(",") if x.strip()]:
+            allocs = args.torch_alloc or ("default,kept" if on_cpu else "default")
+            for alloc in [x.strip() for x in allocs.split(",") if x.strip()]:
                 try:
                     workers[f"torch/{impl}/{alloc}"] = TorchWorker(impl, alloc, torch_device, dtype)
                 except RuntimeError as exc:  # no CUDA torch, an attn implementation this transformers lacks
