@@ -17,6 +17,7 @@ from imitation_jax.data.cleaning import CleaningConfig
 from imitation_jax.data.training import check_data_config
 from imitation_jax.checkpoint import CheckpointConfig
 from imitation_jax.distributed import DistributedConfig
+from imitation_jax import host_memory
 from imitation_jax.model.config import ModelConfig
 from imitation_jax.model.presets import preset_fields
 from imitation_jax.sharding import MeshConfig
@@ -192,8 +193,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config: set exactly one of train.steps and train.epochs")
     if t.grad_accum < 1 or t.batch_size % t.grad_accum:
         raise ConfigError(f"config: train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
-    if t.host_memory not in ("auto", "keep", "release"):
-        raise ConfigError(f"config: train.host_memory={t.host_memory!r} is not one of auto, keep, release")
+    if t.host_memory not in host_memory.MODES:
+        raise ConfigError(f"config: train.host_memory={t.host_memory!r} is not one of {', '.join(host_memory.MODES)}")
     if cfg.init.checkpoint and cfg.init.hf:
         raise ConfigError("config: set at most one of init.checkpoint and init.hf")
     if cfg.optim.schedule not in ("cosine", "linear", "constant"):

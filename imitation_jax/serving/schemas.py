@@ -9,6 +9,8 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_STOP = 4  # as OpenAI
+_UNSUPPORTED = {"logprobs": "logprobs are not supported", "tools": "tools are not supported",
+                "echo": "echo is not supported"}
 
 
 class TextPart(BaseModel):
@@ -52,11 +54,13 @@ class _Sampling(BaseModel):
             raise ValueError(f"at most {MAX_STOP} stop sequences")
         return v
 
-    @field_validator("logprobs")
+    # Fields a request may carry but we cannot honour: refused when set to anything truthy.
+    # check_fields=False: `tools` and `echo` are declared by the subclasses.
+    @field_validator(*_UNSUPPORTED, check_fields=False)
     @classmethod
-    def _logprobs(cls, v):
+    def _unsupported(cls, v, info):
         if v:
-            raise ValueError("logprobs are not supported")
+            raise ValueError(_UNSUPPORTED[info.field_name])
         return v
 
     def stops(self) -> list[str]:
@@ -67,13 +71,6 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     tools: Optional[list] = None
-
-    @field_validator("tools")
-    @classmethod
-    def _tools(cls, v):
-        if v:
-            raise ValueError("tools are not supported")
-        return v
 
     def limit(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -89,13 +86,6 @@ class CompletionRequest(_Sampling):
     def _prompt(cls, v):
         if isinstance(v, list) and (not v or (isinstance(v[0], str) and len(v) != 1)):
             raise ValueError("prompt must be a string, one string in a list, or a list of token ids")
-        return v
-
-    @field_validator("echo")
-    @classmethod
-    def _echo(cls, v):
-        if v:
-            raise ValueError("echo is not supported")
         return v
 
     def limit(self) -> Optional[int]:
