@@ -72,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--torch-alloc", default=None,
                    help="comma-separated torch allocator variants: default (glibc as is) and/or kept "
                         "(the host_memory settings ours uses); default: both on CPU, default on accelerators")
-    p.add_argument("--torch-worker", default=None, help=argparse.SUPPRESS)  # IMPL:ALLOC, internal
+    p.add_argument("--torch-worker", default=None, help=argparse.SUPPRESS)  # IMPL:ALLOC:DEVICE:DTYPE, internal
     p.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before JAX starts")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
