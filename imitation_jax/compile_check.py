@@ -228,7 +228,7 @@ def compile_check(cfg, topo: Topology, vocab_size: int | None = None, out=print)
         state = {"params": params, "opt_state": opt,
                  "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh))}
         state_sh = jax.tree.map(lambda x: x.sharding, state)
-        train_step = make_train_step(graphdef, optimizer, mesh, state_sh, t.loss_chunk)
+        train_step = make_train_step(graphdef, optimizer, mesh, state_sh, t.loss_chunk, t.fuse_last_layer)
         batch_sh = accum_batch_sharding(mesh)
         rows = (t.grad_accum, micro, seq_len)
         batch = {k: jax.ShapeDtypeStruct(rows, np.float32 if k == "loss_mask" else np.int32, sharding=batch_sh)

@@ -57,6 +57,8 @@ class TrainConfig:
     log_every: int = 10
     loss_chunk: int = 256  # >0: output layer + cross entropy this many positions of every row at a time,
                            # trained tokens first, chunks with none skipped; 0: all at once
+    fuse_last_layer: bool = True  # run the last layer's output projection, MLP and the final norm
+                                  # inside the loss chunks too, so only for positions that are trained
     seed: int = 0  # parameter init
     peak_flops: Optional[float] = None  # per device, for MFU; None: known chips, or measured on CPU
     # auto | keep | release: keep freed host memory in the process (no page faults every step) when

@@ -64,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scan-unroll", type=int, default=0,
                    help="model.scan_unroll (0: the number of layers, i.e. the layer loop without a scan)")
     p.add_argument("--loss-chunk", type=int, default=256, help="train.loss_chunk (0: whole sequence at once)")
+    p.add_argument("--no-fuse-last-layer", dest="fuse_last_layer", action="store_false",
+                   help="train.fuse_last_layer=false: the last layer's MLP runs on every position")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                    help="compute dtype (default float32 on CPU, bfloat16 on accelerators)")
     p.add_argument("--no-torch", action="store_true", help="skip the transformers + torch side")
@@ -143,7 +145,8 @@ def setup_ours(args, cfg, batch_np: dict) -> dict:
     with jax.set_mesh(mesh):
         params = init_params(cfg, mesh, args.seed)
         state = {"params": params, "opt_state": init_opt_state(optimizer, params, mesh), "step": step_scalar(0, mesh)}
-        train_step = make_train_step(graphdef, optimizer, mesh, shardings_of(state), args.loss_chunk)
+        train_step = make_train_step(graphdef, optimizer, mesh, shardings_of(state), args.loss_chunk,
+                                     args.fuse_last_layer)
         batch = {k: jax.device_put(v[None], accum_batch_sharding(mesh)) for k, v in batch_np.items()}
         t0 = time.perf_counter()
         compiled = train_step.lower(state, batch).compile()
@@ -330,6 +333,7 @@ def main(args) -> int:
           f"batch {args.batch} x seq {args.seq}, {dtype}; trained tokens "
           f"{int(batch_np['loss_mask'].sum())}/{batch_np['loss_mask'].size}")
     print(f"ours: attention={cfg.attention} remat={cfg.remat} loss_chunk={args.loss_chunk} "
+          f"fuse_last_layer={args.fuse_last_layer} "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
 
     runners = {"ours": setup_ours(args, cfg, batch_np)}

@@ -38,6 +38,11 @@ class Attention(nnx.Module):
         """Returns (output, cache). With a cache, this call's keys and values are written into it;
         the queries then attend over the whole cache under its mask, or, for a prefill (a cache
         without a mask), over the new tokens only, as in training."""
+        out, cache = self.core(x, cos, sin, segment_ids, cache)
+        return self.project_out(out), cache
+
+    def core(self, x, cos, sin, segment_ids, cache: LayerCache | None = None):
+        """Attention before the output projection: ((..., heads * head_dim), cache)."""
         dt = self.dtype
 
         def project(w):  # one (tokens, d) x (d, heads * head_dim) matmul: the backward pass of a
@@ -54,8 +59,13 @@ class Attention(nnx.Module):
             out = attention(q, k, v, segment_ids, self.impl)
         else:
             out = cached_attention(q, cache.k, cache.v, cache.mask)
-        wo = self.o[...].astype(dt)
-        return (out.reshape(-1, wo.shape[0] * wo.shape[1]) @ wo.reshape(-1, wo.shape[2])).reshape(x.shape), cache
+        return out.reshape(*out.shape[:-2], -1), cache
+
+    def project_out(self, out):
+        """(..., heads * head_dim) -> (..., hidden), as one 2-D matmul."""
+        wo = self.o[...].astype(self.dtype)
+        flat = out.reshape(-1, wo.shape[0] * wo.shape[1]) @ wo.reshape(-1, wo.shape[2])
+        return flat.reshape(*out.shape[:-1], wo.shape[2])
 
 
 class Block(nnx.Module):
@@ -66,10 +76,28 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs)
 
     def __call__(self, x, cos, sin, segment_ids, cache: LayerCache | None = None):
-        h, cache = self.attn(self.attn_norm(x), cos, sin, segment_ids, cache)
-        x = x + h
-        x = x + self.mlp(self.mlp_norm(x))
-        return constrain(x, ("batch", "seq", "act_embed")), cache
+        a, cache = self.attend(x, cos, sin, segment_ids, cache)
+        return constrain(self.finish(x, a), ("batch", "seq", "act_embed")), cache
+
+    def attend(self, x, cos, sin, segment_ids, cache: LayerCache | None = None):
+        """The part that mixes positions: attention up to (not including) its output projection."""
+        return self.attn.core(self.attn_norm(x), cos, sin, segment_ids, cache)
+
+    def finish(self, x, a):
+        """The position-wise rest: output projection, residual, MLP, residual."""
+        x = x + self.attn.project_out(a)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Tail(nnx.Module):
+    """The last layer's position-wise part and the final norm, applied to (residual stream, attention
+    output) of some positions: what `Llama.trunk` leaves for the loss to run on trained positions."""
+
+    def __init__(self, block: Block, norm: RMSNorm):
+        self.block, self.norm = block, norm
+
+    def __call__(self, x, a):
+        return self.norm(self.block.finish(x, a))
 
 
 class Llama(nnx.Module):
@@ -111,7 +139,16 @@ class Llama(nnx.Module):
         each other only, through the training attention (flash/cuDNN where it is), not the cache."""
         return self._run(tokens, positions, segment_ids, cache)
 
-    def _run(self, tokens, positions, segment_ids, cache: KVCache | None):
+    def trunk(self, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array
+              ) -> tuple[tuple[jax.Array, jax.Array], Tail]:
+        """All but the last layer's position-wise part: returns ((x, a), tail), x the residual stream
+        entering the last layer (batch, seq, hidden) and a its attention output before the output
+        projection (batch, seq, heads * head_dim); `tail(x, a)` equals `__call__`. Nothing after the
+        last attention mixes positions, so training runs the tail inside the chunked loss, on trained
+        positions only."""
+        return self._run(tokens, positions, segment_ids, None, split_last=True)
+
+    def _run(self, tokens, positions, segment_ids, cache: KVCache | None, split_last: bool = False):
         cfg = self.cfg
         # Gather from a replicated table: a row lookup from a table sharded on both axes makes
         # the partitioner replicate it anyway, with a warning and a worse schedule.
@@ -128,34 +165,57 @@ class Llama(nnx.Module):
             x, layer_cache = block(x, cos, sin, segment_ids, layer_cache)
             return x, (None if layer_cache is None else (layer_cache.k, layer_cache.v))
 
+        def attend(block: Block, x):
+            return block.attend(x, cos, sin, segment_ids)[0]
+
         if cfg.remat != "none":
             run_block = nnx.remat(run_block, policy=_REMAT[cfg.remat], prevent_cse=False)
+            attend = nnx.remat(attend, policy=_REMAT[cfg.remat], prevent_cse=False)
 
+        if split_last:
+            if cfg.scan_unroll >= cfg.num_layers:
+                *first, last = self._unstacked_layers()
+                x = self._loop(run_block, x, first, None)[0]
+            else:
+                first, last = self._split_off_last()
+                x = x if cfg.num_layers == 1 else self._scan(run_block, first, x, None)[0]
+            return (x, attend(last, x)), Tail(last, self.norm)
+
+        kv = None if cache is None else (cache.k, cache.v)
         if cfg.scan_unroll >= cfg.num_layers:
-            x, kv = self._loop_layers(run_block, x, None if cache is None else (cache.k, cache.v))
+            x, kv = self._loop(run_block, x, self._unstacked_layers(), kv)
         else:
-            x, kv = self._scan_layers(run_block, x, None if cache is None else (cache.k, cache.v))
+            x, kv = self._scan(run_block, self.layers, x, kv)
         if cache is not None:
             cache = cache._replace(k=kv[0], v=kv[1], index=cache.index + tokens.shape[1])
         return self.norm(x), cache
 
-    def _loop_layers(self, run_block, x, kv):
-        """Full unroll as straight-line code over per-layer slices of the stacked parameters: no
-        while loop, so no zero-filled residual stacks and no per-iteration dynamic slices (about 10%
-        of a CPU training step). `unstack` (not `a[i]`) so the gradients are stacked once, instead of
-        each layer's being padded to the full stack and summed."""
+    def _unstacked_layers(self) -> list[Block]:
+        """One Block per layer over `unstack`ed slices of the stacked parameters (not `a[i]`, so the
+        gradients are stacked once instead of each layer's being padded to the full stack and summed)."""
         graphdef, state = nnx.split(self.layers)
         leaves, treedef = jax.tree.flatten(state)
-        per_layer = list(zip(*(jnp.unstack(leaf, axis=0) for leaf in leaves)))
+        per_layer = zip(*(jnp.unstack(leaf, axis=0) for leaf in leaves))
+        return [nnx.merge(graphdef, jax.tree.unflatten(treedef, list(layer))) for layer in per_layer]
+
+    def _split_off_last(self) -> tuple[Block, Block]:
+        """(stacked first num_layers - 1 layers, the last layer)."""
+        graphdef, state = nnx.split(self.layers)
+        return (nnx.merge(graphdef, jax.tree.map(lambda a: a[:-1], state)),
+                nnx.merge(graphdef, jax.tree.map(lambda a: a[-1], state)))
+
+    @staticmethod
+    def _loop(run_block, x, blocks: list[Block], kv):
+        """The layers as straight-line code (`model.scan_unroll >= num_layers`): no while loop, so no
+        zero-filled residual stacks and no per-iteration dynamic slices (about 10% of a CPU step)."""
         caches = None if kv is None else (jnp.unstack(kv[0], axis=0), jnp.unstack(kv[1], axis=0))
         outs = []
-        for i, layer_leaves in enumerate(per_layer):
-            block = nnx.merge(graphdef, jax.tree.unflatten(treedef, layer_leaves))
+        for i, block in enumerate(blocks):
             x, out = run_block(block, x, None if caches is None else (caches[0][i], caches[1][i]))
             outs.append(out)
         return x, (None if kv is None else (jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs])))
 
-    def _scan_layers(self, run_block, x, kv):
+    def _scan(self, run_block, layers: Block, x, kv):
         cfg = self.cfg
 
         # The cache's per-layer keys and values are scanned alongside the layers.
@@ -164,7 +224,7 @@ class Llama(nnx.Module):
         def scan_layers(x, block, kv):
             return run_block(block, x, kv)
 
-        return scan_layers(x, self.layers, kv)
+        return scan_layers(x, layers, kv)
 
     def output_kernel(self) -> jax.Array:
         """(hidden, vocab) output projection, the transposed embedding when tied."""

@@ -152,11 +152,11 @@ def train(cfg: Config, restart: bool = False) -> dict[str, Any]:
         rng = state.pop("rng")
         state["step"] = step_scalar(start_step, mesh)
         state_sh = shardings_of(state)
-        train_step = make_train_step(graphdef, optimizer, mesh, state_sh, t.loss_chunk)
+        train_step = make_train_step(graphdef, optimizer, mesh, state_sh, t.loss_chunk, t.fuse_last_layer)
         batch_sh, eval_sh = accum_batch_sharding(mesh), batch_sharding(mesh)
         eval_step = eval_loader = None
         if eval_rows is not None:
-            eval_step = make_eval_step(graphdef, mesh, state_sh["params"], t.loss_chunk)
+            eval_step = make_eval_step(graphdef, mesh, state_sh["params"], t.loss_chunk, t.fuse_last_layer)
             eval_loader = BatchLoader(eval_rows, eval_batch, seed=0, shuffle=False,
                                       drop_remainder=False, process_index=jax.process_index(),
                                       process_count=jax.process_count())

@@ -17,12 +17,19 @@ from imitation_jax.train.loss import masked_cross_entropy
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 
-def loss_sums(graphdef: nnx.GraphDef, params, batch: dict, loss_chunk: int = 0):
-    """(loss sum, (correct, trained tokens)) for one (micro-)batch of rows (B, T)."""
+def loss_sums(graphdef: nnx.GraphDef, params, batch: dict, loss_chunk: int = 0, fuse_last_layer: bool = True):
+    """(loss sum, (correct, trained tokens)) for one (micro-)batch of rows (B, T).
+
+    fuse_last_layer: the model stops before the last layer's position-wise part, which the chunked
+    loss then runs for the chunks holding trained tokens only (the same sums, less work)."""
     model = nnx.merge(graphdef, params)
-    hidden = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    args = batch["inputs"], batch["positions"], batch["segment_ids"]
+    if fuse_last_layer:
+        hidden, tail = model.trunk(*args)
+    else:
+        hidden, tail = model(*args), None
     loss, correct, tokens = masked_cross_entropy(hidden, model.output_kernel(), batch["targets"],
-                                                 batch["loss_mask"], loss_chunk)
+                                                 batch["loss_mask"], loss_chunk, tail)
     return loss, (correct, tokens)
 
 
@@ -33,12 +40,13 @@ def accum_batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, mesh: Mesh,
-                    state_shardings: Any, loss_chunk: int = 0) -> Callable:
+                    state_shardings: Any, loss_chunk: int = 0, fuse_last_layer: bool = True) -> Callable:
     """state = {"params", "opt_state", "step"}; batch leaves (grad_accum, micro, T)."""
     param_shardings = state_shardings["params"]
 
     def grad_fn(params, micro):
-        return jax.value_and_grad(lambda p: loss_sums(graphdef, p, micro, loss_chunk), has_aux=True)(params)
+        return jax.value_and_grad(lambda p: loss_sums(graphdef, p, micro, loss_chunk, fuse_last_layer),
+                                  has_aux=True)(params)
 
     def step(state, batch):
         params = state["params"]
@@ -69,10 +77,11 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
                    out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
 
 
-def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, param_shardings: Any, loss_chunk: int = 0) -> Callable:
+def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, param_shardings: Any, loss_chunk: int = 0,
+                   fuse_last_layer: bool = True) -> Callable:
     """Sums over one batch (B, T): loss, correct, trained tokens (the caller divides at the end)."""
     def step(params, batch):
-        loss, (correct, tokens) = loss_sums(graphdef, params, batch, loss_chunk)
+        loss, (correct, tokens) = loss_sums(graphdef, params, batch, loss_chunk, fuse_last_layer)
         return {"loss_sum": loss, "correct": correct, "tokens": tokens}
 
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
