@@ -88,34 +88,39 @@ def _blocked_core(qb, k, v, mask, block):
 
 
 def _blocked_fwd(qb, k, v, mask, block):
-    """qb (blocks, b, kv, g * block, d); k, v (b, kv, t, d); mask (b, 1, t, t) -> like qb."""
+    """qb (blocks, b, kv, g * block, d); k, v (b, kv, t, d); mask (b, 1, t, t) -> like qb.
+
+    The key and value prefixes of each block are kept for the backward pass: slicing a prefix out
+    of (b, kv, t, d) is a copy on CPU, and it would otherwise be made twice."""
     _, b, kv, gn, d = qb.shape
     g = gn // block
-    outs, probs = [], []
+    outs, saved = [], []
     for i, (lo, hi) in enumerate(_spans(k.shape[2], block)):
-        s = jnp.einsum("bkqd,bksd->bkqs", qb[i], k[:, :, :hi], preferred_element_type=jnp.float32) * d ** -0.5
+        kp, vp = k[:, :, :hi], v[:, :, :hi]
+        s = jnp.einsum("bkqd,bksd->bkqs", qb[i], kp, preferred_element_type=jnp.float32) * d ** -0.5
         s = jnp.where(mask[:, :, None, lo:hi, :hi], s.reshape(b, kv, g, block, hi), jnp.finfo(jnp.float32).min)
         p = jax.nn.softmax(s, axis=-1).reshape(b, kv, gn, hi).astype(v.dtype)
-        outs.append(jnp.einsum("bkqs,bksd->bkqd", p, v[:, :, :hi]))
-        probs.append(p)
+        outs.append(jnp.einsum("bkqs,bksd->bkqd", p, vp))
+        saved.append((p, kp, vp))
     out = jnp.stack(outs)
-    return out, (qb, k, v, tuple(probs), out)
+    return out, (qb, tuple(saved), out)
 
 
 def _blocked_bwd(block, res, dout):
-    qb, k, v, probs, out = res
+    qb, saved, out = res
+    k = saved[-1][1]  # the last block's prefix is every key
     t, d = k.shape[2], k.shape[3]
     # Softmax backward through the output: rowsum(P * dP) = rowsum(dO * O).
     delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    dq, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
-    for i, ((lo, hi), p) in enumerate(zip(_spans(t, block), probs)):
+    dq, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32)
+    for i, ((lo, hi), (p, kp, vp)) in enumerate(zip(_spans(t, block), saved)):
         pad = ((0, 0), (0, 0), (0, t - hi), (0, 0))
         dv = dv + jnp.pad(jnp.einsum("bkqs,bkqd->bksd", p, dout[i], preferred_element_type=jnp.float32), pad)
-        dp = jnp.einsum("bkqd,bksd->bkqs", dout[i], v[:, :, :hi], preferred_element_type=jnp.float32)
+        dp = jnp.einsum("bkqd,bksd->bkqs", dout[i], vp, preferred_element_type=jnp.float32)
         ds = (p.astype(jnp.float32) * (dp - delta[i]) * d ** -0.5).astype(qb.dtype)
-        dq.append(jnp.einsum("bkqs,bksd->bkqd", ds, k[:, :, :hi]))
+        dq.append(jnp.einsum("bkqs,bksd->bkqd", ds, kp))
         dk = dk + jnp.pad(jnp.einsum("bkqs,bkqd->bksd", ds, qb[i], preferred_element_type=jnp.float32), pad)
-    return jnp.stack(dq), dk.astype(k.dtype), dv.astype(v.dtype), None
+    return jnp.stack(dq), dk.astype(k.dtype), dv.astype(saved[-1][2].dtype), None
 
 
 _blocked_core.defvjp(_blocked_fwd, _blocked_bwd)
