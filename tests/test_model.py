@@ -300,6 +300,56 @@ def test_layer_loop_equals_scan_for_training_and_cached_decoding():
         np.testing.assert_allclose(k, k0, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("style,unroll,remat,chunk", [
+    ("llama2_gqa", 1, "none", 16),     # nnx.scan over all but the last layer
+    ("llama2_gqa", 2, "full", 16),     # the layer loop, under remat
+    ("tied", 2, "none", 0),            # tied output layer, one chunk of everything
+    ("llama3", 1, "save_dots", 24),    # 24 does not divide 64: padded chunks
+])
+def test_last_layer_inside_the_loss_equals_autodiff_of_the_whole_model(style, unroll, remat, chunk):
+    """train.fuse_last_layer: the model stops after the last layer's attention, and the loss runs
+    the rest (output projection, MLP, final norm) on the chunks with trained tokens only. Loss,
+    accuracy and every gradient equal autodiff of log-softmax over the plain model's logits."""
+    from imitation_jax.train.step import loss_sums
+
+    cfg = dataclasses.replace(our_config(style, attention="einsum"), scan_unroll=unroll, remat=remat)
+    graphdef, state = nnx.split(Llama(cfg, rngs=nnx.Rngs(0)))
+    tokens = jnp.asarray(random_tokens(3, SEQ, seed=7))
+    mask = np.zeros((3, SEQ), np.float32)
+    mask[0, 40:52] = 1  # trained tokens late in a row: sorting brings them to the first chunk
+    mask[1, 5:9] = 1
+    mask[1, 60:] = 1    # row 2 trains nothing
+    seg = np.ones((3, SEQ), np.int32)
+    seg[1, 30:] = 2     # two examples packed in row 1
+    pos = np.where(seg == 2, np.arange(SEQ) - 30, np.arange(SEQ)).astype(np.int32)
+    batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=1), "loss_mask": jnp.asarray(mask),
+             "segment_ids": jnp.asarray(seg), "positions": jnp.asarray(pos)}
+
+    def reference(state):
+        m = nnx.merge(graphdef, state)
+        logp = jax.nn.log_softmax(m.logits(m(batch["inputs"], batch["positions"], batch["segment_ids"])), axis=-1)
+        nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+        correct = (jnp.argmax(logp, axis=-1) == batch["targets"]).astype(jnp.float32)
+        return jnp.sum(nll * mask), (jnp.sum(correct * mask), jnp.sum(mask))
+
+    fused = lambda state: loss_sums(graphdef, state, batch, chunk, fuse_last_layer=True)  # noqa: E731
+    (loss0, (correct0, tokens0)), grads0 = jax.jit(jax.value_and_grad(reference, has_aux=True))(state)
+    (loss, (correct, n)), grads = jax.jit(jax.value_and_grad(fused, has_aux=True))(state)
+    assert float(tokens0) == float(n) == mask.sum()
+    np.testing.assert_allclose(float(loss), float(loss0), rtol=1e-5)
+    assert float(correct) == float(correct0)
+    # Every parameter gets its gradient, the last layer's MLP too (through the loss's own backward).
+    flat0 = dict(jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(grads0)))
+    for path, g in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(grads)):
+        g0 = np.asarray(flat0[path])
+        assert np.abs(g0).max() > 0, jax.tree_util.keystr(path)
+        np.testing.assert_allclose(np.asarray(g), g0, rtol=2e-4, atol=2e-6, err_msg=jax.tree_util.keystr(path))
+    # The eval path (no gradients) gives the same sums.
+    loss_eval, (correct_eval, _) = jax.jit(fused)(state)
+    np.testing.assert_allclose(float(loss_eval), float(loss0), rtol=1e-5)
+    assert float(correct_eval) == float(correct0)
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. bf16 compute with fp32 parameters.
 
