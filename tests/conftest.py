@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import jax
 import pytest
+
+# fp32 references (transformers on the CPU, numpy) are compared at fp32 tolerances; on a GPU XLA's
+# default fp32 matmul is TF32 (10-bit mantissa), so ask for full fp32 there. No effect on the CPU.
+jax.config.update("jax_default_matmul_precision", "highest")
 
 from imitation_jax.data.synthetic import generate_conversations, train_tokenizer
 from imitation_jax.data.tokenizer import Tokenizer, load_tokenizer

@@ -83,6 +83,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 ARGS = parse_args() if __name__ == "__main__" else None
 if ARGS is not None and ARGS.xla_flags:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + ARGS.xla_flags).strip()
+if ARGS is not None and ARGS.torch_worker is None and not ARGS.no_torch:
+    # The torch workers share the accelerator with this process, whose JAX would otherwise take 75%
+    # of its memory up front: too little is left for torch at ~1B parameters.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
 HOST_MEMORY_KEPT = False
 if ARGS is not None:
     # As `imitation-jax train` does, before any allocator arena or XLA thread exists; a torch
