@@ -67,8 +67,9 @@ def _einsum_attention(q, k, v, mask):
     the (T, T) scores are never computed. On CPU (4 x 512 tokens, 8 heads of 64) one layer's
     forward + backward of this core drops from 142 ms (autodiff of one masked softmax) to 63 ms.
 
-    Queries (and outputs) are block-major, (blocks, b, kv, group * block, d), so a block is a
-    contiguous slab: slicing it out of a (b, kv, group, t, d) array is a copy on CPU."""
+    Queries (and outputs) are block-major, (blocks, b, kv, group * block, d): XLA:CPU still copies
+    a block out before its matmul, but a contiguous slab copies faster than a strided slice of a
+    (b, kv, group, t, d) array (~4% of this core's time)."""
     b, t, h, d = q.shape
     kv = k.shape[2]
     block = QUERY_BLOCK if t % QUERY_BLOCK == 0 else t
