@@ -59,6 +59,7 @@ class TrainConfig:
                            # trained tokens first, chunks with none skipped; 0: all at once
     fuse_last_layer: bool = True  # run the last layer's output projection, MLP and the final norm
                                   # inside the loss chunks too, so only for positions that are trained
+                                  # (under nnx.scan, slicing off the last layer costs some temporaries)
     seed: int = 0  # parameter init
     peak_flops: Optional[float] = None  # per device, for MFU; None: known chips, or measured on CPU
     # auto | keep | release: keep freed host memory in the process (no page faults every step) when
