@@ -25,6 +25,7 @@ from imitation_jax.convert.hf_layout import model_config_from_hf, params_from_hf
 from imitation_jax.model import PRESETS, Llama, ModelConfig, RopeScaling, preset
 from imitation_jax.model.layers import rope_inv_freq
 from imitation_jax.train.state import model_graph
+from test_kernels import _reference_ce as reference_ce  # log-softmax cross entropy, by autodiff
 
 PARITY_TOL = 1e-4
 VOCAB = 300
@@ -327,10 +328,9 @@ def test_last_layer_inside_the_loss_equals_autodiff_of_the_whole_model(style, un
 
     def reference(state):
         m = nnx.merge(graphdef, state)
-        logp = jax.nn.log_softmax(m.logits(m(batch["inputs"], batch["positions"], batch["segment_ids"])), axis=-1)
-        nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
-        correct = (jnp.argmax(logp, axis=-1) == batch["targets"]).astype(jnp.float32)
-        return jnp.sum(nll * mask), (jnp.sum(correct * mask), jnp.sum(mask))
+        hidden = m(batch["inputs"], batch["positions"], batch["segment_ids"])
+        loss, correct, tokens = reference_ce(hidden, m.output_kernel(), batch["targets"], jnp.asarray(mask))
+        return loss, (correct, tokens)
 
     fused = lambda state: loss_sums(graphdef, state, batch, chunk, fuse_last_layer=True)  # noqa: E731
     (loss0, (correct0, tokens0)), grads0 = jax.jit(jax.value_and_grad(reference, has_aux=True))(state)

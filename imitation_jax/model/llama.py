@@ -172,20 +172,15 @@ class Llama(nnx.Module):
             run_block = nnx.remat(run_block, policy=_REMAT[cfg.remat], prevent_cse=False)
             attend = nnx.remat(attend, policy=_REMAT[cfg.remat], prevent_cse=False)
 
-        if split_last:
-            if cfg.scan_unroll >= cfg.num_layers:
-                *first, last = self._unstacked_layers()
-                x = self._loop(run_block, x, first, None)[0]
-            else:
-                first, last = self._split_off_last()
-                x = x if cfg.num_layers == 1 else self._scan(run_block, first, x, None)[0]
-            return (x, attend(last, x)), Tail(last, self.norm)
-
+        loop = cfg.scan_unroll >= cfg.num_layers
+        layers = self._unstacked_layers() if loop else self.layers
+        if split_last:  # run the last layer's attention only; the caller runs the rest (`Tail`)
+            layers, last = (layers[:-1], layers[-1]) if loop else (self._stack_slice(slice(None, -1)),
+                                                                    self._stack_slice(-1))
         kv = None if cache is None else (cache.k, cache.v)
-        if cfg.scan_unroll >= cfg.num_layers:
-            x, kv = self._loop(run_block, x, self._unstacked_layers(), kv)
-        else:
-            x, kv = self._scan(run_block, self.layers, x, kv)
+        x, kv = (self._loop if loop else self._scan)(run_block, x, layers, kv)
+        if split_last:
+            return (x, attend(last, x)), Tail(last, self.norm)
         if cache is not None:
             cache = cache._replace(k=kv[0], v=kv[1], index=cache.index + tokens.shape[1])
         return self.norm(x), cache
@@ -198,11 +193,10 @@ class Llama(nnx.Module):
         per_layer = zip(*(jnp.unstack(leaf, axis=0) for leaf in leaves))
         return [nnx.merge(graphdef, jax.tree.unflatten(treedef, list(layer))) for layer in per_layer]
 
-    def _split_off_last(self) -> tuple[Block, Block]:
-        """(stacked first num_layers - 1 layers, the last layer)."""
+    def _stack_slice(self, index) -> Block:
+        """The stacked layers indexed along the layer axis (a slice: still stacked; an int: one layer)."""
         graphdef, state = nnx.split(self.layers)
-        return (nnx.merge(graphdef, jax.tree.map(lambda a: a[:-1], state)),
-                nnx.merge(graphdef, jax.tree.map(lambda a: a[-1], state)))
+        return nnx.merge(graphdef, jax.tree.map(lambda a: a[index], state))
 
     @staticmethod
     def _loop(run_block, x, blocks: list[Block], kv):
@@ -215,7 +209,7 @@ class Llama(nnx.Module):
             outs.append(out)
         return x, (None if kv is None else (jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs])))
 
-    def _scan(self, run_block, layers: Block, x, kv):
+    def _scan(self, run_block, x, layers: Block, kv):
         cfg = self.cfg
 
         # The cache's per-layer keys and values are scanned alongside the layers.
