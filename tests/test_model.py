@@ -23,7 +23,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from imitation_jax.convert.hf_layout import model_config_from_hf, params_from_hf
 from imitation_jax.model import PRESETS, Llama, ModelConfig, RopeScaling, preset
-from imitation_jax.model.layers import rope_inv_freq
+from imitation_jax.model.layers import _rope_tables, rope_inv_freq, rope_tables
 from imitation_jax.train.state import model_graph
 from test_kernels import _reference_ce as reference_ce  # log-softmax cross entropy, by autodiff
 
@@ -483,6 +483,25 @@ def test_rope_inv_freq_matches_transformers(style):
     ref = _hf_inv_freq(**STYLES[style])
     assert ours.dtype == np.float32 and ours.shape == ref.shape == (cfg.dim_per_head // 2,)
     np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=0)  # HF computes in fp32, we in fp64
+
+
+def test_rope_tables_match_float64_for_positions_inside_and_beyond_the_row():
+    """rope_tables looks positions within the row up in a table (on CPU, behind a conditional) and
+    computes any others directly: both routes give the float64 values to float32 rounding, and the
+    same float32 values for the same position."""
+    inv_freq = rope_inv_freq(64, 500000.0, None)
+    rng = np.random.default_rng(0)
+    inside = np.stack([np.arange(256), rng.integers(0, 256, 256)]).astype(np.int32)
+    beyond = inside + np.int32(3000)  # beyond the row's length: computed directly
+    tables = jax.jit(lambda p: rope_tables(p, inv_freq))
+    got = {name: [np.asarray(t) for t in tables(jnp.asarray(pos))] for name, pos in (("in", inside), ("out", beyond))}
+    for name, pos in (("in", inside), ("out", beyond)):
+        angle = pos.astype(np.float32)[..., None].astype(np.float64) * inv_freq.astype(np.float64)
+        angle = np.concatenate([angle, angle], -1).astype(np.float32).astype(np.float64)  # the fp32 angle
+        np.testing.assert_allclose(got[name][0], np.cos(angle), rtol=0, atol=2e-6)
+        np.testing.assert_allclose(got[name][1], np.sin(angle), rtol=0, atol=2e-6)
+    direct = [np.asarray(t) for t in jax.jit(lambda p: _rope_tables(p, inv_freq))(jnp.asarray(inside))]
+    assert all(np.array_equal(a, b) for a, b in zip(got["in"], direct))
 
 
 @pytest.mark.parametrize("name", ["llama3.1-8b", "llama3.1-70b"])
