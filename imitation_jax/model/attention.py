@@ -67,16 +67,19 @@ def _einsum_attention(q, k, v, mask):
     the (T, T) scores are never computed. On CPU (4 x 512 tokens, 8 heads of 64) one layer's
     forward + backward of this core drops from 142 ms (autodiff of one masked softmax) to 63 ms.
 
-    Queries (and outputs) are block-major, (blocks, b, kv, group * block, d): XLA:CPU still copies
-    a block out before its matmul, but a contiguous slab copies faster than a strided slice of a
-    (b, kv, group, t, d) array (~4% of this core's time)."""
+    Scores are kept keys-major, (keys, queries), and queries and outputs transposed and
+    block-major, (blocks, b, kv, d, group * block): then each of the six products of the forward
+    and backward passes is a plain or right-transposed matmul, which XLA:CPU hands to its fast
+    library path (YNNPACK). With scores (queries, keys), the two backward products that contract
+    over queries (dK, dV) need a transposed left operand and fell back to a slower matmul
+    (~3% of a CPU training step)."""
     b, t, h, d = q.shape
     kv = k.shape[2]
     block = QUERY_BLOCK if t % QUERY_BLOCK == 0 else t
     nb, g = t // block, h // kv
-    qb = q.reshape(b, nb, block, kv, g, d).transpose(1, 0, 3, 4, 2, 5).reshape(nb, b, kv, g * block, d)
-    out = _blocked_core(qb, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask, block)
-    return out.reshape(nb, b, kv, g, block, d).transpose(1, 0, 4, 2, 3, 5).reshape(b, t, h, d)
+    qt = q.reshape(b, nb, block, kv, g, d).transpose(1, 0, 3, 5, 4, 2).reshape(nb, b, kv, d, g * block)
+    out = _blocked_core(qt, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask, block)
+    return out.reshape(nb, b, kv, d, g, block).transpose(1, 0, 5, 2, 4, 3).reshape(b, t, h, d)
 
 
 def _spans(t: int, block: int) -> list[tuple[int, int]]:
@@ -84,44 +87,44 @@ def _spans(t: int, block: int) -> list[tuple[int, int]]:
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _blocked_core(qb, k, v, mask, block):
-    return _blocked_fwd(qb, k, v, mask, block)[0]
+def _blocked_core(qt, k, v, mask, block):
+    return _blocked_fwd(qt, k, v, mask, block)[0]
 
 
-def _blocked_fwd(qb, k, v, mask, block):
-    """qb (blocks, b, kv, g * block, d); k, v (b, kv, t, d); mask (b, 1, t, t) -> like qb.
+def _blocked_fwd(qt, k, v, mask, block):
+    """qt (blocks, b, kv, d, g * block); k, v (b, kv, t, d); mask (b, 1, t, t) -> like qt.
 
-    The key and value prefixes of each block are kept for the backward pass: slicing a prefix out
-    of (b, kv, t, d) is a copy on CPU, and it would otherwise be made twice."""
-    _, b, kv, gn, d = qb.shape
+    Per block: S^T = K Q^T, P^T = softmax over keys, O^T = V^T P^T. The backward pass needs each
+    block's P^T, its key prefix transposed and its value prefix: kept, since slicing a prefix is
+    a copy on CPU."""
+    _, b, kv, d, gn = qt.shape
     g = gn // block
+    kt, vt = k.swapaxes(2, 3), v.swapaxes(2, 3)  # (b, kv, d, t)
+    mask_t = mask.swapaxes(2, 3)  # (b, 1, key, query)
     outs, saved = [], []
     for i, (lo, hi) in enumerate(_spans(k.shape[2], block)):
-        kp, vp = k[:, :, :hi], v[:, :, :hi]
-        s = jnp.einsum("bkqd,bksd->bkqs", qb[i], kp, preferred_element_type=jnp.float32) * d ** -0.5
-        s = jnp.where(mask[:, :, None, lo:hi, :hi], s.reshape(b, kv, g, block, hi), jnp.finfo(jnp.float32).min)
-        p = jax.nn.softmax(s, axis=-1).reshape(b, kv, gn, hi).astype(v.dtype)
-        outs.append(jnp.einsum("bkqs,bksd->bkqd", p, vp))
-        saved.append((p, kp, vp))
+        st = jnp.einsum("bksd,bkdq->bksq", k[:, :, :hi], qt[i], preferred_element_type=jnp.float32) * d ** -0.5
+        st = jnp.where(mask_t[:, :, :hi, None, lo:hi], st.reshape(b, kv, hi, g, block), jnp.finfo(jnp.float32).min)
+        pt = jax.nn.softmax(st, axis=2).reshape(b, kv, hi, gn).astype(v.dtype)
+        outs.append(jnp.einsum("bkds,bksq->bkdq", vt[:, :, :, :hi], pt))
+        saved.append((pt, kt[:, :, :, :hi], v[:, :, :hi]))
     out = jnp.stack(outs)
-    return out, (qb, tuple(saved), out)
+    return out, (qt, tuple(saved), out, k.shape)
 
 
 def _blocked_bwd(block, res, dout):
-    qb, saved, out = res
-    k = saved[-1][1]  # the last block's prefix is every key
-    t, d = k.shape[2], k.shape[3]
-    # Softmax backward through the output: rowsum(P * dP) = rowsum(dO * O).
-    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    dq, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32)
-    for i, ((lo, hi), (p, kp, vp)) in enumerate(zip(_spans(t, block), saved)):
-        pad = ((0, 0), (0, 0), (0, t - hi), (0, 0))
-        dv = dv + jnp.pad(jnp.einsum("bkqs,bkqd->bksd", p, dout[i], preferred_element_type=jnp.float32), pad)
-        dp = jnp.einsum("bkqd,bksd->bkqs", dout[i], vp, preferred_element_type=jnp.float32)
-        ds = (p.astype(jnp.float32) * (dp - delta[i]) * d ** -0.5).astype(qb.dtype)
-        dq.append(jnp.einsum("bkqs,bksd->bkqd", ds, kp))
-        dk = dk + jnp.pad(jnp.einsum("bkqs,bkqd->bksd", ds, qb[i], preferred_element_type=jnp.float32), pad)
-    return jnp.stack(dq), dk.astype(k.dtype), dv.astype(saved[-1][2].dtype), None
+    qt, saved, out, k_shape = res
+    t, d = k_shape[2], k_shape[3]
+    # Softmax backward through the output: rowsum(P * dP) = rowsum(dO * O), here per query column.
+    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=3, keepdims=True)
+    dq, dk, dv = [], jnp.zeros(k_shape, jnp.float32), jnp.zeros(k_shape, jnp.float32)
+    for i, ((lo, hi), (pt, kt, vp)) in enumerate(zip(_spans(t, block), saved)):
+        dv = dv.at[:, :, :hi].add(jnp.einsum("bksq,bkdq->bksd", pt, dout[i], preferred_element_type=jnp.float32))
+        dpt = jnp.einsum("bksd,bkdq->bksq", vp, dout[i], preferred_element_type=jnp.float32)
+        dst = (pt.astype(jnp.float32) * (dpt - delta[i]) * d ** -0.5).astype(qt.dtype)
+        dq.append(jnp.einsum("bkds,bksq->bkdq", kt, dst))
+        dk = dk.at[:, :, :hi].add(jnp.einsum("bksq,bkdq->bksd", dst, qt[i], preferred_element_type=jnp.float32))
+    return jnp.stack(dq), dk.astype(qt.dtype), dv.astype(vp.dtype), None
 
 
 _blocked_core.defvjp(_blocked_fwd, _blocked_bwd)
