@@ -33,6 +33,13 @@ def loss_sums(graphdef: nnx.GraphDef, params, batch: dict, loss_chunk: int = 0, 
     return loss, (correct, tokens)
 
 
+def compiler_options(mesh: Mesh) -> dict | None:
+    """XLA:CPU prefers 256-bit vectors by default (against AVX-512 frequency drops); on an AVX-512
+    CPU, 512-bit vectors made the bench's training step ~2% faster (paired A/B, 16 of 20 steps).
+    Where AVX-512 is missing LLVM keeps the widest vectors the CPU has."""
+    return {"xla_cpu_prefer_vector_width": 512} if mesh.devices.flat[0].platform == "cpu" else None
+
+
 def accum_batch_sharding(mesh: Mesh) -> NamedSharding:
     """Batches arrive as (grad_accum, micro_batch, seq): micro-batch rows split over data x fsdp."""
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
@@ -74,7 +81,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     return jax.jit(step, in_shardings=(state_shardings, accum_batch_sharding(mesh)),
-                   out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,))
+                   out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,),
+                   compiler_options=compiler_options(mesh))
 
 
 def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, param_shardings: Any, loss_chunk: int = 0,
@@ -86,4 +94,5 @@ def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, param_shardings: Any, los
 
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
     batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", None), None, sizes))
-    return jax.jit(step, in_shardings=(param_shardings, batch_sharding), out_shardings=replicated(mesh))
+    return jax.jit(step, in_shardings=(param_shardings, batch_sharding), out_shardings=replicated(mesh),
+                   compiler_options=compiler_options(mesh))
