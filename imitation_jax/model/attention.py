@@ -124,7 +124,7 @@ def _blocked_bwd(block, res, dout):
         dst = (pt.astype(jnp.float32) * (dpt - delta[i]) * d ** -0.5).astype(qt.dtype)
         dq.append(jnp.einsum("bkds,bksq->bkdq", kt, dst))
         dk = dk.at[:, :, :hi].add(jnp.einsum("bksq,bkdq->bksd", dst, qt[i], preferred_element_type=jnp.float32))
-    return jnp.stack(dq), dk.astype(qt.dtype), dv.astype(vp.dtype), None
+    return jnp.stack(dq), dk.astype(kt.dtype), dv.astype(vp.dtype), None
 
 
 _blocked_core.defvjp(_blocked_fwd, _blocked_bwd)
