@@ -55,10 +55,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--batch", type=int, default=4, help="rows per step (one micro-batch)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per side")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per side and round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per side after compilation")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="alternate the sides this many times (each side reports its best round)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="alternate the sides this many times (each side reports its best round): on a "
+                        "shared machine one round can land in a slow phase for one side only")
     p.add_argument("--attention", default="auto", choices=("auto", "xla", "einsum", "cudnn"))
     p.add_argument("--remat", default="none", choices=("none", "full", "save_dots"))
     p.add_argument("--scan-unroll", type=int, default=0,
