@@ -82,6 +82,20 @@ def _einsum_attention(q, k, v, mask):
     return out.reshape(nb, b, kv, d, g, block).transpose(1, 0, 5, 2, 4, 3).reshape(b, t, h, d)
 
 
+def _computed_once(pred: jax.Array, fn, *xs: jax.Array):
+    """`fn(*xs)`; on CPU computed behind a conditional, here the keys and values transposed (b, kv, d, t).
+
+    XLA:CPU copies cheap producers into every consumer fusion: each block's slice of the transposed
+    keys would otherwise redo the transpose, and the RoPE before it, from the projection output.
+    Nothing is fused across a conditional (`optimization_barrier` is removed before fusion on CPU).
+    Both branches are `fn`, so `pred` only has to be a value the compiler cannot fold. Paired A/B on
+    the CPU bench (8 heads of 64, 4 x 512 tokens): 2-5% of a training step, in six runs with
+    same-program controls; with grouped-query attention (smaller keys and values) no change."""
+    if jax.devices()[0].platform != "cpu":  # as resolve_impl decides
+        return fn(*xs)
+    return jax.lax.cond(pred, lambda a: fn(*a), lambda a: fn(*a), xs)
+
+
 def _spans(t: int, block: int) -> list[tuple[int, int]]:
     return [(lo, lo + block) for lo in range(0, t, block)]
 
@@ -99,7 +113,7 @@ def _blocked_fwd(qt, k, v, mask, block):
     a copy on CPU."""
     _, b, kv, d, gn = qt.shape
     g = gn // block
-    kt, vt = k.swapaxes(2, 3), v.swapaxes(2, 3)  # (b, kv, d, t)
+    kt, vt = _computed_once(mask[0, 0, 0, 0], lambda k, v: (k.swapaxes(2, 3), v.swapaxes(2, 3)), k, v)
     mask_t = mask.swapaxes(2, 3)  # (b, 1, key, query)
     outs, saved = [], []
     for i, (lo, hi) in enumerate(_spans(k.shape[2], block)):
