@@ -83,14 +83,15 @@ def _einsum_attention(q, k, v, mask):
 
 
 def _computed_once(pred: jax.Array, fn, *xs: jax.Array):
-    """`fn(*xs)`; on CPU computed behind a conditional, here the keys and values transposed (b, kv, d, t).
+    """`fn(*xs)`, on CPU behind a conditional, so that XLA computes it once.
 
     XLA:CPU copies cheap producers into every consumer fusion: each block's slice of the transposed
-    keys would otherwise redo the transpose, and the RoPE before it, from the projection output.
-    Nothing is fused across a conditional (`optimization_barrier` is removed before fusion on CPU).
-    Both branches are `fn`, so `pred` only has to be a value the compiler cannot fold. Paired A/B on
-    the CPU bench (8 heads of 64, 4 x 512 tokens): 2-5% of a training step, in six runs with
-    same-program controls; with grouped-query attention (smaller keys and values) no change."""
+    keys and values would otherwise redo the transpose, and the RoPE before it, from the projection
+    output. Nothing is fused across a conditional (`optimization_barrier` is removed before fusion
+    on CPU). Both branches are `fn`, so `pred` only has to be a value the compiler cannot fold.
+    Paired A/B on the CPU bench (8 heads of 64, 4 x 512 tokens), ten runs, four of them beside a
+    same-program control: 1-5% of a training step; with grouped-query attention, whose keys and
+    values are smaller, no change."""
     if jax.devices()[0].platform != "cpu":  # as resolve_impl decides
         return fn(*xs)
     return jax.lax.cond(pred, lambda a: fn(*a), lambda a: fn(*a), xs)
