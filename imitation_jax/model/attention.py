@@ -14,11 +14,13 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from imitation_jax.model.cpu_fusion import cpu_conditional, default_platform
+
 
 def resolve_impl(impl: str, dtype=None) -> str:
     if impl != "auto":
         return impl
-    platform = jax.devices()[0].platform
+    platform = default_platform()
     if platform in ("gpu", "cuda"):  # cuDNN's fused attention has fp16/bf16 kernels only
         return "cudnn" if dtype is None or jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
     return {"cpu": "einsum"}.get(platform, "xla")
@@ -82,21 +84,6 @@ def _einsum_attention(q, k, v, mask):
     return out.reshape(nb, b, kv, d, g, block).transpose(1, 0, 5, 2, 4, 3).reshape(b, t, h, d)
 
 
-def _computed_once(pred: jax.Array, fn, *xs: jax.Array):
-    """`fn(*xs)`, on CPU behind a conditional, so that XLA computes it once.
-
-    XLA:CPU copies cheap producers into every consumer fusion: each block's slice of the transposed
-    keys and values would otherwise redo the transpose, and the RoPE before it, from the projection
-    output. Nothing is fused across a conditional (`optimization_barrier` is removed before fusion
-    on CPU). Both branches are `fn`, so `pred` only has to be a value the compiler cannot fold.
-    Paired A/B on the CPU bench (8 heads of 64, 4 x 512 tokens), ten runs, four of them beside a
-    same-program control: 1-5% of a training step; with grouped-query attention, whose keys and
-    values are smaller, no change."""
-    if jax.devices()[0].platform != "cpu":  # as resolve_impl decides
-        return fn(*xs)
-    return jax.lax.cond(pred, lambda a: fn(*a), lambda a: fn(*a), xs)
-
-
 def _spans(t: int, block: int) -> list[tuple[int, int]]:
     return [(lo, lo + block) for lo in range(0, t, block)]
 
@@ -114,7 +101,13 @@ def _blocked_fwd(qt, k, v, mask, block):
     a copy on CPU."""
     _, b, kv, d, gn = qt.shape
     g = gn // block
-    kt, vt = _computed_once(mask[0, 0, 0, 0], lambda k, v: (k.swapaxes(2, 3), v.swapaxes(2, 3)), k, v)
+    # Computed once, on CPU behind a conditional (`cpu_fusion`): otherwise each block's slice redoes
+    # the transpose, and the RoPE before it, from the projection output. Paired A/B on the CPU bench
+    # (8 heads of 64, 4 x 512 tokens), ten runs, four beside a same-program control: 1-5% of a
+    # training step; with grouped-query attention (smaller keys and values) no change. Both branches
+    # are the same, so the predicate only has to be a value the compiler cannot fold.
+    transposed = lambda k, v: (k.swapaxes(2, 3), v.swapaxes(2, 3))  # noqa: E731
+    kt, vt = cpu_conditional(mask[0, 0, 0, 0], transposed, transposed, k, v)  # (b, kv, d, t)
     mask_t = mask.swapaxes(2, 3)  # (b, 1, key, query)
     outs, saved = [], []
     for i, (lo, hi) in enumerate(_spans(k.shape[2], block)):

@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx
 
 from imitation_jax.model.config import ModelConfig, RopeScaling
+from imitation_jax.model.cpu_fusion import cpu_conditional
 from imitation_jax.sharding import constrain
 
 
@@ -57,13 +58,11 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> n
 def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
     """cos/sin of shape (batch, seq, head_dim) for integer positions (batch, seq).
 
-    On CPU they are computed behind a conditional. XLA:CPU otherwise copies the sin/cos into every
-    fusion that reads them: each head of each attention block slice, forward and backward,
-    recomputes them (about 4% of a training step). Nothing is fused across a conditional, so the
-    tables are computed once. Positions within the row's length (training, prefill) are looked up
-    in a (seq, head_dim) table; any others are computed directly, with the same float32 arithmetic."""
-    if jax.devices()[0].platform != "cpu":  # as attention.resolve_impl decides
-        return _rope_tables(positions, inv_freq)
+    On CPU they are computed behind a conditional (`cpu_fusion`): XLA:CPU otherwise copies the
+    sin/cos into every fusion that reads them, so each head of each attention block slice, forward
+    and backward, recomputes them (about 4% of a training step). Positions within the row's length
+    (training, prefill) are looked up in a (seq, head_dim) table; any others are computed directly,
+    with the same float32 arithmetic."""
     length = positions.shape[-1]
 
     def lookup(p):
@@ -71,7 +70,7 @@ def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, 
         return jnp.take(cos, p, axis=0), jnp.take(sin, p, axis=0)
 
     in_table = jnp.all((positions >= 0) & (positions < length))
-    return jax.lax.cond(in_table, lookup, lambda p: _rope_tables(p, inv_freq), positions)
+    return cpu_conditional(in_table, lookup, lambda p: _rope_tables(p, inv_freq), positions)
 
 
 def _rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
