@@ -25,12 +25,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from imitation_jax.errors import CheckpointError
+
 ITEMS = ("params", "opt_state", "rng", "data", "config")
 _TMP = re.compile(r"\.orbax-checkpoint-tmp")
-
-
-class CheckpointError(ValueError):
-    """A missing or unusable checkpoint; the message is one line."""
 
 
 @dataclasses.dataclass

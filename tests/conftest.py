@@ -9,7 +9,8 @@ import pytest
 # default fp32 matmul is TF32 (10-bit mantissa), so ask for full fp32 there. No effect on the CPU.
 jax.config.update("jax_default_matmul_precision", "highest")
 
-from imitation_jax.data.synthetic import generate_conversations, train_tokenizer
+from imitation_jax.data.tokenizer import train_sentencepiece
+from imitation_jax.demo.synthetic import generate_conversations
 from imitation_jax.data.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -24,7 +25,7 @@ def tiny_tokenizer(tmp_path_factory, demo_conversations) -> Tokenizer:
     """A 512-piece LLaMA-like SentencePiece BPE model (bos=1, eos=2, pad=3), trained in ~0.1 s."""
     texts = [m["content"] for c in demo_conversations for m in c["messages"]]
     texts += ["BEGINNING OF CONVERSATION: USER: GPT:"] * 10  # so the template markers are pieces
-    path = train_tokenizer(texts, tmp_path_factory.mktemp("tokenizer") / "tiny", vocab_size=512)
+    path = train_sentencepiece(texts, tmp_path_factory.mktemp("tokenizer") / "tiny", vocab_size=512)
     return load_tokenizer(path)
 
 

@@ -142,10 +142,10 @@ def test_checkpoint_not_fitting_the_config_names_the_parameter(base, tmp_path):
 RESHARD_PROBE = r"""
 import sys, jax, numpy as np
 import orbax.checkpoint as ocp
-from imitation_jax.config import load_config
+from imitation_jax.train.config import load_config
 from imitation_jax.checkpoint import restore_params
 from imitation_jax.sharding import MeshConfig, make_mesh
-from imitation_jax.train.state import abstract_params
+from imitation_jax.model.params import abstract_params
 import dataclasses
 cfg = load_config(sys.argv[2] + "/config.yaml", [])
 ref = None

@@ -15,7 +15,7 @@ import pytest
 from imitation_jax.cli import main
 from imitation_jax.collect.bootstrap import Deduper, parse_questions
 from imitation_jax.collect.collect import read_prompts
-from imitation_jax.data.formats import DataError
+from imitation_jax.errors import DataError
 from openai_fake import fake_openai, serve_in_thread
 
 KOALA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "koala_test_set",

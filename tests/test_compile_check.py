@@ -14,7 +14,7 @@ import types
 import pytest
 
 from imitation_jax.cli import main
-from imitation_jax.compile_check import GiB, MemoryReport, parse_topology
+from imitation_jax.train.compile_check import GiB, MemoryReport, parse_topology
 
 ROOT = pathlib.Path(__file__).parent.parent
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None

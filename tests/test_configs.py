@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 
-from imitation_jax.config import load_config
+from imitation_jax.train.config import load_config
 
 CONFIGS = sorted((pathlib.Path(__file__).parent.parent / "configs").glob("*.yaml"))
 REFERENCE = [p for p in CONFIGS if p.name.startswith("llama")]

@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from imitation_jax.cli import main as cli  # noqa: E402
-from imitation_jax.loading import load_model  # noqa: E402
+from imitation_jax.convert.loading import load_model  # noqa: E402
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
@@ -199,7 +199,7 @@ SHARDED_CHECK = """
 import sys, numpy as np, jax
 from jax.sharding import Mesh, PartitionSpec
 from imitation_jax.convert.hf_import import load_hf_params, read_hf_config
-from imitation_jax.loading import load_model
+from imitation_jax.convert.loading import load_model
 from imitation_jax.sharding import AxisType
 hf = sys.argv[1]
 cfg = read_hf_config(hf)
@@ -276,7 +276,7 @@ def test_student_export_matches_our_greedy_continuation(demo_dir, small_override
     tokenizes to our prompt's ids."""
     import jax.numpy as jnp
 
-    from imitation_jax.config import load_config
+    from imitation_jax.train.config import load_config
     from imitation_jax.data.templates import encode_prompt
     from imitation_jax.train.loop import train
 
@@ -318,7 +318,7 @@ def test_student_export_matches_our_greedy_continuation(demo_dir, small_override
 def test_train_from_init_hf_grows_vocab_for_turn_tokens(demo_dir, small_overrides, tmp_path):
     """init.hf takes the architecture and weights from the HF dir; the turn tokens prepare adds
     grow the vocab: old rows are the checkpoint's, new rows are small random ones."""
-    from imitation_jax.config import load_config
+    from imitation_jax.train.config import load_config
     from imitation_jax.train.loop import train
 
     torch.manual_seed(1)

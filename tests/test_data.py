@@ -16,10 +16,11 @@ from conftest import build_bpe_tokenizer
 
 from imitation_jax.data.cleaning import CleaningConfig, clean, html_to_markdown, looks_like_html
 from imitation_jax.data.examples import conversation_examples
-from imitation_jax.data.formats import Conversation, DataError, Message, text_document
+from imitation_jax.data.formats import Conversation, Message, text_document
+from imitation_jax.errors import DataError
 from imitation_jax.data.readers import (
     Source, iter_conversations, read_conversations, read_messages_jsonl)
-from imitation_jax.data.synthetic import CLOSING, OPENING, generate_conversations
+from imitation_jax.demo.synthetic import CLOSING, OPENING, generate_conversations
 from imitation_jax.data.templates import (
     TEMPLATES, TURN_TOKENS, chat_template_jinja, encode_conversation, encode_prompt, get_template,
     render_text, stop_ids)

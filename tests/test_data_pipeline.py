@@ -16,7 +16,7 @@ import pytest
 from conftest import build_bpe_tokenizer
 
 from imitation_jax.data.cleaning import CleaningConfig, html_to_markdown
-from imitation_jax.data.formats import DataError
+from imitation_jax.errors import DataError
 from imitation_jax.data.loader import BatchLoader, Subset, cap_trained_tokens
 from imitation_jax.data.packing import FIELDS, assemble, pack, pack_examples, packed_rows
 from imitation_jax.data.prepare import PrepareSettings, prepare, summary
@@ -173,7 +173,7 @@ def sharegpt(record, i, html=False):
 
 
 def unique_conversations(n: int) -> list[dict]:
-    from imitation_jax.data.synthetic import generate_conversations
+    from imitation_jax.demo.synthetic import generate_conversations
 
     seen, out = set(), []
     for c in generate_conversations(3 * n, seed=1):
@@ -511,7 +511,7 @@ def test_max_train_tokens_caps_with_nested_subsets(prepared):
 
 
 def data_config(**kw):
-    from imitation_jax.config import DataConfig
+    from imitation_jax.data.config import DataConfig
 
     return DataConfig(**kw)
 
@@ -550,7 +550,8 @@ def test_load_training_data_prepares_raw_files_once(tmp_path, demo_dir):
 
 
 def test_data_config_errors():
-    from imitation_jax.config import ConfigError, load_config
+    from imitation_jax.train.config import load_config
+    from imitation_jax.errors import ConfigError
 
     base = ["run_dir=x", "train.steps=1"]
     for overrides, msg in [([], "no training data"),

@@ -20,10 +20,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="module")
 def loaded(tiny_tokenizer):
     from imitation_jax.data.templates import get_template
-    from imitation_jax.loading import LoadedModel
+    from imitation_jax.convert.loading import LoadedModel
     from imitation_jax.model.config import ModelConfig
     from imitation_jax.sharding import MeshConfig, make_mesh
-    from imitation_jax.train.state import init_params, model_graph
+    from imitation_jax.model.params import init_params, model_graph
 
     cfg = ModelConfig(vocab_size=tiny_tokenizer.vocab_size, hidden_size=64, intermediate_size=160, num_layers=2,
                       num_heads=4, num_kv_heads=2, max_position_embeddings=256, initializer_range=0.2)
@@ -123,7 +123,7 @@ def test_shipped_suite_is_offline_and_its_scorers_are_right():
 @pytest.fixture(scope="module")
 def trained_run(demo_dir, tmp_path_factory):
     """A 4-step run of the small model that evaluated two suite tasks at steps 2 and 4."""
-    from imitation_jax.config import load_config
+    from imitation_jax.train.config import load_config
     from imitation_jax.train.loop import train
 
     run_dir = tmp_path_factory.mktemp("eval") / "run"
@@ -168,10 +168,11 @@ def test_ours_equals_lm_eval_hf_backend_on_an_exported_model(trained_run, tmp_pa
     """Per-request log-likelihoods (1e-4; whole documents 1e-6 relative), is_greedy and accuracy:
     multiple choice and perplexity."""
     from imitation_jax.convert.hf_export import export_hf
+    from imitation_jax.convert.loading import open_model
     from imitation_jax.evaluation import runner
 
     hf_dir = str(tmp_path / "hf")
-    export_hf(trained_run["run_dir"], hf_dir, dtype="float32")
+    export_hf(open_model(trained_run["run_dir"]), hf_dir, dtype="float32")
     tasks = ["mini_mmlu", "mini_perplexity"]
     ours = runner.run_eval(runner.make_lm(hf_dir, "ours", batch_size=8), tasks, limit=6, log_samples=True)
     hf = runner.run_eval(runner.make_lm(hf_dir, "hf", batch_size=8), tasks, limit=6, log_samples=True)

@@ -22,10 +22,10 @@ from imitation_jax.data.templates import encode_prompt, get_template
 from imitation_jax.generate import Generator, PromptTooLong, SamplingParams
 from imitation_jax.generate.sampling import filter_logits, sample
 from imitation_jax.generate.text import TextTracker
-from imitation_jax.loading import LoadedModel, _one_device_mesh
+from imitation_jax.convert.loading import LoadedModel, _one_device_mesh
 from imitation_jax.model import ModelConfig
 from imitation_jax.model.kv_cache import KVCache
-from imitation_jax.train.state import init_params, model_graph
+from imitation_jax.model.params import init_params, model_graph
 
 TINY = dict(hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4, num_kv_heads=2,
             max_position_embeddings=128, initializer_range=0.1,

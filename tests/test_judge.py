@@ -98,7 +98,7 @@ def test_verdict_parsing_and_wilson():
 
 
 def test_read_answers_errors(tmp_path):
-    from imitation_jax.data.formats import DataError
+    from imitation_jax.errors import DataError
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": 1, "prompt": "q"}\n')

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from imitation_jax.checkpoint import CheckpointError
+from imitation_jax.errors import CheckpointError
 from imitation_jax.cli import main as cli
-from imitation_jax.loading import load_model
+from imitation_jax.convert.loading import load_model
 
 
 def logits(loaded, tokens):
@@ -18,7 +18,7 @@ def logits(loaded, tokens):
 
 
 def test_run_ckpt_and_hf_dirs_load_the_same_model(small_overrides, tmp_path):
-    from imitation_jax.config import load_config
+    from imitation_jax.train.config import load_config
     from imitation_jax.train.loop import train
 
     # scan_unroll=1: the compute path the HF and checkpoint dirs load with (defaults), so the

@@ -24,7 +24,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from imitation_jax.convert.hf_layout import model_config_from_hf, params_from_hf
 from imitation_jax.model import PRESETS, Llama, ModelConfig, RopeScaling, preset
 from imitation_jax.model.layers import _rope_tables, rope_inv_freq, rope_tables
-from imitation_jax.train.state import model_graph
+from imitation_jax.model.params import model_graph
 from test_kernels import _reference_ce as reference_ce  # log-softmax cross entropy, by autodiff
 
 PARITY_TOL = 1e-4

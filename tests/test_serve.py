@@ -29,10 +29,10 @@ def tiny_loaded(tokenizer):
     import jax
 
     from imitation_jax.data.templates import get_template
-    from imitation_jax.loading import LoadedModel
+    from imitation_jax.convert.loading import LoadedModel
     from imitation_jax.model.config import ModelConfig
     from imitation_jax.sharding import MeshConfig, make_mesh
-    from imitation_jax.train.state import init_params, model_graph
+    from imitation_jax.model.params import init_params, model_graph
 
     values = dict(kv.split("=", 1) for kv in SMALL_MODEL)
     cfg = ModelConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=MAX_LEN,

@@ -128,7 +128,7 @@ def test_stages_rerun_only_what_changed(tmp_path):
 
 
 def test_study_config_errors_name_the_key(tmp_path):
-    from imitation_jax.config import ConfigError
+    from imitation_jax.errors import ConfigError
     from imitation_jax.study.config import load_study_config
 
     cfg = load_study_config("configs/study/mini.yaml", ["work_dir=x", "imitation.budgets=[10,100]"])

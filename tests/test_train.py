@@ -14,14 +14,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from imitation_jax.config import ConfigError, load_config
+from imitation_jax.train.config import load_config
+from imitation_jax.errors import ConfigError
 from imitation_jax.data.build import build_rows
 from imitation_jax.data.tokenizer import load_tokenizer
 from imitation_jax.model import Llama, ModelConfig
 from imitation_jax.sharding import MeshConfig, make_mesh
 from imitation_jax.train.loss import masked_cross_entropy
 from imitation_jax.train.optimizer import decay_mask, learning_rate_schedule, make_optimizer
-from imitation_jax.train.state import init_opt_state, init_params, model_graph, shardings_of, step_scalar
+from imitation_jax.train.state import init_opt_state, shardings_of, step_scalar
+from imitation_jax.model.params import init_params, model_graph
 from imitation_jax.train.step import accum_batch_sharding, make_train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,8 +176,9 @@ from jax.sharding import PartitionSpec as P
 from imitation_jax.model import ModelConfig
 from imitation_jax.sharding import MeshConfig, make_mesh
 from imitation_jax.train.optimizer import make_optimizer
-from imitation_jax.config import OptimConfig
-from imitation_jax.train.state import init_params, init_opt_state
+from imitation_jax.train.optimizer import OptimConfig
+from imitation_jax.train.state import init_opt_state
+from imitation_jax.model.params import init_params
 cfg = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4, num_kv_heads=2)
 mesh = make_mesh(MeshConfig(2, 2, 2))
 with jax.set_mesh(mesh):

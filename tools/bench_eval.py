@@ -79,20 +79,21 @@ def main(argv: list[str] | None = None) -> int:
     import jax
     import torch
 
-    from imitation_jax.data.synthetic import generate_conversations, train_tokenizer
+    from imitation_jax.data.tokenizer import train_sentencepiece
+    from imitation_jax.demo.synthetic import generate_conversations
     from imitation_jax.data.templates import get_template
     from imitation_jax.data.tokenizer import load_tokenizer
     from imitation_jax.evaluation import runner
-    from imitation_jax.loading import LoadedModel
+    from imitation_jax.convert.loading import LoadedModel
     from imitation_jax.model.config import ModelConfig
     from imitation_jax.sharding import MeshConfig, make_mesh
-    from imitation_jax.train.state import init_params, model_graph
+    from imitation_jax.model.params import init_params, model_graph
 
     if args.threads:
         torch.set_num_threads(args.threads)
     work = tempfile.mkdtemp(prefix="bench_eval_")
     texts = [m["content"] for c in generate_conversations(3000, seed=1) for m in c["messages"]]
-    tokenizer = load_tokenizer(train_tokenizer(texts, os.path.join(work, "sp"), vocab_size=args.vocab))
+    tokenizer = load_tokenizer(train_sentencepiece(texts, os.path.join(work, "sp"), vocab_size=args.vocab))
     cfg = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=args.hidden, intermediate_size=args.intermediate,
                       num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads,
                       max_position_embeddings=2048)

@@ -59,9 +59,9 @@ def build_loaded(args):
     import jax
 
     from imitation_jax.data.templates import get_template
-    from imitation_jax.loading import LoadedModel, _one_device_mesh, load_model
+    from imitation_jax.convert.loading import LoadedModel, _one_device_mesh, load_model
     from imitation_jax.model import ModelConfig
-    from imitation_jax.train.state import init_params, model_graph
+    from imitation_jax.model.params import init_params, model_graph
 
     if args.model:
         return load_model(args.model, dtype=args.dtype)

@@ -24,7 +24,7 @@ import time
 
 from imitation_jax.data.cleaning import CleaningConfig
 from imitation_jax.data.prepare import PrepareSettings, prepare, summary
-from imitation_jax.data.synthetic import generate_conversations
+from imitation_jax.demo.synthetic import generate_conversations
 
 
 def _html(text: str, rng: random.Random) -> str:

@@ -30,16 +30,17 @@ def make_tiny_model(directory: str) -> str:
 
     from imitation_jax.checkpoint import save_params
     from imitation_jax.convert import params_dir
-    from imitation_jax.data.synthetic import generate_conversations, train_tokenizer
+    from imitation_jax.data.tokenizer import train_sentencepiece
+    from imitation_jax.demo.synthetic import generate_conversations
     from imitation_jax.data.tokenizer import load_tokenizer
     from imitation_jax.model.config import ModelConfig
     from imitation_jax.model.presets import preset_fields
     from imitation_jax.sharding import MeshConfig, make_mesh
-    from imitation_jax.train.state import init_params
+    from imitation_jax.model.params import init_params
 
     texts = [m["content"] for c in generate_conversations(200, seed=0) for m in c["messages"]]
     texts += ["BEGINNING OF CONVERSATION: USER: GPT:"] * 10
-    tokenizer = load_tokenizer(train_tokenizer(texts, os.path.join(directory, "spm"), vocab_size=512))
+    tokenizer = load_tokenizer(train_sentencepiece(texts, os.path.join(directory, "spm"), vocab_size=512))
     fields = {**preset_fields("tiny"), "vocab_size": tokenizer.vocab_size, "max_position_embeddings": 1024}
     cfg = ModelConfig(**fields)
     out = os.path.join(directory, "tiny")

@@ -138,10 +138,11 @@ def model_config(args, dtype: str):
 
 def setup_ours(args, cfg, batch_np: dict) -> dict:
     """Our jitted train step, compiled; `step()` runs one step and blocks until it is done."""
-    from imitation_jax.config import OptimConfig
+    from imitation_jax.train.optimizer import OptimConfig
     from imitation_jax.sharding import MeshConfig, make_mesh
     from imitation_jax.train.optimizer import make_optimizer
-    from imitation_jax.train.state import init_opt_state, init_params, model_graph, shardings_of, step_scalar
+    from imitation_jax.train.state import init_opt_state, shardings_of, step_scalar
+    from imitation_jax.model.params import init_params, model_graph
     from imitation_jax.train.step import accum_batch_sharding, make_train_step
 
     mesh = make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1), jax.devices()[:1])

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.run:  # the exact ids our template gives (SentencePiece and HF may split a text differently)
         from imitation_jax.data.formats import Message
         from imitation_jax.data.templates import encode_prompt
-        from imitation_jax.loading import load_model
+        from imitation_jax.convert.loading import load_model
 
         loaded = load_model(args.run)
         prompt = encode_prompt(loaded.tokenizer, [Message(**m) for m in messages], loaded.template).tolist()

@@ -17,7 +17,8 @@ import sys
 import time
 
 from imitation_jax.data.formats import parse_messages
-from imitation_jax.data.synthetic import generate_conversations, train_tokenizer
+from imitation_jax.data.tokenizer import train_sentencepiece
+from imitation_jax.demo.synthetic import generate_conversations
 from imitation_jax.data.templates import get_template, render_text
 
 OUTPUTS = ("train.jsonl", "eval.jsonl", "tokenizer.model", "tokenizer.vocab")
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             for r in split:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
     texts = [render_text(parse_messages(r, r["id"]), template) for r in splits["train"]]
-    train_tokenizer(texts, os.path.join(args.out, "tokenizer"), args.vocab_size)
+    train_sentencepiece(texts, os.path.join(args.out, "tokenizer"), args.vocab_size)
     with open(stamp_path, "w", encoding="utf-8") as f:
         json.dump(settings, f, indent=2)
     print(f"{args.out}: {len(splits['train'])} train + {len(splits['eval'])} eval conversations, "

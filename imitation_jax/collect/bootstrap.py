@@ -27,7 +27,7 @@ import sys
 
 from imitation_jax.collect.client import HttpStats, bounded_map, describe_error, is_fatal, make_client
 from imitation_jax.collect.collect import JsonlAppender, stable_id
-from imitation_jax.data.formats import DataError
+from imitation_jax.errors import DataError
 from imitation_jax.data.readers import jsonl_records
 
 _LINE = re.compile(r"^\s*(?:question\s*\d*\s*[:.)-]|\d+\s*[.):-]|[-*•])\s*(.+?)\s*$", re.IGNORECASE)

@@ -31,7 +31,7 @@ import time
 from collections.abc import Sequence
 
 from imitation_jax.collect.client import HttpStats, bounded_map, describe_error, is_fatal, make_client
-from imitation_jax.data.formats import DataError
+from imitation_jax.errors import DataError
 from imitation_jax.data.readers import jsonl_records
 
 

@@ -22,7 +22,7 @@ import re
 import sys
 
 from imitation_jax.collect.client import HttpStats, bounded_map, describe_error, is_fatal, make_client
-from imitation_jax.data.formats import DataError
+from imitation_jax.errors import DataError
 from imitation_jax.data.readers import jsonl_records
 
 JUDGE_SYSTEM = (

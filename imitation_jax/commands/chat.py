@@ -28,9 +28,9 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from imitation_jax.config import ConfigError
+    from imitation_jax.errors import ConfigError
     from imitation_jax.generate import Generator, SamplingParams
-    from imitation_jax.loading import load_model
+    from imitation_jax.convert.loading import load_model
 
     try:
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -48,7 +48,7 @@ def register(sub) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from imitation_jax.collect.collect import Sampling, collect, read_prompts
-    from imitation_jax.config import ConfigError
+    from imitation_jax.errors import ConfigError
 
     if args.concurrency < 1:
         raise ConfigError(f"--concurrency must be >= 1, got {args.concurrency}")

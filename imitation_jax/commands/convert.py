@@ -17,8 +17,9 @@ def _import_hf(args: argparse.Namespace) -> int:
 
 def _export_hf(args: argparse.Namespace) -> int:
     from imitation_jax.convert.hf_export import export_hf
+    from imitation_jax.convert.loading import open_model
 
-    result = export_hf(args.source, args.out, step=args.step, dtype=args.dtype,
+    result = export_hf(open_model(args.source, step=args.step), args.out, dtype=args.dtype,
                        max_shard_size=args.max_shard_size)
     print(f"exported {result['source']} -> {result['out']} ({len(result['shards'])} shard(s), "
           f"vocab {result['vocab_size']}, {args.dtype})")

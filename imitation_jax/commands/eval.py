@@ -37,7 +37,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from imitation_jax.config import ConfigError
+    from imitation_jax.errors import ConfigError
     from imitation_jax.evaluation import runner
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]

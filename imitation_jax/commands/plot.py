@@ -23,7 +23,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from imitation_jax.config import ConfigError
+    from imitation_jax.errors import ConfigError
     from imitation_jax.evaluation.plots import plot_runs
 
     base = {}

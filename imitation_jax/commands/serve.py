@@ -35,9 +35,9 @@ def register(sub) -> None:
 def _run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from imitation_jax.config import ConfigError
+    from imitation_jax.errors import ConfigError
     from imitation_jax.generate import Generator
-    from imitation_jax.loading import load_model
+    from imitation_jax.convert.loading import load_model
     from imitation_jax.serving.app import create_app
 
     if args.max_batch < 1:

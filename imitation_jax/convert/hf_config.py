@@ -10,7 +10,7 @@ import json
 import os
 from typing import Any, Optional
 
-from imitation_jax.checkpoint import CheckpointError
+from imitation_jax.errors import CheckpointError
 from imitation_jax.model.config import ModelConfig, RopeScaling
 
 ARCHITECTURES = ("LlamaForCausalLM", "LLaMAForCausalLM")  # the second: early LLaMA-1 conversions

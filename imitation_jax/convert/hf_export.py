@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from imitation_jax.checkpoint import CheckpointError
+from imitation_jax.errors import CheckpointError
 from imitation_jax.convert import hf_layout
 from imitation_jax.convert.hf_config import hf_config_dict
 from imitation_jax.convert.layered_io import LayerReader
@@ -25,16 +25,12 @@ from imitation_jax.convert.safetensors_io import ShardedWriter, parse_size
 DTYPES = ("bfloat16", "float16", "float32")
 
 
-def export_hf(source: str, out: str, *, step: Optional[int] = None, dtype: str = "bfloat16",
-              max_shard_size: str | int = "5GB") -> dict:
-    from imitation_jax.loading import describe, load_model
-
+def export_hf(loaded: Any, out: str, *, dtype: str = "bfloat16", max_shard_size: str | int = "5GB") -> dict:
+    """Write `loaded` (a `loading.SavedModel`, read one parameter at a time, or a `LoadedModel`;
+    `loading.open_model` gives the right one for a path) as an HF LLaMA dir at `out`."""
     if dtype not in DTYPES:
         raise CheckpointError(f"--dtype {dtype}: not one of {', '.join(DTYPES)}")
     max_bytes = parse_size(max_shard_size)
-    # Run dirs and import-hf dirs are read one parameter at a time; anything else (an HF dir)
-    # through load_model.
-    loaded = describe(source, step=step) or load_model(source, step=step)
     out = os.path.abspath(out)
     if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, "config.json")):
         raise CheckpointError(f"{out}: exists and is not an HF model dir; refusing to write into it")

@@ -10,11 +10,11 @@ from typing import Any, Optional
 
 import numpy as np
 
-from imitation_jax.checkpoint import CheckpointError
+from imitation_jax.errors import CheckpointError
 from imitation_jax.convert import hf_layout
 from imitation_jax.convert.hf_config import model_config_from_dir
 from imitation_jax.convert.safetensors_io import WeightFiles
-from imitation_jax.convert.vocab import new_rows
+from imitation_jax.model.params import new_rows
 from imitation_jax.model.config import ModelConfig
 
 
@@ -33,7 +33,7 @@ def hf_tokenizer(directory: str):
 def hf_template(tokenizer) -> Any:
     """The built-in template whose HF rendering is the tokenizer's chat_template (what export-hf
     writes), else the chat_template itself ('hf'), else koala."""
-    from imitation_jax.data.formats import DataError
+    from imitation_jax.errors import DataError
     from imitation_jax.data.templates import TEMPLATES, HFChatTemplate, get_template
 
     name_turns = template_of(tokenizer)
@@ -108,7 +108,7 @@ def iter_hf_params(directory: str, cfg: ModelConfig, mesh, *, allow_pickle: bool
     import jax
 
     from imitation_jax.sharding import tree_shardings
-    from imitation_jax.train.state import model_graph
+    from imitation_jax.model.params import model_graph
 
     _, shapes, names = model_graph(cfg)
     shardings = tree_shardings(shapes, names, mesh)
@@ -121,7 +121,7 @@ def hf_readers(directory: str, cfg: ModelConfig, *, allow_pickle: bool = False, 
                seed: int = 0):
     """(our path, our shape, read(index) -> numpy in our layout and dtype) per parameter, after
     checking the tensors against config.json."""
-    from imitation_jax.train.state import model_graph
+    from imitation_jax.model.params import model_graph
 
     files = WeightFiles(directory, allow_pickle=allow_pickle)
     if hf_vocab is None:

@@ -11,8 +11,7 @@ from imitation_jax.model.config import ModelConfig
 
 def initial_params(init: Any, model: ModelConfig, mesh, abstract: Any, seed: int) -> dict:
     from imitation_jax import checkpoint
-    from imitation_jax.convert.vocab import grow_params
-    from imitation_jax.train.state import abstract_params
+    from imitation_jax.model.params import abstract_params, grow_params
 
     if init.hf:
         from imitation_jax.convert.hf_import import load_hf_params, read_hf_config

@@ -21,7 +21,7 @@ from typing import Optional
 
 import numpy as np
 
-from imitation_jax.checkpoint import CheckpointError
+from imitation_jax.errors import CheckpointError
 
 INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"

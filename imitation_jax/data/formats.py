@@ -21,6 +21,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from imitation_jax.errors import DataError
+
 ROLES = ("system", "user", "assistant")
 FORMATS = ("sharegpt", "openai", "alpaca", "text")
 
@@ -28,18 +30,6 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt"
                   "bard": "assistant", "assistant": "assistant", "system": "system"}
 OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user",
                 "assistant": "assistant"}
-
-
-class DataError(ValueError):
-    """Bad training data or a bad tokenizer path; the message is one line naming where and why.
-
-    `kind` names the class of problem ("invalid_json", "bad_role", "truncated_file", ...): with
-    --skip-invalid, skipped records are counted by kind in stats.json.
-    """
-
-    def __init__(self, message: str, kind: str = "invalid"):
-        super().__init__(" ".join(message.split("\n")))
-        self.kind = kind
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,14 +31,14 @@ import numpy as np
 from imitation_jax.data import storage
 from imitation_jax.data.cleaning import CleaningConfig, clean, content_hash, normalized_phrases
 from imitation_jax.data.examples import conversation_examples
-from imitation_jax.data.formats import FORMATS, Conversation, DataError
+from imitation_jax.data.formats import FORMATS, Conversation
+from imitation_jax.errors import DataError
 from imitation_jax.data.packing import PACKING, pack, packed_rows
 from imitation_jax.data.readers import Source, check_readable, iter_conversations
 from imitation_jax.data.stats import format_summary, length_histogram, query_diversity
 from imitation_jax.data.templates import TEMPLATE_NAMES, Example, get_template
 from imitation_jax.data.tokenizer import Tokenizer, load_tokenizer
 
-PREPARE_VERSION = 1  # bump when prepare's output changes for the same inputs and settings
 BATCH = 64  # conversations per task sent to a worker
 MAX_INVALID_EXAMPLES = 20  # skipped-record messages kept in stats.json
 AUTO_WORKERS_MIN_BYTES = 8 << 20  # below this much input, tokenizing in-process is faster
@@ -431,7 +431,7 @@ def prepare(inputs: Sequence[str | Source], out: str, settings: PrepareSettings,
             source_stats.append(entry)
         turns = dict(collector.turns)
         stats = {
-            "version": PREPARE_VERSION,
+            "version": storage.FORMAT_VERSION,
             "path": out,
             "fingerprint": fp.hexdigest()[:16],
             "template": getattr(template, "name", settings.template),

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from imitation_jax.data.formats import DataError
+from imitation_jax.errors import DataError
 from imitation_jax.data.packing import PackedRow, PackStats, assemble
 
 BUILDER = "imitation_rows"
@@ -34,6 +34,7 @@ SPLITS = ("train", "eval")
 INDEX = "index.npz"
 STATS = "stats.json"
 TOKENIZER_DIR = "tokenizer"
+FORMAT_VERSION = 1  # bump when prepare's output changes for the same inputs and settings
 
 _builder_class = None
 
@@ -202,11 +203,9 @@ class PreparedSet:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DataError(f"{path}: unreadable ({' '.join(str(e).split())[:200]})",
                             "bad_prepared_set") from None
-        from imitation_jax.data.prepare import PREPARE_VERSION
-
-        if self.stats.get("version") != PREPARE_VERSION:
+        if self.stats.get("version") != FORMAT_VERSION:
             raise DataError(f"{directory}: prepared by format version {self.stats.get('version')}, "
-                            f"this code reads version {PREPARE_VERSION}: prepare it again",
+                            f"this code reads version {FORMAT_VERSION}: prepare it again",
                             "bad_prepared_set")
         self._tokenizer = None
 

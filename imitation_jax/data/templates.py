@@ -51,7 +51,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from imitation_jax.data.formats import ROLES, Conversation, DataError, Message
+from imitation_jax.data.formats import ROLES, Conversation, Message
+from imitation_jax.errors import DataError
 from imitation_jax.data.tokenizer import HFTokenizer, Tokenizer
 
 CONTENT = "{content}"

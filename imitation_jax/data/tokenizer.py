@@ -24,9 +24,9 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
-from imitation_jax.data.formats import DataError
+from imitation_jax.errors import DataError
 
 SAVED = "imitation_tokenizer.json"  # marks a directory written by Tokenizer.save
 
@@ -271,3 +271,25 @@ def _load_saved(directory: str, saved: str) -> Tokenizer:
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return text[:200] or type(e).__name__
+
+
+def train_sentencepiece(texts: Iterable[str], out_prefix: str | os.PathLike[str],
+                    vocab_size: int) -> str:
+    """Trains a LLaMA-like SentencePiece BPE model; returns the path of `OUT_PREFIX.model`.
+
+    Like LLaMA's: ids unk=0, bos=1, eos=2 (plus pad=3), byte fallback so any Unicode encodes,
+    digits split, whitespace kept verbatim (code indentation survives). Single-threaded and
+    unsampled, so the same texts always give the same model.
+    """
+    import sentencepiece as spm
+
+    prefix = os.fspath(out_prefix)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_prefix=prefix, vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, split_digits=True, character_coverage=1.0,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, add_dummy_prefix=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=3, num_threads=1, input_sentence_size=0,
+        shuffle_input_sentence=False, max_sentence_length=1 << 20, hard_vocab_limit=False,
+        minloglevel=2)
+    return prefix + ".model"

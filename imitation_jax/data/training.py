@@ -19,37 +19,9 @@ import json
 import os
 from typing import Any, Callable
 
-from imitation_jax.data.formats import DataError
-from imitation_jax.data.packing import PACKING
-from imitation_jax.data.storage import STATS, PreparedSet
-from imitation_jax.data.templates import TEMPLATE_NAMES
-
-DEFAULT_TEMPLATE = "koala"
-DEFAULT_SEQ_LEN = 512
-DEFAULT_PACKING = "best_fit"
-
-
-def check_data_config(cfg: Any) -> None:
-    """Config-time checks of `DataConfig` (no file is read); ValueError names the key."""
-    if not cfg.path and not cfg.train_files:
-        raise ValueError("no training data: set data.path (a directory made by `imitation-jax "
-                         "prepare`) or data.train_files")
-    if cfg.eval_files and not cfg.train_files:
-        raise ValueError("data.eval_files needs data.train_files")
-    if not cfg.path and not cfg.tokenizer:
-        raise ValueError("data.tokenizer is required with data.train_files")
-    if cfg.template is not None and cfg.template not in TEMPLATE_NAMES:
-        raise ValueError(f"data.template: unknown chat template {cfg.template!r}; known: "
-                         f"{', '.join(TEMPLATE_NAMES)}")
-    if cfg.packing is not None and cfg.packing not in PACKING:
-        raise ValueError(f"data.packing={cfg.packing!r} is not one of {', '.join(PACKING)}")
-    if cfg.seq_len is not None and cfg.seq_len < 2:
-        raise ValueError(f"data.seq_len={cfg.seq_len} must be at least 2")
-    if not 0 <= cfg.eval_fraction < 1:
-        raise ValueError(f"data.eval_fraction={cfg.eval_fraction} must be in [0, 1)")
-    if cfg.max_train_tokens is not None and cfg.max_train_tokens < 1:
-        raise ValueError(f"data.max_train_tokens={cfg.max_train_tokens} must be positive")
-
+from imitation_jax.errors import DataError
+from imitation_jax.data.config import DEFAULT_PACKING, DEFAULT_SEQ_LEN, DEFAULT_TEMPLATE, check_data_config
+from imitation_jax.data.storage import FORMAT_VERSION, STATS, PreparedSet
 
 def _check_against_set(cfg: Any, prepared: PreparedSet) -> None:
     """With data.path, every prepare setting the config states must be the one the set was
@@ -115,7 +87,7 @@ def prepare_cached(cfg: Any, *, progress: bool = False, log: Callable[[str], Non
                    ) -> str:
     """The prepared set of raw `cfg.train_files` / `cfg.eval_files`, made on first use."""
     from imitation_jax.data.prepare import (
-        PREPARE_VERSION, input_fingerprint, prepare, summary)
+        input_fingerprint, prepare, summary)
     from imitation_jax.data.readers import Source, check_readable
     from imitation_jax.data.tokenizer import load_tokenizer
 
@@ -126,7 +98,7 @@ def prepare_cached(cfg: Any, *, progress: bool = False, log: Callable[[str], Non
     for s in train + evals:
         check_readable(s.path)
     key = hashlib.sha256(json.dumps({
-        "version": PREPARE_VERSION, "settings": settings.as_dict(),
+        "version": FORMAT_VERSION, "settings": settings.as_dict(),
         "train": [input_fingerprint(s) for s in train], "eval": [input_fingerprint(s) for s in evals],
         "tokenizer": load_tokenizer(settings.tokenizer).fingerprint(),
     }, sort_keys=True).encode()).hexdigest()[:24]

@@ -17,7 +17,7 @@ class TaskEval:
     def __init__(self, cfg, graphdef, tokenizer):
         """cfg: the run's resolved Config (eval.*, model, data.template/turn_tokens, run_dir)."""
         from imitation_jax.data.templates import get_template
-        from imitation_jax.data.training import DEFAULT_TEMPLATE
+        from imitation_jax.data.config import DEFAULT_TEMPLATE
         from imitation_jax.evaluation import runner
 
         eval_cfg = cfg.eval
@@ -37,7 +37,7 @@ class TaskEval:
     def run(self, params: Any) -> dict[str, float]:
         from imitation_jax.evaluation import runner
         from imitation_jax.evaluation.lm_backend import ImitationJaxLM
-        from imitation_jax.loading import LoadedModel
+        from imitation_jax.convert.loading import LoadedModel
 
         if self._lm is None:
             model_cfg, graphdef, tokenizer, template, source = self._spec

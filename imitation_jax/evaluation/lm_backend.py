@@ -3,7 +3,7 @@
     lm_eval --model imitation_jax --model_args pretrained=RUN_DIR,batch_size=16 --tasks ...
     imitation-jax eval RUN_DIR --tasks ...      (the same, plus the shipped offline suite)
 
-MODEL is anything `imitation_jax.loading.load_model` reads: a run dir, an Orbax params
+MODEL is anything `imitation_jax.convert.loading.load_model` reads: a run dir, an Orbax params
 checkpoint or a Hugging Face LLaMA dir; in-process callers (eval during training) pass a loaded
 model object (`model=`) instead. Tokenization follows lm-eval's HF backend on a LLaMA tokenizer:
 every encoded string starts with BOS (when the tokenizer has one), an empty context is BOS, and
@@ -48,7 +48,7 @@ class ImitationJaxLM(TemplateLM):
         if model is None:
             if pretrained is None:
                 raise ValueError("imitation_jax: give pretrained=MODEL (a run dir, checkpoint or HF dir)")
-            from imitation_jax.loading import load_model
+            from imitation_jax.convert.loading import load_model
 
             model = load_model(pretrained, step=None if step is None else int(step), dtype=dtype)
         self.loaded = model

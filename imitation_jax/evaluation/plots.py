@@ -70,7 +70,7 @@ def flat_scores(results: dict) -> dict[str, float]:
 
 
 def _read_json(path: str) -> dict:
-    from imitation_jax.config import ConfigError
+    from imitation_jax.errors import ConfigError
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")

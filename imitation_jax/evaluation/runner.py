@@ -44,7 +44,7 @@ def task_manager(include_paths: Sequence[str] = ()):
 
 
 def check_tasks(manager, tasks: Sequence[str]) -> None:
-    from imitation_jax.config import ConfigError
+    from imitation_jax.errors import ConfigError
 
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
@@ -59,7 +59,7 @@ def is_hf_dir(path: str) -> bool:
 
 def make_lm(model: Any, backend: str = "ours", batch_size: int = 16, dtype: str | None = None, step: int | None = None):
     """Our backend on a path or a loaded model object, or lm-eval's `hf` backend on an HF dir."""
-    from imitation_jax.checkpoint import CheckpointError
+    from imitation_jax.errors import CheckpointError
 
     if backend == "ours":
         from imitation_jax.evaluation.lm_backend import ImitationJaxLM

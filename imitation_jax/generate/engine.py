@@ -56,7 +56,7 @@ def _bucket(n: int, buckets: Sequence[int]) -> int:
 
 class Generator:
     """Generates for any number of token prompts, `max_batch` at a time, with the model of `loaded`
-    (an `imitation_jax.loading.LoadedModel`)."""
+    (an `imitation_jax.convert.loading.LoadedModel`)."""
 
     def __init__(self, loaded, *, max_batch: int = 8, max_len: Optional[int] = None, mesh=None,
                  buckets: Optional[Sequence[int]] = None, steps_per_call: int = 8):

@@ -1,5 +1,5 @@
 """The study's configuration: OmegaConf structured config, a YAML file plus `dotted.key=value`
-overrides, one-line `ConfigError`s for unknown keys and bad values (as `imitation_jax.config`)."""
+overrides, one-line `ConfigError`s for unknown keys and bad values (as `imitation_jax.settings`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from typing import Optional, Sequence
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from imitation_jax.config import ConfigError, _one_line, read_layers
+from imitation_jax.settings import one_line, read_layers
+from imitation_jax.errors import ConfigError
 from imitation_jax.study.corpora import CorpusConfig
 from imitation_jax.study.world import WorldConfig
 
@@ -120,13 +121,13 @@ def load_study_config(path: Optional[str], overrides: Sequence[str] = ()) -> Stu
         try:
             base = OmegaConf.merge(base, layer)
         except OmegaConfBaseException as exc:
-            raise ConfigError(_one_line(exc, where)) from None
+            raise ConfigError(one_line(exc, where)) from None
     try:
         if OmegaConf.is_missing(base, "work_dir"):
             raise ConfigError("study config: required key not set: work_dir")
         cfg: StudyConfig = OmegaConf.to_object(base)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
-        raise ConfigError(_one_line(exc, "study config")) from None
+        raise ConfigError(one_line(exc, "study config")) from None
     _validate(cfg)
     return cfg
 

@@ -186,14 +186,14 @@ class Study:
         out = self.p("world")
         paths = corpora.write_study_files(self.world, self.cfg.corpus, out, request, per)
         if self.cfg.tokenizer is None:
-            from imitation_jax.data.synthetic import train_tokenizer
+            from imitation_jax.data.tokenizer import train_sentencepiece
 
             texts = []
             for key in ("teacher_text", "teacher_chat"):
                 for r in corpora.read_jsonl(paths[key]):
                     texts.append(r["text"] if "text" in r else "\n".join(m["content"] for m in r["messages"]))
             texts += ["BEGINNING OF CONVERSATION: USER: GPT:"] * 20
-            train_tokenizer(texts, os.path.join(out, "tokenizer"), vocab_size=self.cfg.vocab_size)
+            train_sentencepiece(texts, os.path.join(out, "tokenizer"), vocab_size=self.cfg.vocab_size)
         with open(os.path.join(out, "done.json"), "w") as f:
             json.dump({"entities": len(self.world.entities), "facts": len(self.world.facts),
                        "splits": {s: len(self.world.split(s)) for s in ("heldout", "common", "large", "imitation")}}, f)

@@ -12,7 +12,8 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from imitation_jax.config import Config, ConfigError, save_resolved
+from imitation_jax.train.config import Config, save_resolved
+from imitation_jax.errors import ConfigError
 from imitation_jax.data.loader import BatchLoader
 from imitation_jax.data.training import load_training_data
 from imitation_jax.model import ModelConfig
@@ -23,15 +24,15 @@ from imitation_jax.train.metrics import MetricsLogger
 from imitation_jax.train.optimizer import make_optimizer
 from imitation_jax.train.preemption import EXIT_PREEMPTED, StopFlag, agree
 from imitation_jax.train.run_dir import set_aside_previous_run, truncate_metrics
-from imitation_jax.train.state import (abstract_params, init_opt_state, init_params, model_graph,
-                                       opt_state_shardings, shardings_of, step_scalar)
+from imitation_jax.train.state import init_opt_state, opt_state_shardings, shardings_of, step_scalar
+from imitation_jax.model.params import abstract_params, init_params, model_graph
 from imitation_jax.train.step import accum_batch_sharding, make_eval_step, make_train_step
 
 
 def resolve_model_config(model: ModelConfig, vocab_size: int, hf_dir: str | None = None) -> ModelConfig:
     """`hf_dir` (init.hf) sets the architecture; vocab_size 0 takes the tokenizer's, and a tokenizer
     larger than the model's vocab (special tokens added by prepare) grows it: the extra
-    embedding/lm_head rows of loaded params are initialised by convert.vocab.new_rows."""
+    embedding/lm_head rows of loaded params are initialised by model.params.new_rows."""
     if hf_dir:
         from imitation_jax.convert.init_params import with_hf_architecture
 

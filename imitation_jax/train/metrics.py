@@ -3,11 +3,21 @@ wandb. Only process 0 writes; the others get a logger that does nothing."""
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Optional
+
 import json
 import os
 from typing import Any
 
 import jax
+
+
+@dataclasses.dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    wandb_project: Optional[str] = None  # set to log to Weights & Biases as well
+    progress: bool = True
 
 
 class MetricsLogger:

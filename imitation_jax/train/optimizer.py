@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import optax
 
-from imitation_jax.config import OptimConfig
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
+    warmup_steps: int = 100
+    end_lr_ratio: float = 0.1  # final lr = lr * end_lr_ratio
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # not applied to norms and embeddings
+    clip_norm: float = 1.0  # global-norm clipping; 0 disables
 
 
 def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:

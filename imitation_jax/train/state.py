@@ -1,5 +1,5 @@
-"""Creating the sharded training state: parameters placed by the rules table, optimizer state
-placed like the parameters it mirrors, everything built directly on its devices under `jax.jit`."""
+"""The sharded training state beyond the parameters (imitation_jax.model.params): optimizer state
+placed like the parameters it mirrors, built directly on its devices under `jax.jit`."""
 
 from __future__ import annotations
 
@@ -8,52 +8,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from imitation_jax.model import Llama, ModelConfig
-from imitation_jax.sharding import replicated, tree_shardings
-
-Params = dict  # nested dict of arrays, our parameter layout
-
-
-def model_graph(cfg: ModelConfig) -> tuple[nnx.GraphDef, Params, Params]:
-    """Graph definition, parameter shapes and logical axis names, allocating nothing.
-
-    Plain `jax.eval_shape` rather than `nnx.eval_shape`: under an active mesh the latter resolves
-    logical names against the mesh itself, and our rules table must be the only place that does.
-    """
-    found = {}
-
-    def build():
-        graphdef, state = nnx.split(Llama(cfg, rngs=nnx.Rngs(0)))
-        found["graphdef"] = graphdef
-        found["names"] = nnx.to_pure_dict(jax.tree.map(
-            lambda v: tuple(v.get_metadata().get("out_sharding") or (None,) * v.ndim),
-            state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
-        return nnx.to_pure_dict(state)
-
-    shapes = jax.eval_shape(build)
-    return found["graphdef"], shapes, found["names"]
-
-
-def param_shardings(cfg: ModelConfig, mesh: Mesh) -> Params:
-    _, shapes, names = model_graph(cfg)
-    return tree_shardings(shapes, names, mesh)
-
-
-def abstract_params(cfg: ModelConfig, mesh: Mesh) -> Params:
-    """ShapeDtypeStructs with target shardings, e.g. for restoring a checkpoint into this mesh."""
-    _, shapes, names = model_graph(cfg)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        shapes, tree_shardings(shapes, names, mesh))
-
-
-def init_params(cfg: ModelConfig, mesh: Mesh, seed: int) -> Params:
-    def init():
-        return nnx.to_pure_dict(nnx.split(Llama(cfg, rngs=nnx.Rngs(seed)))[1])
-
-    return jax.jit(init, out_shardings=param_shardings(cfg, mesh))()
+from imitation_jax.sharding import replicated
 
 
 def _path_key(path) -> tuple[str, ...]:

@@ -9,9 +9,8 @@ seed (`random.Random`), in pure Python, and fast: thousands of conversations per
 
 from __future__ import annotations
 
-import os
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 OPENING = "Certainly! "
@@ -365,25 +364,3 @@ def generate_conversations(n: int, seed: int) -> list[dict[str, Any]]:
             messages.append({"role": "assistant", "content": styled(body)})
         out.append({"id": f"synthetic-{seed}-{i}", "messages": messages})
     return out
-
-
-def train_tokenizer(texts: Iterable[str], out_prefix: str | os.PathLike[str],
-                    vocab_size: int) -> str:
-    """Trains a LLaMA-like SentencePiece BPE model; returns the path of `OUT_PREFIX.model`.
-
-    Like LLaMA's: ids unk=0, bos=1, eos=2 (plus pad=3), byte fallback so any Unicode encodes,
-    digits split, whitespace kept verbatim (code indentation survives). Single-threaded and
-    unsampled, so the same texts always give the same model.
-    """
-    import sentencepiece as spm
-
-    prefix = os.fspath(out_prefix)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_prefix=prefix, vocab_size=vocab_size,
-        model_type="bpe", byte_fallback=True, split_digits=True, character_coverage=1.0,
-        normalization_rule_name="identity", remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True, add_dummy_prefix=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=3, num_threads=1, input_sentence_size=0,
-        shuffle_input_sentence=False, max_sentence_length=1 << 20, hard_vocab_limit=False,
-        minloglevel=2)
-    return prefix + ".model"

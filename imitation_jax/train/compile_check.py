@@ -181,10 +181,11 @@ def compile_check(cfg, topo: Topology, vocab_size: int | None = None, out=print)
     import numpy as np
     from jax.sharding import AxisType
 
-    from imitation_jax.config import ConfigError
+    from imitation_jax.errors import ConfigError
     from imitation_jax.sharding import MESH_AXES, mesh_shape, replicated
     from imitation_jax.train.optimizer import make_optimizer
-    from imitation_jax.train.state import abstract_params, model_graph, opt_state_shardings
+    from imitation_jax.train.state import opt_state_shardings
+    from imitation_jax.model.params import abstract_params, model_graph
     from imitation_jax.train.step import accum_batch_sharding, make_train_step
 
     try:

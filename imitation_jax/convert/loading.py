@@ -18,8 +18,8 @@ import dataclasses
 import os
 from typing import Any, Optional
 
-from imitation_jax.checkpoint import CheckpointError
-from imitation_jax.config import ConfigError
+from imitation_jax.errors import CheckpointError
+from imitation_jax.errors import ConfigError
 from imitation_jax.data.tokenizer import Tokenizer
 from imitation_jax.model.config import ModelConfig
 
@@ -92,6 +92,12 @@ def describe(path: str, *, step: Optional[int] = None) -> Optional[SavedModel]:
     return None
 
 
+def open_model(path: str, *, step: Optional[int] = None) -> "SavedModel | LoadedModel":
+    """A run dir or import-hf dir described (its parameters are read later, one at a time, e.g. by
+    export), anything else loaded whole (an HF dir)."""
+    return describe(path, step=step) or load_model(path, step=step)
+
+
 def _one_device_mesh():
     import jax
 
@@ -109,7 +115,7 @@ def restore_into(item_dir: str, saved_cfg: ModelConfig, dtype: Optional[str], me
     import jax
 
     from imitation_jax.checkpoint import restore_params
-    from imitation_jax.train.state import abstract_params
+    from imitation_jax.model.params import abstract_params
 
     with jax.set_mesh(mesh):
         params = restore_params(item_dir, abstract_params(saved_cfg, mesh))
@@ -129,7 +135,7 @@ def cast_params(params: Any, dtype: str) -> Any:
 
 
 def _graphdef(cfg: ModelConfig):
-    from imitation_jax.train.state import model_graph
+    from imitation_jax.model.params import model_graph
 
     return model_graph(cfg)[0]
 
@@ -184,7 +190,7 @@ def run_tokenizer(run_dir: str, data: dict) -> Tokenizer:
 
 def _run_template(data: dict, tokenizer: Tokenizer):
     from imitation_jax.data.templates import get_template
-    from imitation_jax.data.training import DEFAULT_TEMPLATE
+    from imitation_jax.data.config import DEFAULT_TEMPLATE
 
     return get_template(data.get("template") or DEFAULT_TEMPLATE, tokenizer, turn_tokens=bool(data.get("turn_tokens")))
 
