@@ -209,3 +209,37 @@ def test_a_dead_peer_ends_the_survivor_within_bounded_time(base, tmp_path):
         pytest.fail("the surviving process hung after its peer died")
     assert launcher.returncode != 0
     assert time.monotonic() - killed_at < 90
+
+
+def test_resume_on_changed_data_with_the_same_row_count_fails_with_one_line(base, demo_dir, tmp_path):
+    """The checkpoint holds the loader's state (seed, batch size, rows, data fingerprint): resuming on a
+    prepared set whose rows differ, even with the same row count, stops before training a step."""
+    import json
+
+    conversations = [json.loads(line) for line in open(os.path.join(demo_dir, "train.jsonl"))]
+    answer = next(m for m in conversations[0]["messages"] if m["role"] == "assistant")
+    answer["content"] += " Indeed."
+    changed = tmp_path / "changed.jsonl"
+    changed.write_text("".join(json.dumps(c) + "\n" for c in conversations))
+    sets = {}
+    for name, source in (("a", os.path.join(demo_dir, "train.jsonl")), ("b", str(changed))):
+        out = str(tmp_path / name)
+        done = subprocess.run([sys.executable, "-m", "imitation_jax.cli", "prepare", source, "--tokenizer",
+                               os.path.join(demo_dir, "tokenizer.model"), "--template", "koala", "--seq-len", "64",
+                               "--out", out, "--quiet"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+        assert done.returncode == 0, done.stderr
+        sets[name] = json.load(open(os.path.join(out, "stats.json")))
+    assert sets["a"]["splits"]["train"]["rows"] == sets["b"]["splits"]["train"]["rows"]
+    assert sets["a"]["fingerprint"] != sets["b"]["fingerprint"]
+
+    no_files = [o for o in base if not o.startswith(("data.train_files=", "data.eval_files=", "data.tokenizer="))]
+    no_files += ["data.train_files=[]", "data.eval_files=[]", "data.tokenizer=null"]
+    run = tmp_path / "run"
+    first = _run(run, no_files, f"data.path={tmp_path / 'a'}", "train.steps=2")
+    assert first.returncode == 0, first.stderr
+    resumed = _run(run, no_files, f"data.path={tmp_path / 'b'}", "train.steps=4")
+    assert resumed.returncode == 2, resumed.stderr
+    lines = [line for line in resumed.stderr.splitlines() if not line.startswith("WARNING:absl")]  # Orbax's
+    assert len(lines) == 1 and lines[0].startswith("imitation-jax train: error: resume:"), resumed.stderr
+    assert "fingerprint" in lines[0] and "--restart" in lines[0] and "Traceback" not in resumed.stderr
+    assert sorted(os.listdir(run / "checkpoints")) == ["2"]  # nothing trained, nothing lost

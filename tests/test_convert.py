@@ -278,7 +278,7 @@ def test_student_export_matches_our_greedy_continuation(demo_dir, small_override
 
     from imitation_jax.train.config import load_config
     from imitation_jax.data.templates import encode_prompt
-    from imitation_jax.train.loop import train
+    from imitation_jax.commands.train import run_training as train
 
     cfg = load_config("configs/tiny.yaml", small_overrides + ["data.turn_tokens=true", "train.steps=3",
                                                              "logging.tensorboard=false"])
@@ -319,7 +319,7 @@ def test_train_from_init_hf_grows_vocab_for_turn_tokens(demo_dir, small_override
     """init.hf takes the architecture and weights from the HF dir; the turn tokens prepare adds
     grow the vocab: old rows are the checkpoint's, new rows are small random ones."""
     from imitation_jax.train.config import load_config
-    from imitation_jax.train.loop import train
+    from imitation_jax.commands.train import run_training as train
 
     torch.manual_seed(1)
     base = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

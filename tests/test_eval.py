@@ -124,7 +124,7 @@ def test_shipped_suite_is_offline_and_its_scorers_are_right():
 def trained_run(demo_dir, tmp_path_factory):
     """A 4-step run of the small model that evaluated two suite tasks at steps 2 and 4."""
     from imitation_jax.train.config import load_config
-    from imitation_jax.train.loop import train
+    from imitation_jax.commands.train import run_training as train
 
     run_dir = tmp_path_factory.mktemp("eval") / "run"
     cfg = load_config("configs/tiny.yaml", SMALL_MODEL + [

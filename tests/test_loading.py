@@ -19,7 +19,7 @@ def logits(loaded, tokens):
 
 def test_run_ckpt_and_hf_dirs_load_the_same_model(small_overrides, tmp_path):
     from imitation_jax.train.config import load_config
-    from imitation_jax.train.loop import train
+    from imitation_jax.commands.train import run_training as train
 
     # scan_unroll=1: the compute path the HF and checkpoint dirs load with (defaults), so the
     # logits can be compared bit for bit.

@@ -15,13 +15,41 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def init_source(cfg):
+    """`init.checkpoint` / `init.hf` as the loop's `init` (None when neither is set). With init.hf
+    its config.json sets the architecture now, before the run is built."""
+    if not (cfg.init.checkpoint or cfg.init.hf):
+        return None
+    from imitation_jax.convert.init_params import initial_params, with_hf_architecture
+
+    if cfg.init.hf:
+        cfg.model = with_hf_architecture(cfg.model, cfg.init.hf)
+    return lambda program, seed: initial_params(cfg.init, program.model, program.mesh,
+                                                program.abstract["params"], seed)
+
+
+def task_eval_hook(program, tokenizer):
+    """lm-eval tasks on the live parameters (`eval.tasks`) as a training-loop hook."""
+    if not program.cfg.eval.tasks:
+        return None
+    from imitation_jax.evaluation.in_training import TaskEval
+
+    return TaskEval(program.cfg, program.graphdef, tokenizer)
+
+
+def run_training(cfg, restart: bool = False) -> dict:
+    """`train` with what the command layer adds: the init source and the task-eval hook."""
+    from imitation_jax.train.loop import train
+
+    return train(cfg, restart=restart, init=init_source(cfg), hooks=(task_eval_hook,))
+
+
 def run(args: argparse.Namespace) -> int:
     import jax
 
     from imitation_jax import distributed, host_memory
     from imitation_jax.train.config import load_config
     from imitation_jax.errors import ConfigError
-    from imitation_jax.train.loop import train
 
     cfg = load_config(args.config, args.overrides)
     host_memory.configure(cfg.train.host_memory)  # before XLA starts its threads
@@ -29,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         distributed.initialize(cfg.distributed)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    summary = train(cfg, restart=args.restart)
+    summary = run_training(cfg, restart=args.restart)
     if summary["preempted"]:
         from imitation_jax.train.preemption import EXIT_PREEMPTED
 

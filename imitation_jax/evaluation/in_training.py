@@ -1,7 +1,7 @@
 """lm-eval tasks during training (`eval.tasks` in the train config), on the live parameters.
 
-The training loop calls `TaskEval.run(params)` every `eval.tasks_every_steps` steps and at the end;
-the flat scores ({"mini_mmlu/acc": ...}) go to metrics.jsonl and TensorBoard with the prefix
+A training-loop hook (imitation_jax.train.hooks), added by the `train` command: it runs every
+`eval.tasks_every_steps` steps and at the end; the flat scores ({"mini_mmlu/acc": ...}) go to metrics.jsonl and TensorBoard with the prefix
 `task/`. One backend object lives for the whole run and only its parameters are swapped, so the
 scoring and generation functions compile once. Every process runs the same requests (the
 computation is SPMD over the global parameters) and only process 0 writes the metrics; the tests
@@ -14,6 +14,8 @@ from typing import Any
 
 
 class TaskEval:
+    pauses_clock = True  # its time is kept out of tokens/s
+
     def __init__(self, cfg, graphdef, tokenizer):
         """cfg: the run's resolved Config (eval.*, model, data.template/turn_tokens, run_dir)."""
         from imitation_jax.data.templates import get_template
@@ -30,11 +32,15 @@ class TaskEval:
         self._spec = (cfg.model, graphdef, tokenizer, template, cfg.run_dir)
         self._lm = None
 
-    def due(self, done: int, total: int) -> bool:
+    def due(self, done: int, total: int, start: int = 0) -> bool:
         every = self.cfg.tasks_every_steps
         return done == total or bool(every and done % every == 0)
 
-    def run(self, params: Any) -> dict[str, float]:
+    def run(self, info) -> None:
+        """The hook: score the live parameters, log them as task/<task>/<metric>."""
+        info.log(self.scores(info.state["params"]), prefix="task/")
+
+    def scores(self, params: Any) -> dict[str, float]:
         from imitation_jax.evaluation import runner
         from imitation_jax.evaluation.lm_backend import ImitationJaxLM
         from imitation_jax.convert.loading import LoadedModel

@@ -175,18 +175,15 @@ def topology_devices(topo: Topology) -> list:
 
 
 def compile_check(cfg, topo: Topology, vocab_size: int | None = None, out=print) -> MemoryReport:
-    """Lower and compile `cfg`'s train step for `topo`; print and return the per-device memory."""
+    """Lower and compile `cfg`'s train step for `topo`; print and return the per-device memory.
+    The program is the one `train` builds (train.builder), for the topology's devices: the
+    platform comes from them, so no CPU-only path is compiled in."""
     import jax
-    import jax.numpy as jnp
-    import numpy as np
     from jax.sharding import AxisType
 
     from imitation_jax.errors import ConfigError
-    from imitation_jax.sharding import MESH_AXES, mesh_shape, replicated
-    from imitation_jax.train.optimizer import make_optimizer
-    from imitation_jax.train.state import opt_state_shardings
-    from imitation_jax.model.params import abstract_params, model_graph
-    from imitation_jax.train.step import accum_batch_sharding, make_train_step
+    from imitation_jax.sharding import MESH_AXES, mesh_shape
+    from imitation_jax.train.builder import build_program, micro_batch, resolve_model
 
     try:
         jax.config.update("jax_platforms", "cpu")  # the local accelerator, if any, is not needed
@@ -197,8 +194,6 @@ def compile_check(cfg, topo: Topology, vocab_size: int | None = None, out=print)
         model = dataclasses.replace(model, vocab_size=vocab_size)
     if model.vocab_size <= 0:
         raise ConfigError("compile-check reads no tokenizer: set model.vocab_size (e.g. 32000) or --vocab-size")
-    if model.attention == "auto":  # what `auto` picks on a TPU (resolve_impl looks at the local devices)
-        model = dataclasses.replace(model, attention="xla")
     seq_len = cfg.data.seq_len
     if not seq_len:
         raise ConfigError("compile-check reads no data: set data.seq_len")
@@ -208,33 +203,20 @@ def compile_check(cfg, topo: Topology, vocab_size: int | None = None, out=print)
         shape = mesh_shape(cfg.mesh, len(devices))
     except ValueError as exc:
         raise ConfigError(f"config: {exc} on {topo.slice_name}") from None
-    micro = t.batch_size // t.grad_accum
-    if micro % (shape[0] * shape[1]):
-        raise ConfigError(f"config: the micro-batch of {micro} rows (train.batch_size / train.grad_accum) is not "
-                          f"divisible by data x fsdp = {shape[0] * shape[1]} on {topo.slice_name}")
     mesh = jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    micro = micro_batch(cfg, mesh, where=f" on {topo.slice_name}")
+    model = resolve_model(model, mesh)
     out(f"compile-check: {topo.slice_name} = {topo.libtpu_name} ({topo.chips} chips, {len(devices)} devices "
         f"of {devices[0].device_kind}, {topo.chip.hbm_gib:g} GiB HBM each)")
     out(f"model: {model.num_params() / 1e9:.2f}B params ({model.param_dtype} params, {model.dtype} compute, "
         f"remat {model.remat}); mesh data={shape[0]} fsdp={shape[1]} tensor={shape[2]}; batch {t.batch_size} x "
         f"{seq_len} tokens in {t.grad_accum} micro-batch(es) of {micro // (shape[0] * shape[1])} row(s) per device")
 
-    optimizer, _ = make_optimizer(cfg.optim, t.steps or 1000)
-    graphdef = model_graph(model)[0]
     start = time.perf_counter()
     with jax.set_mesh(mesh):
-        params = abstract_params(model, mesh)
-        opt = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                           jax.eval_shape(optimizer.init, params), opt_state_shardings(optimizer, params, mesh))
-        state = {"params": params, "opt_state": opt,
-                 "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh))}
-        state_sh = jax.tree.map(lambda x: x.sharding, state)
-        train_step = make_train_step(graphdef, optimizer, mesh, state_sh, t.loss_chunk, t.fuse_last_layer)
-        batch_sh = accum_batch_sharding(mesh)
-        rows = (t.grad_accum, micro, seq_len)
-        batch = {k: jax.ShapeDtypeStruct(rows, np.float32 if k == "loss_mask" else np.int32, sharding=batch_sh)
-                 for k in ("inputs", "targets", "loss_mask", "segment_ids", "positions")}
-        lowered = train_step.lower(state, batch)
+        program = build_program(cfg, mesh, model, t.steps or 1000)
+        state, batch = program.abstract_step_state(), program.abstract_batch(seq_len)
+        lowered = program.train_step.lower(state, batch)
         try:
             compiled = lowered.compile()
         except Exception as exc:  # XlaRuntimeError; the TPU compiler checks HBM itself

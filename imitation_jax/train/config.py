@@ -32,6 +32,7 @@ class TrainConfig:
     batch_size: int = 8  # sequences per optimizer step, over all processes and micro-batches
     grad_accum: int = 1  # micro-batches per step (each batch_size / grad_accum sequences)
     log_every: int = 10
+    prefetch: int = 2  # batches read and placed on the devices ahead of the step that uses them (0: in the loop)
     loss_chunk: int = 256  # >0: output layer + cross entropy this many positions of every row at a time,
                            # trained tokens first, chunks with none skipped; 0: all at once
     fuse_last_layer: bool = True  # run the last layer's output projection, MLP and the final norm
@@ -108,6 +109,8 @@ def validate(cfg: Config) -> None:
     t = cfg.train
     if (t.steps is None) == (t.epochs is None):
         raise ConfigError("config: set exactly one of train.steps and train.epochs")
+    if t.prefetch < 0:
+        raise ConfigError(f"config: train.prefetch={t.prefetch} must be >= 0")
     if t.grad_accum < 1 or t.batch_size % t.grad_accum:
         raise ConfigError(f"config: train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
     if t.host_memory not in host_memory.MODES:

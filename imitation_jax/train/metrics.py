@@ -4,11 +4,9 @@ wandb. Only process 0 writes; the others get a logger that does nothing."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
-
 import json
 import os
-from typing import Any
+from typing import Any, Optional
 
 import jax
 

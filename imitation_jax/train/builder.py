@@ -1,0 +1,118 @@
+"""The run builder: everything `train` and `compile-check` share, built once from a resolved Config
+and a mesh. The model config (vocabulary, platform), the optimizer and its schedule, the abstract
+training state with its target shardings (what a checkpoint restores into, what compile-check
+lowers against) and the jitted train/eval steps. `train` adds data and real arrays; compile-check
+lowers `program.train_step` against `program.abstract_step_state()` for a TPU topology."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from imitation_jax.errors import ConfigError
+from imitation_jax.model.config import ModelConfig
+from imitation_jax.model.params import abstract_params, model_graph
+from imitation_jax.sharding import batch_sharding, replicated
+from imitation_jax.train.config import Config
+from imitation_jax.train.optimizer import make_optimizer
+from imitation_jax.train.state import opt_state_shardings
+from imitation_jax.train.step import accum_batch_sharding, make_eval_step, make_train_step
+
+BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+
+
+def resolve_model(model: ModelConfig, mesh: Mesh, vocab_size: int | None = None) -> ModelConfig:
+    """The model config a run compiles: vocab_size 0 takes the data's (`vocab_size`), a tokenizer
+    larger than the model's vocab (special tokens added by prepare) grows it (new rows:
+    model.params.grow_params), and the platform comes from the mesh's devices."""
+    if vocab_size and (model.vocab_size == 0 or vocab_size > model.vocab_size):
+        model = dataclasses.replace(model, vocab_size=vocab_size)
+    if model.vocab_size <= 0:
+        raise ConfigError("config: model.vocab_size is not set and no tokenizer gives it")
+    model = _with_platform(model, mesh)
+    try:  # a user's model.* mistake (heads not divisible, odd head dim): one line, not a traceback
+        model.validate()
+    except ValueError as exc:
+        raise ConfigError(f"config: {exc}") from None
+    return model
+
+
+def micro_batch(cfg: Config, mesh: Mesh, process_count: int = 1, where: str = "") -> int:
+    """Rows per micro-batch; a one-line ConfigError when the mesh or processes cannot split it."""
+    t = cfg.train
+    micro = t.batch_size // t.grad_accum
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if micro % ways or micro % process_count:
+        raise ConfigError(f"config: the micro-batch of {micro} rows (train.batch_size / train.grad_accum) is not "
+                          f"divisible by data x fsdp = {ways} and the {process_count} processes{where}")
+    return micro
+
+
+@dataclasses.dataclass
+class Program:
+    """The compiled side of a run: model, optimizer, state layout and step functions."""
+
+    cfg: Config
+    mesh: Mesh
+    model: ModelConfig
+    graphdef: Any
+    optimizer: optax.GradientTransformation
+    schedule: Callable[[int], Any]
+    total_steps: int
+    abstract: dict  # params, opt_state, rng: ShapeDtypeStructs with target shardings
+    train_step: Any  # (state, batch) -> (state, metrics); state = params, opt_state, step
+    eval_step: Any  # (params, batch) -> loss sums
+
+    @property
+    def state_shardings(self) -> dict:
+        return {"params": _shardings(self.abstract["params"]),
+                "opt_state": _shardings(self.abstract["opt_state"]), "step": replicated(self.mesh)}
+
+    @property
+    def batch_sharding(self):  # (grad_accum, micro, T): micro-batches stacked
+        return accum_batch_sharding(self.mesh)
+
+    @property
+    def eval_batch_sharding(self):
+        return batch_sharding(self.mesh)
+
+    def abstract_step_state(self) -> dict:
+        """What train_step takes, as abstract arrays (compile-check lowers against these)."""
+        return {"params": self.abstract["params"], "opt_state": self.abstract["opt_state"],
+                "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(self.mesh))}
+
+    def abstract_batch(self, seq_len: int) -> dict:
+        t = self.cfg.train
+        rows = (t.grad_accum, t.batch_size // t.grad_accum, seq_len)
+        return {k: jax.ShapeDtypeStruct(rows, np.float32 if k == "loss_mask" else np.int32,
+                                        sharding=self.batch_sharding) for k in BATCH_KEYS}
+
+
+def build_program(cfg: Config, mesh: Mesh, model: ModelConfig, total_steps: int) -> Program:
+    """`model` is resolved (resolve_model); call under `jax.set_mesh(mesh)`."""
+    t = cfg.train
+    optimizer, schedule = make_optimizer(cfg.optim, total_steps)
+    graphdef = model_graph(model)[0]
+    params = abstract_params(model, mesh)
+    opt = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                       jax.eval_shape(optimizer.init, params), opt_state_shardings(optimizer, params, mesh))
+    abstract = {"params": params, "opt_state": opt,
+                "rng": jax.ShapeDtypeStruct((2,), np.uint32, sharding=replicated(mesh))}
+    state_sh = {"params": _shardings(params), "opt_state": _shardings(opt), "step": replicated(mesh)}
+    train_step = make_train_step(graphdef, optimizer, mesh, state_sh, t.loss_chunk, t.fuse_last_layer)
+    eval_step = make_eval_step(graphdef, mesh, state_sh["params"], t.loss_chunk, t.fuse_last_layer)
+    return Program(cfg, mesh, model, graphdef, optimizer, schedule, total_steps, abstract, train_step, eval_step)
+
+
+def _shardings(tree: Any) -> Any:
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def _with_platform(model: ModelConfig, mesh: Mesh) -> ModelConfig:
+    return model  # TODO(platform): resolved from the mesh once ModelConfig carries it
