@@ -89,3 +89,25 @@ class HeldOutEval:
 
     def run(self, info: StepInfo) -> None:
         info.log(self.evaluate(info.state["params"]), prefix="eval_")
+
+
+class Checkpointing:
+    """Saves when the checkpoint policy says so, at the last step, and when a preemption signal
+    arrived (then asks the loop to stop). Every process takes part every step: the signal and the
+    time-based policy are agreed across processes so all save and stop at the same step."""
+
+    pauses_clock = False
+
+    def __init__(self, due: Callable[[int], bool], save: Callable[[int, dict], None],
+                 signalled: Callable[[], bool], agree: Callable[..., tuple[bool, ...]]):
+        self._due, self._save, self._signalled, self._agree = due, save, signalled, agree
+        self.stop = False  # the loop ends after this step
+
+    def due(self, done: int, total: int, start: int) -> bool:
+        return True
+
+    def run(self, info: StepInfo) -> None:
+        preempted, due = self._agree(self._signalled(), self._due(info.done))
+        if due or preempted or info.done == info.total:
+            self._save(info.done, info.state)
+        self.stop = preempted

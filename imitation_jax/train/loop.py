@@ -24,7 +24,7 @@ from imitation_jax.sharding import make_mesh, replicated
 from imitation_jax.train.builder import Program, build_program, micro_batch, resolve_model
 from imitation_jax.train.config import Config, save_resolved
 from imitation_jax.train.flops import peak_flops_per_device
-from imitation_jax.train.hooks import HeldOutEval, Hook, LogMetrics, StepInfo, Throughput
+from imitation_jax.train.hooks import Checkpointing, HeldOutEval, Hook, LogMetrics, StepInfo, Throughput
 from imitation_jax.train.metrics import MetricsLogger
 from imitation_jax.train.prefetch import DevicePrefetch
 from imitation_jax.train.preemption import EXIT_PREEMPTED, StopFlag, agree
@@ -173,12 +173,13 @@ def _run_loop(cfg: Config, program: Program, data: TrainingData, loader: BatchLo
         hooks.append(HeldOutEval(eval_fn, cfg.eval.every_steps))
     hooks += [h for h in (make(program, data.tokenizer) for make in hook_factories) if h is not None]
 
-    def save(step: int) -> None:
+    def save(step: int, state: dict) -> None:
         ckpt.save(step, {**state, "rng": rng}, dict(loader.state(step), epoch=step / loader.batches_per_epoch),
                   config_dict)
 
     stop = StopFlag().install()
-    preempted = False
+    checkpointing = Checkpointing(ckpt.due, save, lambda: stop.signal is not None, agree)
+    hooks.append(checkpointing)  # last: it saves what the other hooks saw
     try:
         for step in range(start_step, total_steps):
             state, metrics = program.train_step(state, next(batches))
@@ -192,10 +193,7 @@ def _run_loop(cfg: Config, program: Program, data: TrainingData, loader: BatchLo
                     if hook.pauses_clock:
                         clock.reset()  # keep eval time out of tokens/s
             bar.update(1)
-            preempted, due = agree(stop.signal is not None, ckpt.due(done))
-            if due or preempted or done == total_steps:
-                save(done)
-            if preempted:
+            if checkpointing.stop:
                 _say(f"stopped at step {done}: checkpoint {ckpt.directory}/{done}; "
                      f"run the same command to resume (exit code {EXIT_PREEMPTED})")
                 break
@@ -204,6 +202,7 @@ def _run_loop(cfg: Config, program: Program, data: TrainingData, loader: BatchLo
         batches.close()
         bar.close()
         ckpt.close()  # waits for an asynchronous write in flight
+    preempted = checkpointing.stop
     eval_metrics = None
     if eval_fn is not None and not preempted:
         eval_metrics = eval_fn(state["params"])
