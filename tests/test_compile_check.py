@@ -124,3 +124,43 @@ def test_compile_check_does_not_fit_exits_1():
     assert "ran out of HBM" in out and "fits: NO" in out
     # Its arguments are computed from the shardings: 12 bytes/param over 4 chips, about 18.8 GiB.
     assert _gib(out, "arguments") == pytest.approx(6_738_415_616 * 12 / 4 / GiB, rel=0.02)
+
+
+def _tiny_cfg(tmp_path, *extra):
+    from imitation_jax.train.config import load_config
+
+    return load_config(str(ROOT / "configs/tiny.yaml"), [
+        f"run_dir={tmp_path}", "model.vocab_size=512", "model.hidden_size=64", "model.intermediate_size=128",
+        "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2", "data.seq_len=128",
+        "train.batch_size=8", "train.steps=2", *extra])
+
+
+def _conditionals(lowered_text: str) -> int:
+    return len(re.findall(r"stablehlo\.(?:case|if)\b", lowered_text))
+
+
+def test_the_cpu_train_step_has_its_fusion_conditionals(tmp_path):
+    """The counterpart of the TPU check below: on CPU devices the run builder's program does carry
+    the CPU-only conditionals (RoPE tables, transposed keys/values), so their absence means something."""
+    import jax
+
+    from imitation_jax.sharding import make_mesh
+    from imitation_jax.train.builder import build_program, resolve_model
+
+    cfg = _tiny_cfg(tmp_path, "model.attention=auto")
+    mesh = make_mesh(cfg.mesh, devices=jax.devices()[:1])
+    model = resolve_model(cfg.model, mesh)
+    with jax.set_mesh(mesh):
+        program = build_program(cfg, mesh, model, 2)
+        text = program.train_step.lower(program.abstract_step_state(), program.abstract_batch(128)).as_text()
+    assert _conditionals(text) > 0
+
+
+@needs_libtpu
+def test_the_train_step_checked_for_a_tpu_has_no_cpu_path(tmp_path):
+    """compile-check lowers the program a TPU would run: the platform comes from the topology's devices,
+    so none of the CPU path's conditionals are in it, with attention left on `auto`."""
+    from imitation_jax.train.compile_check import lower_train_step
+
+    low = lower_train_step(_tiny_cfg(tmp_path, "model.attention=auto"), parse_topology("v5e-4"))
+    assert _conditionals(low.lowered.as_text()) == 0

@@ -174,10 +174,19 @@ def topology_devices(topo: Topology) -> list:
     return list(desc.devices)
 
 
-def compile_check(cfg, topo: Topology, vocab_size: int | None = None, out=print) -> MemoryReport:
-    """Lower and compile `cfg`'s train step for `topo`; print and return the per-device memory.
-    The program is the one `train` builds (train.builder), for the topology's devices: the
-    platform comes from them, so no CPU-only path is compiled in."""
+@dataclasses.dataclass
+class Lowered:
+    """The train step of a config lowered for a topology, not yet compiled."""
+
+    lowered: Any  # jax.stages.Lowered
+    state: Any  # the abstract arguments it was lowered against
+    batch: Any
+    lines: list[str]  # what is being checked, for the report
+
+
+def lower_train_step(cfg, topo: Topology, vocab_size: int | None = None) -> Lowered:
+    """`cfg`'s train step as `train` builds it (train.builder), for the topology's compile-only
+    devices: the platform comes from them, so no CPU-only path is lowered."""
     import jax
     from jax.sharding import AxisType
 
@@ -206,29 +215,37 @@ def compile_check(cfg, topo: Topology, vocab_size: int | None = None, out=print)
     mesh = jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
     micro = micro_batch(cfg, mesh, where=f" on {topo.slice_name}")
     model = resolve_model(model, mesh)
-    out(f"compile-check: {topo.slice_name} = {topo.libtpu_name} ({topo.chips} chips, {len(devices)} devices "
-        f"of {devices[0].device_kind}, {topo.chip.hbm_gib:g} GiB HBM each)")
-    out(f"model: {model.num_params() / 1e9:.2f}B params ({model.param_dtype} params, {model.dtype} compute, "
-        f"remat {model.remat}); mesh data={shape[0]} fsdp={shape[1]} tensor={shape[2]}; batch {t.batch_size} x "
-        f"{seq_len} tokens in {t.grad_accum} micro-batch(es) of {micro // (shape[0] * shape[1])} row(s) per device")
-
-    start = time.perf_counter()
+    lines = [f"compile-check: {topo.slice_name} = {topo.libtpu_name} ({topo.chips} chips, {len(devices)} devices "
+             f"of {devices[0].device_kind}, {topo.chip.hbm_gib:g} GiB HBM each)",
+             f"model: {model.num_params() / 1e9:.2f}B params ({model.param_dtype} params, {model.dtype} compute, "
+             f"remat {model.remat}); mesh data={shape[0]} fsdp={shape[1]} tensor={shape[2]}; batch {t.batch_size} x "
+             f"{seq_len} tokens in {t.grad_accum} micro-batch(es) of {micro // (shape[0] * shape[1])} row(s) per device"]
     with jax.set_mesh(mesh):
         program = build_program(cfg, mesh, model, t.steps or 1000)
         state, batch = program.abstract_step_state(), program.abstract_batch(seq_len)
-        lowered = program.train_step.lower(state, batch)
-        try:
-            compiled = lowered.compile()
-        except Exception as exc:  # XlaRuntimeError; the TPU compiler checks HBM itself
-            match = re.search(r"RESOURCE_EXHAUSTED: (.*)", str(exc))
-            if match is None:
-                raise
-            compiled = None
-            error = match.group(1).strip()
+        return Lowered(program.train_step.lower(state, batch), state, batch, lines)
+
+
+def compile_check(cfg, topo: Topology, vocab_size: int | None = None, out=print) -> MemoryReport:
+    """Lower and compile `cfg`'s train step for `topo`; print and return the per-device memory."""
+    import jax
+
+    start = time.perf_counter()
+    low = lower_train_step(cfg, topo, vocab_size)
+    for line in low.lines:
+        out(line)
+    try:
+        compiled = low.lowered.compile()
+    except Exception as exc:  # XlaRuntimeError; the TPU compiler checks HBM itself
+        match = re.search(r"RESOURCE_EXHAUSTED: (.*)", str(exc))
+        if match is None:
+            raise
+        compiled = None
+        error = match.group(1).strip()
     out(f"{'compiled' if compiled is not None else 'compiler gave up'} in {time.perf_counter() - start:.1f} s")
     if compiled is None:
         arguments = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-                        for x in jax.tree.leaves((state, batch)))
+                        for x in jax.tree.leaves((low.state, low.batch)))
         report = MemoryReport(arguments, 0, 0, 0, 0, topo.hbm_bytes, compiler_error=error)
     else:
         report = MemoryReport.from_compiled(compiled.memory_analysis(), topo.hbm_bytes)
