@@ -76,6 +76,17 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     return Mesh(np.array(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
+def platform_of(mesh: Mesh) -> str:
+    """"cpu", "gpu" or "tpu": what the mesh's devices are (ModelConfig.platform is decided from this)."""
+    return device_platform(mesh.devices.flat[0])
+
+
+def device_platform(device: jax.Device) -> str:
+    """A device's platform as the model names it: libtpu's compile-only devices (compile-check) say
+    "tpu", CUDA and ROCm devices "gpu"."""
+    return "gpu" if device.platform in ("cuda", "rocm") else device.platform
+
+
 def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None = None,
                     mesh_axis_sizes: dict[str, int] | None = None, rules: dict[str, Any] = LOGICAL_RULES) -> P:
     """PartitionSpec for logical `names`. A mesh axis is used at most once, and a dimension that

@@ -1,5 +1,6 @@
 """Hand-written backward passes (fused linear cross entropy, blocked einsum attention, SwiGLU)
-against plain autodiff of the textbook formulas."""
+against plain autodiff of the textbook formulas. The attention runs as traced for CPU (its transposed
+keys and values behind a conditional) and for other platforms (without)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 
 from imitation_jax.model.attention import attention, segment_mask
-from imitation_jax.model.layers import swiglu
+from imitation_jax.model.cpu import swiglu
 from imitation_jax.train.loss import masked_cross_entropy
 
 
@@ -52,8 +53,9 @@ def _reference_attention(q, k, v, segment_ids):
     return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(s, axis=-1), v)
 
 
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])
 @pytest.mark.parametrize("t", [256, 24])  # several query blocks (128) / one block
-def test_blocked_einsum_attention_matches_autodiff(t):
+def test_blocked_einsum_attention_matches_autodiff(t, platform):
     b, h, kv, d = 2, 4, 2, 8
     ks = jax.random.split(jax.random.key(1), 4)
     q, k, v = (jax.random.normal(ks[i], (b, t, n, d)) for i, n in enumerate((h, kv, kv)))
@@ -65,7 +67,7 @@ def test_blocked_einsum_attention_matches_autodiff(t):
     def loss(fn):
         return lambda q, k, v: jnp.sum(fn(q, k, v) * w)
 
-    ours = lambda q, k, v: attention(q, k, v, seg, "einsum")  # noqa: E731
+    ours = lambda q, k, v: attention(q, k, v, seg, "einsum", platform)  # noqa: E731
     ref = lambda q, k, v: _reference_attention(q, k, v, seg)  # noqa: E731
     np.testing.assert_allclose(ours(q, k, v), ref(q, k, v), rtol=1e-5, atol=1e-5)
     for a, r in zip(jax.grad(loss(ours), argnums=(0, 1, 2))(q, k, v), jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)):

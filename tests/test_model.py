@@ -485,15 +485,16 @@ def test_rope_inv_freq_matches_transformers(style):
     np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=0)  # HF computes in fp32, we in fp64
 
 
-def test_rope_tables_match_float64_for_positions_inside_and_beyond_the_row():
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])
+def test_rope_tables_match_float64_for_positions_inside_and_beyond_the_row(platform):
     """rope_tables looks positions within the row up in a table (on CPU, behind a conditional) and
     computes any others directly: both routes give the float64 values to float32 rounding, and the
-    same float32 values for the same position."""
+    same float32 values for the same position; traced for another platform it computes them all."""
     inv_freq = rope_inv_freq(64, 500000.0, None)
     rng = np.random.default_rng(0)
     inside = np.stack([np.arange(256), rng.integers(0, 256, 256)]).astype(np.int32)
     beyond = inside + np.int32(3000)  # beyond the row's length: computed directly
-    tables = jax.jit(lambda p: rope_tables(p, inv_freq))
+    tables = jax.jit(lambda p: rope_tables(p, inv_freq, platform))
     got = {name: [np.asarray(t) for t in tables(jnp.asarray(pos))] for name, pos in (("in", inside), ("out", beyond))}
     for name, pos in (("in", inside), ("out", beyond)):
         angle = pos.astype(np.float32)[..., None].astype(np.float64) * inv_freq.astype(np.float64)

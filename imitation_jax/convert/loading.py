@@ -26,7 +26,7 @@ from imitation_jax.model.config import ModelConfig
 
 @dataclasses.dataclass
 class LoadedModel:
-    config: ModelConfig  # resolved: vocab_size filled in
+    config: ModelConfig  # resolved: vocab_size filled in, platform that of the mesh it was loaded onto
     graphdef: Any  # nnx.GraphDef of Llama(config)
     params: Any  # parameter tree (nnx pure dict of jax.Arrays, as training uses) matching graphdef
     tokenizer: Tokenizer  # special tokens added by prepare included
@@ -44,7 +44,8 @@ def load_model(path: str, *, step: Optional[int] = None, dtype: Optional[str] = 
                mesh=None) -> LoadedModel:
     """Load a run dir, an import-hf params dir or an HF dir. `dtype` (float32 | bfloat16 |
     float16) casts the parameters and sets the compute dtype; `mesh` places the parameters by the
-    sharding rules (default: one device)."""
+    sharding rules (default: one device) and decides the platform the model runs as (`config.platform`,
+    whatever the saved config says: a model trained on TPUs and served on a CPU takes the CPU path)."""
     from imitation_jax.convert import params_dir
 
     path = os.path.abspath(path)
@@ -134,6 +135,13 @@ def cast_params(params: Any, dtype: str) -> Any:
                    out_shardings=shardings)(params)
 
 
+def _on_mesh(cfg: ModelConfig, mesh) -> ModelConfig:
+    """`cfg` for where it is loaded: the platform of `mesh`'s devices, not the one it was saved with."""
+    from imitation_jax.model.config import with_platform
+
+    return with_platform(dataclasses.replace(cfg, platform=None), mesh)
+
+
 def _graphdef(cfg: ModelConfig):
     from imitation_jax.model.params import model_graph
 
@@ -201,6 +209,7 @@ def _from_run_dir(run_dir: str, step: Optional[int], dtype: Optional[str], mesh)
         raise CheckpointError(f"{run_dir}: the tokenizer has {saved.tokenizer.vocab_size} tokens but the model "
                               f"only {saved.config.vocab_size}")
     cfg, params = restore_into(saved.params_item, saved.config, dtype, mesh)
+    cfg = _on_mesh(cfg, mesh)
     return LoadedModel(cfg, _graphdef(cfg), params, saved.tokenizer, saved.template, saved.source)
 
 
@@ -212,6 +221,7 @@ def _from_params_dir(path: str, dtype: Optional[str], mesh) -> LoadedModel:
 
     saved_cfg, tokenizer, template = params_dir.read(path)
     cfg, params = restore_into(os.path.join(path, params_dir.PARAMS_DIR), saved_cfg, dtype, mesh)
+    cfg = _on_mesh(cfg, mesh)
     return LoadedModel(cfg, _graphdef(cfg), params, tokenizer, template, path)
 
 
@@ -225,4 +235,5 @@ def _from_hf_dir(path: str, dtype: Optional[str], mesh) -> LoadedModel:
     tokenizer = hf_tokenizer(path)
     template = hf_template(tokenizer)
     params = load_hf_params(path, cfg, mesh)
+    cfg = _on_mesh(cfg, mesh)
     return LoadedModel(cfg, _graphdef(cfg), params, tokenizer, template, path)

@@ -73,7 +73,7 @@ class Generator:
         self.mesh = mesh if mesh is not None else _mesh_of(loaded.params)
         self.stop_ids = frozenset(stop_ids(self.tokenizer, loaded.template) + [self.tokenizer.eos_id])
         self.traces = {"prefill": 0, "decode": 0}  # incremented when JAX (re)traces: one per compile
-        graphdef = loaded.graphdef
+        graphdef = _graph_for(loaded, self.mesh)
 
         def prefill(params, tokens, start, samp, length):
             self.traces["prefill"] += 1
@@ -206,6 +206,20 @@ class Generator:
             if delta:
                 on_text(request, delta)
         return not tracker.stopped and len(completion.tokens) < budget
+
+
+def _graph_for(loaded, mesh):
+    """The loaded model's graph, traced for the platform of `mesh`'s devices (as `load_model` decides
+    it); rebuilt when the loaded config's platform is another or undecided (a hand-built model)."""
+    if mesh is None:
+        return loaded.graphdef
+    from imitation_jax.model.config import with_platform
+    from imitation_jax.model.params import model_graph
+    from imitation_jax.sharding import platform_of
+
+    if loaded.config.platform == platform_of(mesh):
+        return loaded.graphdef
+    return model_graph(with_platform(dataclasses.replace(loaded.config, platform=None), mesh))[0]
 
 
 def _merge(graphdef, params):

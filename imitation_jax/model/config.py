@@ -5,10 +5,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+import jax
 import jax.numpy as jnp
+
+from imitation_jax.sharding import device_platform, platform_of
 
 REMAT_POLICIES = ("none", "full", "save_dots")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "einsum")
+PLATFORMS = ("cpu", "gpu", "tpu")
 
 
 @dataclasses.dataclass
@@ -44,7 +48,10 @@ class ModelConfig:
     dtype: str = "float32"  # activations and matmuls; bfloat16 on accelerators
     remat: str = "none"  # none | full | save_dots (keep matmul outputs, recompute the rest)
     attention: str = "auto"  # auto | xla | cudnn | einsum
-    scan_unroll: int = 1  # layers per scan iteration; num_layers unrolls fully (~3% faster on CPU, slower compile)
+    scan_unroll: int = 1  # layers per scan iteration; >= num_layers: straight-line code (faster on CPU, slower compile)
+    # cpu | gpu | tpu: which kernels the model is traced with (model/cpu.py holds the CPU-only ones).
+    # None/auto: not decided yet; `with_platform` takes it from the mesh's devices.
+    platform: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.remat not in REMAT_POLICIES:
@@ -53,6 +60,8 @@ class ModelConfig:
             raise ValueError(f"model.scan_unroll={self.scan_unroll} must be at least 1")
         if self.attention not in ATTENTION_IMPLS:
             raise ValueError(f"model.attention={self.attention!r} is not one of {', '.join(ATTENTION_IMPLS)}")
+        if self.platform not in (None, "auto", *PLATFORMS):
+            raise ValueError(f"model.platform={self.platform!r} is not one of auto, {', '.join(PLATFORMS)}")
 
     @property
     def kv_heads(self) -> int:
@@ -95,3 +104,20 @@ class ModelConfig:
         matmul_params -= (2 * self.num_layers + 1) * self.hidden_size  # norms do no matmuls
         attn = 2 * self.num_layers * self.num_heads * self.dim_per_head * seq_len  # QK^T and AV (PaLM's 12*L*H*Q*T)
         return 6 * matmul_params + 6 * attn
+
+
+def with_platform(cfg: ModelConfig, mesh=None) -> ModelConfig:
+    """`cfg` with its platform decided: a platform already set is kept, else the mesh's devices' one
+    (`sharding.platform_of`). Without a mesh it is the default backend's: the one fallback, which
+    `Llama` applies to a config built without a mesh (tests, tools)."""
+    if cfg.platform not in (None, "auto"):
+        return cfg
+    platform = platform_of(mesh) if mesh is not None else device_platform(jax.devices()[0])
+    return dataclasses.replace(cfg, platform=platform)
+
+
+def decided(platform: Optional[str]) -> str:
+    """`platform` itself; an error if it was never decided (a config that skipped `with_platform`)."""
+    if platform in (None, "auto"):
+        raise ValueError("model.platform is not decided: resolve the config with model.config.with_platform")
+    return platform

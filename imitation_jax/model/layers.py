@@ -1,4 +1,5 @@
-"""Building blocks of a LLaMA decoder: RMSNorm, rotary embeddings, projections, SwiGLU MLP."""
+"""Building blocks of a LLaMA decoder: RMSNorm, rotary embeddings, projections, SwiGLU MLP.
+What differs on CPU comes from `cpu` (chosen by the config's platform)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from imitation_jax.model.config import ModelConfig, RopeScaling
-from imitation_jax.model.cpu_fusion import cpu_conditional
+from imitation_jax.model import cpu
+from imitation_jax.model.config import ModelConfig, RopeScaling, decided
 from imitation_jax.sharding import constrain
 
 
@@ -55,14 +56,14 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> n
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+def rope_tables(positions: jax.Array, inv_freq: np.ndarray, platform: str) -> tuple[jax.Array, jax.Array]:
     """cos/sin of shape (batch, seq, head_dim) for integer positions (batch, seq).
 
-    On CPU they are computed behind a conditional (`cpu_fusion`): XLA:CPU otherwise copies the
-    sin/cos into every fusion that reads them, so each head of each attention block slice, forward
-    and backward, recomputes them (about 4% of a training step). Positions within the row's length
-    (training, prefill) are looked up in a (seq, head_dim) table; any others are computed directly,
-    with the same float32 arithmetic."""
+    On CPU they are computed behind a conditional (`cpu.cpu_conditional`): XLA:CPU otherwise copies
+    the sin/cos into every fusion that reads them, so each head of each attention block slice,
+    forward and backward, recomputes them. Positions within the row's length (training, prefill)
+    are looked up in a (seq, head_dim) table; any others are computed directly, with the same
+    float32 arithmetic."""
     length = positions.shape[-1]
 
     def lookup(p):
@@ -70,7 +71,7 @@ def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, 
         return jnp.take(cos, p, axis=0), jnp.take(sin, p, axis=0)
 
     in_table = jnp.all((positions >= 0) & (positions < length))
-    return cpu_conditional(in_table, lookup, lambda p: _rope_tables(p, inv_freq), positions)
+    return cpu.cpu_conditional(platform, in_table, lookup, lambda p: _rope_tables(p, inv_freq), positions)
 
 
 def _rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
@@ -88,7 +89,8 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 class MLP(nnx.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)), with a hand-written backward pass (`swiglu`)."""
+    """SwiGLU: down(silu(gate(x)) * up(x)); on CPU with a hand-written backward pass (`cpu.swiglu`),
+    where it was measured to help, elsewhere under autodiff."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, f, dt, std = cfg.hidden_size, cfg.intermediate_size, cfg.weight_dtype, cfg.initializer_range
@@ -96,44 +98,11 @@ class MLP(nnx.Module):
         self.up = param(rngs, (d, f), ("embed", "mlp"), dt, std)
         self.down = param(rngs, (f, d), ("mlp", "embed"), dt, std)
         self.dtype = cfg.compute_dtype
+        self.platform = cfg.platform
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.dtype
-        return swiglu(x, self.gate[...].astype(dt), self.up[...].astype(dt), self.down[...].astype(dt))
-
-
-def _swiglu_hidden(x, gate, up):
-    a, b = x @ gate, x @ up
-    return a, b, constrain(jax.nn.silu(a) * b, ("batch", "seq", "act_mlp"))
-
-
-@jax.custom_vjp
-def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
-    """(silu(x @ gate) * (x @ up)) @ down for x (..., d).
-
-    The backward pass is written out as 2-D matmuls over (tokens, features): XLA's own derivative
-    fuses the SiLU derivative into a transposing copy that cost more than the MLP's matmuls on CPU
-    (183 -> 106 ms for one layer's forward + backward at 4 x 512 tokens, d 512, f 1376).
-    """
-    return _swiglu_hidden(x, gate, up)[2] @ down
-
-
-def _swiglu_fwd(x, gate, up, down):
-    a, b, h = _swiglu_hidden(x, gate, up)
-    return h @ down, (x, a, b, h, gate, up, down)
-
-
-def _swiglu_bwd(res, dy):
-    x, a, b, h, gate, up, down = res
-    flat = lambda v: v.reshape(-1, v.shape[-1])  # noqa: E731
-    x2, a2, b2, h2, dy2 = flat(x), flat(a), flat(b), flat(h), flat(dy)
-    dh = dy2 @ down.T
-    sig = jax.nn.sigmoid(a2.astype(jnp.float32))
-    a32, dh32 = a2.astype(jnp.float32), dh.astype(jnp.float32)
-    da = (dh32 * b2.astype(jnp.float32) * sig * (1 + a32 * (1 - sig))).astype(x.dtype)
-    db = (dh32 * a32 * sig).astype(x.dtype)
-    dx = da @ gate.T + db @ up.T
-    return dx.reshape(x.shape), x2.T @ da, x2.T @ db, h2.T @ dy2
-
-
-swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+        gate, up, down = self.gate[...].astype(dt), self.up[...].astype(dt), self.down[...].astype(dt)
+        if decided(self.platform) == "cpu":
+            return cpu.swiglu(x, gate, up, down)
+        return constrain(jax.nn.silu(x @ gate) * (x @ up), ("batch", "seq", "act_mlp")) @ down

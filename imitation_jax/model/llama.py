@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from imitation_jax.model.attention import attention, cached_attention
-from imitation_jax.model.config import ModelConfig
+from imitation_jax.model.config import ModelConfig, with_platform
 from imitation_jax.model.kv_cache import KVCache, LayerCache
 from imitation_jax.model.layers import MLP, RMSNorm, apply_rope, param, rope_inv_freq, rope_tables
 from imitation_jax.sharding import constrain
@@ -33,6 +33,7 @@ class Attention(nnx.Module):
         self.o = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), dt, std)
         self.dtype = cfg.compute_dtype
         self.impl = cfg.attention
+        self.platform = cfg.platform
 
     def __call__(self, x, cos, sin, segment_ids, cache: LayerCache | None = None):
         """Returns (output, cache). With a cache, this call's keys and values are written into it;
@@ -56,7 +57,7 @@ class Attention(nnx.Module):
         if cache is not None:
             cache = cache.write(k, v)
         if cache is None or cache.mask is None:
-            out = attention(q, k, v, segment_ids, self.impl)
+            out = attention(q, k, v, segment_ids, self.impl, self.platform)
         else:
             out = cached_attention(q, cache.k, cache.v, cache.mask)
         return out.reshape(*out.shape[:-2], -1), cache
@@ -105,7 +106,10 @@ class Llama(nnx.Module):
     the loss from hidden states in chunks so the full fp32 logits tensor is never materialised."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        """`cfg.platform` is normally decided from the mesh (`model.config.with_platform(cfg, mesh)`);
+        a config that leaves it open gets the default backend's here, for good."""
         cfg.validate()
+        cfg = with_platform(cfg)
         self.cfg = cfg
         self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
                            cfg.weight_dtype, cfg.initializer_range)
@@ -156,7 +160,8 @@ class Llama(nnx.Module):
         x = jnp.take(table, tokens, axis=0).astype(cfg.compute_dtype)
         x = constrain(x, ("batch", "seq", "act_embed"))
         # A trace-time constant, not a state variable (so checkpoints hold parameters only).
-        cos, sin = rope_tables(positions, rope_inv_freq(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling))
+        cos, sin = rope_tables(positions, rope_inv_freq(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling),
+                               cfg.platform)
 
         mask = None if cache is None or segment_ids is not None else cache.mask(tokens.shape[1])
 
@@ -201,7 +206,7 @@ class Llama(nnx.Module):
     @staticmethod
     def _loop(run_block, x, blocks: list[Block], kv):
         """The layers as straight-line code (`model.scan_unroll >= num_layers`): no while loop, so no
-        zero-filled residual stacks and no per-iteration dynamic slices (about 10% of a CPU step)."""
+        zero-filled residual stacks and no per-iteration dynamic slices (faster on CPU: docs/benchmarks.md)."""
         caches = None if kv is None else (jnp.unstack(kv[0], axis=0), jnp.unstack(kv[1], axis=0))
         outs = []
         for i, block in enumerate(blocks):

@@ -32,10 +32,9 @@ def _chunk_terms(tail, params, xs, kernel, y, m, with_grads: bool):
         hidden = tail(params, *xs)
     h = hidden.reshape(-1, hidden.shape[-1])
     logits = jnp.dot(h, kernel, preferred_element_type=jnp.float32)
-    # Each pass over the (rows, vocab) fp32 logits costs about as much as a tenth of their matmul
-    # on CPU: the max fuses into the matmul, the log-sum-exp is a reduction that writes nothing,
-    # and the softmax is recomputed from it inside the one pass that writes dlogits (~15% faster
-    # than materialising exp(logits - max) for both the sum and the gradient).
+    # Few passes over the (rows, vocab) fp32 logits: the max fuses into the matmul, the log-sum-exp
+    # is a reduction that writes nothing, and the softmax is recomputed from it inside the one pass
+    # that writes dlogits (faster than materialising exp(logits - max); docs/benchmarks.md).
     top = jnp.max(logits, axis=-1, keepdims=True)
     lse = top + jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1, keepdims=True))
     target = jnp.take_along_axis(logits, y[:, None], axis=-1)

@@ -11,7 +11,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from imitation_jax.sharding import logical_to_spec, replicated
+from imitation_jax.model import cpu
+from imitation_jax.sharding import logical_to_spec, platform_of, replicated
 from imitation_jax.train.loss import masked_cross_entropy
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
@@ -33,11 +34,9 @@ def loss_sums(graphdef: nnx.GraphDef, params, batch: dict, loss_chunk: int = 0, 
     return loss, (correct, tokens)
 
 
-def compiler_options(mesh: Mesh) -> dict | None:
-    """XLA:CPU prefers 256-bit vectors by default (against AVX-512 frequency drops); on an AVX-512
-    CPU, 512-bit vectors made the bench's training step ~2% faster (paired A/B, 16 of 20 steps).
-    Where AVX-512 is missing LLVM keeps the widest vectors the CPU has."""
-    return {"xla_cpu_prefer_vector_width": 512} if mesh.devices.flat[0].platform == "cpu" else None
+def compiler_options(platform: str) -> dict | None:
+    """The XLA flags the steps compile with on `platform` (only CPU has any: `model.cpu`)."""
+    return dict(cpu.COMPILER_OPTIONS) if platform == "cpu" else None
 
 
 def accum_batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -47,8 +46,10 @@ def accum_batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, mesh: Mesh,
-                    state_shardings: Any, loss_chunk: int = 0, fuse_last_layer: bool = True) -> Callable:
-    """state = {"params", "opt_state", "step"}; batch leaves (grad_accum, micro, T)."""
+                    state_shardings: Any, loss_chunk: int = 0, fuse_last_layer: bool = True,
+                    platform: str | None = None) -> Callable:
+    """state = {"params", "opt_state", "step"}; batch leaves (grad_accum, micro, T). `platform`: the
+    model config's (ModelConfig.platform, which chose the kernels in `graphdef`); default the mesh's."""
     param_shardings = state_shardings["params"]
 
     def grad_fn(params, micro):
@@ -82,12 +83,13 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
     return jax.jit(step, in_shardings=(state_shardings, accum_batch_sharding(mesh)),
                    out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,),
-                   compiler_options=compiler_options(mesh))
+                   compiler_options=compiler_options(platform or platform_of(mesh)))
 
 
 def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, param_shardings: Any, loss_chunk: int = 0,
-                   fuse_last_layer: bool = True) -> Callable:
-    """Sums over one batch (B, T): loss, correct, trained tokens (the caller divides at the end)."""
+                   fuse_last_layer: bool = True, platform: str | None = None) -> Callable:
+    """Sums over one batch (B, T): loss, correct, trained tokens (the caller divides at the end).
+    `platform` as in `make_train_step`."""
     def step(params, batch):
         loss, (correct, tokens) = loss_sums(graphdef, params, batch, loss_chunk, fuse_last_layer)
         return {"loss_sum": loss, "correct": correct, "tokens": tokens}
@@ -95,4 +97,4 @@ def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, param_shardings: Any, los
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
     batch_sharding = NamedSharding(mesh, logical_to_spec(("batch", None), None, sizes))
     return jax.jit(step, in_shardings=(param_shardings, batch_sharding), out_shardings=replicated(mesh),
-                   compiler_options=compiler_options(mesh))
+                   compiler_options=compiler_options(platform or platform_of(mesh)))
