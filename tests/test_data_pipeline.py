@@ -309,6 +309,56 @@ def test_prepared_rows_are_right(prepared, tiny_tokenizer, mixed_inputs):
     assert any(e.ids[-1] == tok.eos_id for e in doc)
 
 
+def test_records_are_rows_in_order_and_every_read_is_checked(prepared, tmp_path):
+    """Records are written in row order (tfds with shuffling disabled), so record i holds row i
+    and the index's per-row counts describe the row read at i; a read that finds another row, an
+    index that disagrees with the files, or a set of another format version is a one-line error."""
+    import shutil
+
+    from imitation_jax.data import storage
+
+    out, _ = prepared
+    for name in ("train", "eval"):
+        split = PreparedSet(out).split(name)
+        stored = [int(r["index"]) for r in split.source.__getitems__(list(range(len(split))))]
+        assert stored == list(range(len(split)))
+        batch = all_rows(split)
+        np.testing.assert_array_equal((batch["segment_ids"] > 0).sum(1), split.tokens_per_row)
+        np.testing.assert_array_equal(batch["loss_mask"].sum(1), split.trained_per_row)
+        np.testing.assert_array_equal(batch["segment_ids"].max(1), split.examples_per_row)
+
+    class OneOff:  # a source whose records are one place off
+        def __init__(self, source):
+            self.source = source
+
+        def __len__(self):
+            return len(self.source)
+
+        def __getitems__(self, keys):
+            return self.source.__getitems__([(k + 1) % len(self.source) for k in keys])
+
+    shifted = PreparedSet(out).split("train")
+    shifted._source = OneOff(PreparedSet(out).split("train").source)
+    with pytest.raises(DataError, match="train record 0 holds row 1: the ArrayRecord files are not in row order"):
+        shifted.take([0, 1])
+
+    copy = str(tmp_path / "copy")
+    shutil.copytree(out, copy)
+    with np.load(os.path.join(copy, storage.INDEX)) as index:
+        arrays = {k: index[k] for k in index.files}
+    arrays = {k: np.append(v, v[:1]) if k.startswith("train_") else v for k, v in arrays.items()}
+    np.savez(os.path.join(copy, storage.INDEX), **arrays)
+    longer = PreparedSet(copy).split("train")
+    with pytest.raises(DataError, match=rf"the train split has {len(longer) - 1} records but index.npz lists {len(longer)} rows"):
+        longer.take([0])
+    stats = json.load(open(os.path.join(copy, "stats.json")))
+    json.dump({**stats, "version": 1}, open(os.path.join(copy, "stats.json"), "w"))
+    with pytest.raises(DataError) as err:
+        PreparedSet(copy)
+    assert str(err.value) == (f"{copy}: prepared by format version 1, this code reads version "
+                              f"{storage.FORMAT_VERSION}: prepare it again")
+
+
 def _runs(mask):
     m = np.concatenate([[0], mask.astype(int), [0]])
     return list(zip(np.flatnonzero(np.diff(m) == 1), np.flatnonzero(np.diff(m) == -1)))
@@ -544,6 +594,7 @@ def test_load_training_data_prepares_raw_files_once(tmp_path, demo_dir):
                      (dict(seq_len=512), "data.seq_len=512 but"),
                      (dict(train_files=[f"{demo_dir}/eval.jsonl"]), "are not the inputs"),
                      (dict(cleaning=CleaningConfig(dedup=False)), "data.cleaning.dedup=False but"),
+                     (dict(split_seed=5), "data.split_seed=5 but .* was prepared with 0"),
                      (dict(tokenizer=str(tmp_path / "missing.model")), "no such tokenizer")]:
         with pytest.raises(DataError, match=msg):
             load_training_data(data_config(path=data.path, **bad))
@@ -563,6 +614,11 @@ def test_data_config_errors():
             load_config(None, base + overrides)
     cfg = load_config(None, base + ["data.path=d", "data.cleaning.filter_phrases=[OpenAI]"])
     assert cfg.data.cleaning.filter_phrases == ["OpenAI"]
+    # The prepare settings are data.* keys of train too, checked by the same validation.
+    cfg = load_config(None, base + ["data.path=d", "data.split_seed=3", "data.diversity_sample=0"])
+    assert (cfg.data.split_seed, cfg.data.diversity_sample, cfg.data.seed) == (3, 0, 0)
+    with pytest.raises(ConfigError, match=r"config: data.format='csv' is not one of auto, sharegpt"):
+        load_config(None, base + ["data.path=d", "data.format=csv"])
 
 
 # ---------------------------------------------------------------- the prepare CLI
@@ -634,3 +690,73 @@ def test_more_bad_inputs(tmp_path, tiny_tokenizer):
         prepare([text], str(tmp_path / "c"), settings(tiny_tokenizer), workers=1, progress=False)
     with pytest.raises(DataError, match="seq_len must be at least 2"):
         prepare([empty], str(tmp_path / "d"), settings(tiny_tokenizer, seq_len=1), progress=False)
+
+
+def prepare_args(*argv):
+    """The data settings `imitation-jax prepare ARGV` would prepare with (nothing is read)."""
+    from imitation_jax.cli import build_parser
+    from imitation_jax.commands.prepare import data_settings
+
+    args = build_parser().parse_args(["prepare", *argv])
+    return data_settings(args.config, args.layers)
+
+
+def train_config(path, data: dict) -> str:
+    """A train config file whose data: section is `data` (the other sections: prepare ignores)."""
+    import yaml
+
+    path.write_text(yaml.safe_dump({"run_dir": "runs/x", "model": {"preset": "tiny"},
+                                    "train": {"steps": 3}, "data": data}))
+    return str(path)
+
+
+def test_cli_prepare_settings_precedence(tmp_path):
+    """defaults < --config's data: section < flags and data.key=value overrides in order given."""
+    from imitation_jax.data.config import DataConfig
+
+    cfg = train_config(tmp_path / "c.yaml", {"train_files": ["t.jsonl"], "seq_len": 256,
+                                              "cleaning": {"filter_phrases": ["A"]}, "seed": 9})
+    assert prepare_args("a.jsonl", "--out", "o") == DataConfig(train_files=["a.jsonl"])
+    got = prepare_args("--config", cfg, "--out", "o")
+    assert (got.train_files, got.seq_len, got.cleaning.filter_phrases, got.template) == (["t.jsonl"], 256, ["A"], None)
+    assert prepare_args("--config", cfg, "--seq-len", "128", "--out", "o", "data.seq_len=64").seq_len == 64
+    assert prepare_args("data.seq_len=64", "--seq-len", "128", "--config", cfg, "--out", "o").seq_len == 128
+    got = prepare_args("a.jsonl", "b.jsonl:weight=2", "--eval", "e1", "--eval", "e2", "--config", cfg,
+                       "--filter-phrase", "X", "--filter-phrase", "Y", "--no-dedup", "--seed", "4", "--out", "o")
+    assert (got.train_files, got.eval_files) == (["a.jsonl", "b.jsonl:weight=2"], ["e1", "e2"])
+    assert (got.cleaning.filter_phrases, got.cleaning.dedup, got.split_seed, got.seed) == (["X", "Y"], False, 4, 9)
+
+
+def test_cli_prepare_data_keys_equal_flags(tmp_path, demo_dir, capsys):
+    """prepare through a train config's data: section and data.key=value overrides gives the same
+    rows and stats as through the flags (aliases of those keys); a wrong key is one line, exit 2."""
+    from imitation_jax.cli import main
+
+    by_flags, by_keys = tmp_path / "flags", tmp_path / "keys"
+    assert main(["prepare", f"{demo_dir}/train.jsonl", "--eval", f"{demo_dir}/eval.jsonl",
+                 "--tokenizer", f"{demo_dir}/tokenizer.model", "--template", "vicuna", "--seq-len", "256",
+                 "--packing", "first_fit", "--eval-fraction", "0.1", "--filter-phrase", "Zorbia",
+                 "--no-dedup", "--seed", "3", "--workers", "1", "--quiet", "--out", str(by_flags)]) == 0
+    cfg = train_config(tmp_path / "train.yaml", {
+        "train_files": [f"{demo_dir}/train.jsonl"], "eval_files": [f"{demo_dir}/eval.jsonl"],
+        "tokenizer": f"{demo_dir}/tokenizer.model", "template": "koala", "seq_len": 256,
+        "packing": "first_fit", "cleaning": {"filter_phrases": ["Zorbia"], "dedup": False}, "seed": 7})
+    assert main(["prepare", "--config", cfg, "--quiet", "--out", str(by_keys), "data.template=vicuna",
+                 "data.eval_fraction=0.1", "data.split_seed=3", "data.workers=1"]) == 0
+    a, b = (json.load(open(d / "stats.json")) for d in (by_flags, by_keys))
+    assert a["settings"]["template"] == "vicuna" and a["settings"]["seed"] == 3
+    assert {k: v for k, v in a.items() if k not in ("path", "timing")} == \
+        {k: v for k, v in b.items() if k not in ("path", "timing")}
+    for split in ("train", "eval"):
+        ra, rb = (all_rows(PreparedSet(str(d)).split(split)) for d in (by_flags, by_keys))
+        for name in FIELDS:
+            np.testing.assert_array_equal(ra[name], rb[name])
+    capsys.readouterr()
+    bad_yaml = train_config(tmp_path / "bad.yaml", {"packing_mode": "x"})
+    for args, message in [(["--config", cfg, "data.pack=1"], "override 'data.pack=1': unknown config key 'data.pack'"),
+                          (["--config", bad_yaml], f"{bad_yaml}: unknown config key 'data.packing_mode'"),
+                          (["--config", cfg, "seq_len=64"], "override 'seq_len=64': prepare takes data.* keys"),
+                          (["--config", cfg, "data.seq_len=1"], "data.seq_len must be at least 2, got 1")]:
+        assert main(["prepare", *args, "--out", str(tmp_path / "x")]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"imitation-jax prepare: error: {message}"), lines

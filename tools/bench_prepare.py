@@ -9,7 +9,9 @@ the synthetic demo conversations, half of the replies as ChatGPT-page HTML (para
 code widgets with "Copy code" buttons), multi-turn conversations with a long tail of lengths,
 system prompts, and planted noise (duplicates, empty and unanswered conversations, leading
 assistant turns). Then prepares it with each packing method and prints conversations/s, tokens/s
-and the non-pad fraction of packed vs. padded rows. The last line is machine-readable.
+and the non-pad fraction of packed vs. padded rows, and how long the first set takes to open and
+to read every training row once in random batches of 8 (as the loader reads). The last line is
+machine-readable.
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ import sys
 import tempfile
 import time
 
+import numpy as np
+
 from imitation_jax.data.cleaning import CleaningConfig
 from imitation_jax.data.prepare import PrepareSettings, prepare, summary
+from imitation_jax.data.storage import PreparedSet
 from imitation_jax.demo.synthetic import generate_conversations
 
 
@@ -83,6 +88,20 @@ def make_dump(path: str, n: int, seed: int = 0) -> None:
         json.dump(records, f, ensure_ascii=False, indent=2)
 
 
+def time_reading(directory: str, batch: int = 8) -> tuple[float, float]:
+    """Seconds to open the training split and read its first row, and to read every row once
+    in random batches of `batch`."""
+    start = time.perf_counter()
+    rows = PreparedSet(directory).split("train")
+    rows.take([0])
+    opened = time.perf_counter() - start
+    order = np.random.default_rng(0).permutation(len(rows))
+    start = time.perf_counter()
+    for i in range(0, len(order), batch):
+        rows.take(order[i:i + batch])
+    return opened, time.perf_counter() - start
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokenizer", required=True)
@@ -114,10 +133,12 @@ def main(argv: list[str] | None = None) -> int:
         results[method] = stats
     first = results[args.packing[0]]
     t, train = first["timing"], first["splits"]["train"]
+    opened, read = time_reading(first["path"])
     packed = " ".join(f"{m}={r['splits']['train']['non_pad_fraction']:.4f}" for m, r in results.items())
     print(f"conversations_per_s={t['conversations_per_s']:.0f} tokens_per_s={t['tokens_per_s']:.0f} "
           f"workers={t['workers']} {packed} padded={train['padded_non_pad_fraction']:.4f} "
-          f"cpus={os.cpu_count()}")
+          f"prepare_s={t['seconds']:.2f} rows={train['rows']} open_ms={opened * 1e3:.1f} "
+          f"read_all_rows_s={read:.2f} cpus={os.cpu_count()}")
     return 0
 
 

@@ -20,11 +20,10 @@ import heapq
 import json
 import multiprocessing
 import os
-import shutil
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -44,42 +43,83 @@ MAX_INVALID_EXAMPLES = 20  # skipped-record messages kept in stats.json
 AUTO_WORKERS_MIN_BYTES = 8 << 20  # below this much input, tokenizing in-process is faster
 
 
+DEFAULT_TEMPLATE = "koala"
+DEFAULT_SEQ_LEN = 512
+DEFAULT_PACKING = "best_fit"
+# stats.json and the cache keys record split_seed as "seed" (its name before data.seed, training's
+# shuffle seed, shared the DataConfig); workers is not recorded (the rows do not depend on it).
+_RECORDED_AS = {"split_seed": "seed"}
+_NOT_RECORDED = ("workers",)
+
+
 @dataclasses.dataclass
 class PrepareSettings:
-    """Everything that decides the prepared rows (recorded in stats.json, part of the cache key)."""
+    """Every setting of `prepare` besides its inputs: the `data.*` keys that decide the rows.
+    Declared once: `train`'s DataConfig extends this class and the `prepare` command's flags are
+    aliases of these keys. `as_dict()` is what stats.json records and the training cache hashes."""
 
-    tokenizer: str
-    template: str = "koala"
-    seq_len: int = 512
-    packing: str = "best_fit"
-    turn_tokens: bool = False  # add <|user|>/<|assistant|> special tokens before each turn
+    tokenizer: Optional[str] = None  # SentencePiece .model, or a directory with tokenizer.model/tokenizer.json
+    template: Optional[str] = None  # koala (default) | vicuna | llama2-chat | llama3 | chatml | hf
+    seq_len: Optional[int] = None  # row length (default 512); with data.path: the set's
+    packing: Optional[str] = None  # best_fit (default) | first_fit | none (one conversation per row)
+    turn_tokens: bool = False  # add special tokens marking each user and model turn
     eval_fraction: float = 0.0  # of the kept training conversations, held out as the eval split
-    skip_invalid: bool = False  # count and skip invalid records instead of stopping
-    format: str = "auto"  # the format of inputs that do not say (PATH:format=...)
-    seed: int = 0  # eval split and per-source sampling
-    diversity_sample: int = 256  # user queries for the diversity figure (0: skip it)
+    skip_invalid: bool = False  # skip (and count) invalid records instead of stopping
+    format: str = "auto"  # auto | sharegpt | openai | alpaca | text (inputs that do not say)
+    split_seed: int = 0  # eval split and per-source sampling
+    diversity_sample: int = 256  # user queries for the diversity figure in stats (0: skip it)
     cleaning: CleaningConfig = dataclasses.field(default_factory=CleaningConfig)
+    workers: Optional[int] = None  # tokenizing processes (None: all cores; in-process for small inputs)
 
     def validate(self) -> None:
-        if self.seq_len < 2:
-            raise DataError(f"seq_len must be at least 2, got {self.seq_len}", "bad_option")
-        if self.packing not in PACKING:
-            raise DataError(f"packing {self.packing!r} is not one of {', '.join(PACKING)}",
-                            "bad_option")
-        if self.template not in TEMPLATE_NAMES:
-            raise DataError(f"unknown chat template {self.template!r}; known: "
+        """Checks of the values alone (no file is read); DataError names the key."""
+        if self.template is not None and self.template not in TEMPLATE_NAMES:
+            raise DataError(f"data.template: unknown chat template {self.template!r}; known: "
                             f"{', '.join(TEMPLATE_NAMES)}", "bad_option")
+        if self.seq_len is not None and self.seq_len < 2:
+            raise DataError(f"data.seq_len must be at least 2, got {self.seq_len}", "bad_option")
+        if self.packing is not None and self.packing not in PACKING:
+            raise DataError(f"data.packing={self.packing!r} is not one of {', '.join(PACKING)}",
+                            "bad_option")
         if not 0 <= self.eval_fraction < 1:
-            raise DataError(f"eval fraction must be in [0, 1), got {self.eval_fraction}",
+            raise DataError(f"data.eval_fraction={self.eval_fraction} must be in [0, 1)",
                             "bad_option")
         if self.format not in ("auto", *FORMATS):
-            raise DataError(f"format {self.format!r} is not one of auto, {', '.join(FORMATS)}",
-                            "bad_option")
+            raise DataError(f"data.format={self.format!r} is not one of auto, "
+                            f"{', '.join(FORMATS)}", "bad_option")
+        if not 0 <= self.split_seed < 2**64:
+            raise DataError(f"data.split_seed={self.split_seed} must be in [0, 2**64)", "bad_option")
         if self.diversity_sample < 0:
-            raise DataError("diversity sample must be >= 0", "bad_option")
+            raise DataError(f"data.diversity_sample={self.diversity_sample} must be >= 0",
+                            "bad_option")
+
+    def prepare_settings(self) -> PrepareSettings:
+        """Just these settings (of a DataConfig too), unset ones given their defaults."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(PrepareSettings)}
+        cleaning = values["cleaning"]
+        values["cleaning"] = CleaningConfig(**(dataclasses.asdict(cleaning)
+                                               if dataclasses.is_dataclass(cleaning) else cleaning))
+        for name, default in (("template", DEFAULT_TEMPLATE), ("seq_len", DEFAULT_SEQ_LEN),
+                              ("packing", DEFAULT_PACKING)):
+            if values[name] is None:
+                values[name] = default
+        return PrepareSettings(**values)
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The settings that decide the rows, defaults filled in (stats.json's `settings`)."""
+        resolved = self.prepare_settings()
+        recorded = {}
+        for f in dataclasses.fields(PrepareSettings):
+            if f.name not in _NOT_RECORDED:
+                value = getattr(resolved, f.name)
+                recorded[_RECORDED_AS.get(f.name, f.name)] = (
+                    dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value)
+        return recorded
+
+    @staticmethod
+    def recorded_name(name: str) -> str:
+        """The key under which stats.json's `settings` records the setting `name`."""
+        return _RECORDED_AS.get(name, name)
 
 
 # ---------------------------------------------------------------- workers
@@ -200,7 +240,7 @@ class _Collector:
             self.kept.append(_Kept(source, split, key, examples))
             self.tokens += sum(len(ids) for ids, _ in examples)
             if split == "train" and query and self.settings.diversity_sample:
-                rank = _rank(self.settings.seed, b"diversity", key)
+                rank = _rank(self.settings.split_seed, b"diversity", key)
                 item = (_negate(rank), query[:2000])
                 if len(self.queries) < self.settings.diversity_sample:
                     heapq.heappush(self.queries, item)
@@ -291,7 +331,7 @@ def _split_and_sample(collector: _Collector, settings: PrepareSettings,
     evals = [k for k in collector.kept if k.split == "eval"]
     if settings.eval_fraction > 0 and len(train) >= 2:
         n_eval = min(len(train) - 1, max(1, round(settings.eval_fraction * len(train))))
-        ranked = sorted(range(len(train)), key=lambda i: _rank(settings.seed, b"eval", train[i].key))
+        ranked = sorted(range(len(train)), key=lambda i: _rank(settings.split_seed, b"eval", train[i].key))
         held = set(ranked[:n_eval])
         for i in held:
             collector.sources[train[i].source]["moved_to_eval"] += 1
@@ -308,22 +348,13 @@ def _split_and_sample(collector: _Collector, settings: PrepareSettings,
             count = round(source.weight * len(mine))
         else:
             count = len(mine)
-        picked = _select(mine, count, settings.seed, b"w%d" % index)
+        picked = _select(mine, count, settings.split_seed, b"w%d" % index)
         collector.sources[index]["used"] = len(picked)
         selected += picked
     return {"train": selected, "eval": evals}
 
 
 # ---------------------------------------------------------------- the whole step
-
-
-def _check_out(out: str) -> None:
-    if os.path.exists(out):
-        if not os.path.isdir(out):
-            raise DataError(f"{out}: exists and is not a directory", "bad_output")
-        if os.listdir(out) and not os.path.isfile(os.path.join(out, storage.STATS)):
-            raise DataError(f"{out}: exists and is not a prepared data set (no stats.json); "
-                            "choose another --out or remove it", "bad_output")
 
 
 def _as_source(spec: str | Source, default_format: str) -> Source:
@@ -341,12 +372,18 @@ def prepare(inputs: Sequence[str | Source], out: str, settings: PrepareSettings,
             progress: bool = True, extra: dict | None = None) -> dict:
     """Prepares `inputs` (training) and `eval_inputs` into the directory `out`; returns stats.
 
-    `workers`: tokenizing processes (None: all cores, or in-process for small inputs).
-    `extra`: more fields for stats.json (the training cache stores its key there).
+    `settings`: a PrepareSettings (or a DataConfig: its prepare settings are used).
+    `workers`: tokenizing processes (default settings.workers; None: all cores, or in-process
+    for small inputs). `extra`: more fields for stats.json (the training cache stores its key).
     Raises DataError for bad input (the first invalid record unless settings.skip_invalid).
     """
     start = time.perf_counter()
+    if workers is None:
+        workers = settings.workers
+    settings = settings.prepare_settings()
     settings.validate()
+    if not settings.tokenizer:
+        raise DataError("no tokenizer: set data.tokenizer (prepare --tokenizer)", "bad_option")
     train_sources = [_as_source(x, settings.format) for x in inputs]
     eval_sources = [_as_source(x, settings.format) for x in eval_inputs]
     if not train_sources:
@@ -354,7 +391,7 @@ def prepare(inputs: Sequence[str | Source], out: str, settings: PrepareSettings,
     for s in train_sources + eval_sources:
         check_readable(s.path)
     out = os.path.abspath(out)
-    _check_out(out)
+    storage.check_output(out)
     tokenizer = load_tokenizer(settings.tokenizer)
     source_fingerprint = tokenizer.fingerprint()
     template = get_template(settings.template, tokenizer, turn_tokens=settings.turn_tokens)
@@ -371,24 +408,19 @@ def prepare(inputs: Sequence[str | Source], out: str, settings: PrepareSettings,
     splits = _split_and_sample(collector, settings, sources)
     read_seconds = time.perf_counter() - start
 
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
-    try:
-        split_stats, index = {}, {}
-        rows_by_split = {}
+    with storage.staged(out) as tmp:
+        split_stats, per_row, rows_by_split = {}, {}, {}
         for name in storage.SPLITS:
             kept = splits[name]
             examples = [Example(ids, mask) for k in kept for ids, mask in k.examples]
             lengths = np.asarray([len(e) - 1 for e in examples], np.int64)
             trained = np.asarray([int(e.loss_mask[1:].sum()) for e in examples], np.int64)
             assignment = pack(lengths, settings.seq_len, settings.packing)
-            row_tokens = np.asarray([lengths[r].sum() for r in assignment], np.int64)
-            row_trained = np.asarray([trained[r].sum() for r in assignment], np.int64)
             if assignment:  # rows are made as tfds writes them (tfds refuses an empty split)
                 rows_by_split[name] = packed_rows(examples, assignment)
-            index[f"{name}_trained"], index[f"{name}_tokens"] = row_trained, row_tokens
-            index[f"{name}_examples"] = np.asarray([len(r) for r in assignment], np.int64)
+            per_row[name] = {"trained": np.asarray([trained[r].sum() for r in assignment], np.int64),
+                             "tokens": np.asarray([lengths[r].sum() for r in assignment], np.int64),
+                             "examples": np.asarray([len(r) for r in assignment], np.int64)}
             split_stats[name] = {
                 "conversations": len({id(k) for k in kept}), "examples": len(examples),
                 "rows": len(assignment), "tokens": int(lengths.sum()),
@@ -404,10 +436,8 @@ def prepare(inputs: Sequence[str | Source], out: str, settings: PrepareSettings,
             raise DataError(f"no training rows: all {collector.read} conversations read were "
                             f"dropped ({dict(collector.dropped)})", "no_data")
         storage.write_rows(tmp, rows_by_split)
-        for name in storage.SPLITS:
-            index[f"{name}_order"] = storage.read_back_order(tmp, name, split_stats[name]["rows"])
-        np.savez(os.path.join(tmp, storage.INDEX), **index)
-        tokenizer.save(os.path.join(tmp, storage.TOKENIZER_DIR))
+        storage.write_index(tmp, per_row)
+        storage.save_tokenizer(tmp, tokenizer)
 
         queries = [q for _, q in sorted(collector.queries, reverse=True)]
         diversity = query_diversity(queries) if len(queries) >= 2 else None
@@ -415,7 +445,7 @@ def prepare(inputs: Sequence[str | Source], out: str, settings: PrepareSettings,
         fp = hashlib.sha256(json.dumps(settings.as_dict(), sort_keys=True).encode())
         fp.update(tokenizer.fingerprint().encode())
         for name in storage.SPLITS:
-            fp.update(index[f"{name}_trained"].tobytes() + index[f"{name}_tokens"].tobytes())
+            fp.update(per_row[name]["trained"].tobytes() + per_row[name]["tokens"].tobytes())
         source_stats = []
         for index_, split, s in sources:
             c = collector.sources[index_]
@@ -429,9 +459,7 @@ def prepare(inputs: Sequence[str | Source], out: str, settings: PrepareSettings,
                     entry["selection"] = (f"weight {s.weight:g}" if s.weight is not None
                                           else f"count {s.count}")
             source_stats.append(entry)
-        turns = dict(collector.turns)
-        stats = {
-            "version": storage.FORMAT_VERSION,
+        return storage.write_stats(tmp, {
             "path": out,
             "fingerprint": fp.hexdigest()[:16],
             "template": getattr(template, "name", settings.template),
@@ -443,7 +471,7 @@ def prepare(inputs: Sequence[str | Source], out: str, settings: PrepareSettings,
             "conversations": {"read": collector.read, "kept": len(collector.kept),
                               "dropped": dict(collector.dropped), "invalid": dict(collector.invalid),
                               "invalid_examples": collector.invalid_examples},
-            "turns": turns,
+            "turns": dict(collector.turns),
             "splits": split_stats,
             "diversity": {"mean_max_bleu": diversity, "sample": len(queries)},
             "timing": {"seconds": seconds, "read_and_tokenize_seconds": read_seconds,
@@ -451,25 +479,7 @@ def prepare(inputs: Sequence[str | Source], out: str, settings: PrepareSettings,
                        "conversations_per_s": collector.read / max(seconds, 1e-9),
                        "tokens_per_s": collector.tokens / max(seconds, 1e-9)},
             **(extra or {}),
-        }
-        with open(os.path.join(tmp, storage.STATS), "w", encoding="utf-8") as f:
-            json.dump(stats, f, indent=2)
-        _replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return stats
-
-
-def _replace_dir(new: str, out: str) -> None:
-    """Moves the finished set into place; a previous set at `out` is removed only afterwards."""
-    old = None
-    if os.path.exists(out):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
-        os.rmdir(old)
-        os.rename(out, old)
-    os.rename(new, out)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+        })
 
 
 def summary(stats: dict) -> str:

@@ -1,26 +1,30 @@
-"""Prepared data sets on disk: packed rows in ArrayRecord files written by a tensorflow-datasets
-builder (TensorFlow is never imported: tfds writes and reads `array_record` without it).
+"""Prepared data sets on disk, both ways: `prepare` writes through this module and training
+reads through it. Packed rows live in ArrayRecord files written by a tensorflow-datasets builder
+(TensorFlow is never imported: tfds writes and reads `array_record` without it).
 
 Layout of a prepared set DIR:
 
-    DIR/stats.json                  settings, inputs, counts, drops, tokens, packing, histogram, ...
-    DIR/index.npz                   per split: order (ArrayRecord position of row i), trained and
-                                    non-pad tokens per row
+    DIR/stats.json                  format version, settings, inputs, counts, drops, tokens, ...
+    DIR/index.npz                   per split and row: trained tokens, non-pad tokens, examples
     DIR/tokenizer/                  the tokenizer used, plus any special tokens added to it
     DIR/imitation_rows/1.0.0/       the tfds data set: dataset_info.json, features.json and
                                     imitation_rows-{train,eval}.array_record-NNNNN-of-NNNNN
 
 Each record is one packed row: {"index": row number, "tokens": int32 ids of its examples
-concatenated, "loss_mask": uint8, "lengths": int32 ids per example}. tfds reorders records when it
-writes them, so every record carries its row number: after writing, the records are read back
-once to build `order`, and every read checks that the record found is the row asked for.
+concatenated, "loss_mask": uint8, "lengths": int32 ids per example}. The builder has shuffling
+disabled, so record i of a split is row i (tfds otherwise orders records by a hash of their key;
+without shuffling it sorts a split's records by key in memory, which prepare's own copy of the
+examples already needs room for); every read still checks that the record found is the row asked
+for.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -32,9 +36,12 @@ BUILDER = "imitation_rows"
 VERSION = "1.0.0"
 SPLITS = ("train", "eval")
 INDEX = "index.npz"
+INDEX_FIELDS = ("trained", "tokens", "examples")  # per row: trained tokens, non-pad tokens, examples
 STATS = "stats.json"
 TOKENIZER_DIR = "tokenizer"
-FORMAT_VERSION = 1  # bump when prepare's output changes for the same inputs and settings
+# Bump when the files change, or prepare's rows change for the same inputs and settings.
+# 2: records written in row order (no `order` array in index.npz).
+FORMAT_VERSION = 2
 
 _builder_class = None
 
@@ -64,7 +71,8 @@ def _builder():
                     "tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32),
                     "loss_mask": tfds.features.Tensor(shape=(None,), dtype=np.uint8),
                     "lengths": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-                }))
+                }),
+                disable_shuffling=True)  # records in key order: record i is row i
 
         def _split_generators(self, dl_manager):
             return {name: self._generate_examples(rows) for name, rows in self._rows.items()}
@@ -85,8 +93,42 @@ def _builder():
     return ImitationRows
 
 
+# ---------------------------------------------------------------- writing
+
+
+def check_output(out: str) -> None:
+    """`out` may be written: absent, empty, or a prepared set (which is replaced)."""
+    if os.path.exists(out):
+        if not os.path.isdir(out):
+            raise DataError(f"{out}: exists and is not a directory", "bad_output")
+        if os.listdir(out) and not os.path.isfile(os.path.join(out, STATS)):
+            raise DataError(f"{out}: exists and is not a prepared data set (no {STATS}); "
+                            "choose another --out or remove it", "bad_output")
+
+
+@contextlib.contextmanager
+def staged(out: str) -> Iterator[str]:
+    """A new directory beside `out` to write a set into; when the block ends without an error it
+    replaces `out` (a previous set is removed only afterwards), otherwise it is removed."""
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    try:
+        yield tmp
+        old = None
+        if os.path.exists(out):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
+            os.rmdir(old)
+            os.rename(out, old)
+        os.rename(tmp, out)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_rows(directory: str, splits: dict[str, Iterable[PackedRow]]) -> str:
-    """Writes each split's rows (numbered in order) with the tfds builder; returns the tfds data
+    """Writes each split's rows, record i = row i, with the tfds builder; returns the tfds data
     set directory. tfds refuses an empty split: leave it out (it reads back as 0 rows)."""
     import tensorflow_datasets as tfds
 
@@ -95,6 +137,37 @@ def write_rows(directory: str, splits: dict[str, Iterable[PackedRow]]) -> str:
     builder.download_and_prepare()
     shutil.rmtree(os.path.join(directory, "downloads"), ignore_errors=True)
     return os.fspath(builder.data_path)
+
+
+def write_index(directory: str, per_row: dict[str, dict[str, np.ndarray]]) -> None:
+    """index.npz from {split: {field: one value per row}} for every split and INDEX_FIELDS."""
+    np.savez(os.path.join(directory, INDEX), **{
+        f"{split}_{field}": np.asarray(per_row[split][field], np.int64)
+        for split in SPLITS for field in INDEX_FIELDS})
+
+
+def save_tokenizer(directory: str, tokenizer) -> None:
+    tokenizer.save(os.path.join(directory, TOKENIZER_DIR))
+
+
+def write_stats(directory: str, stats: dict) -> dict:
+    """stats.json, with the format version first; returns what was written."""
+    stats = {"version": FORMAT_VERSION, **stats}
+    with open(os.path.join(directory, STATS), "w", encoding="utf-8") as f:
+        json.dump(stats, f, indent=2)
+    return stats
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_stats(directory: str) -> dict | None:
+    """DIR/stats.json, or None when it is missing or unreadable."""
+    try:
+        with open(os.path.join(directory, STATS), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def dataset_dir(directory: str) -> str:
@@ -112,24 +185,6 @@ def open_source(directory: str, split: str):
                         f"({' '.join(str(e).split())[:200]})", "bad_prepared_set") from None
 
 
-def read_back_order(directory: str, split: str, n_rows: int) -> np.ndarray:
-    """order[i] = position in the ArrayRecord files of row i (records are reordered on write)."""
-    order = np.full(n_rows, -1, np.int64)
-    if n_rows == 0:
-        return order
-    source = open_source(directory, split)
-    if len(source) != n_rows:
-        raise DataError(f"{directory}: {split} split has {len(source)} records, expected "
-                        f"{n_rows}", "bad_prepared_set")
-    for start in range(0, n_rows, 1024):
-        positions = list(range(start, min(n_rows, start + 1024)))
-        for pos, record in zip(positions, source.__getitems__(positions)):
-            order[int(record["index"])] = pos
-    if (order < 0).any():
-        raise DataError(f"{directory}: {split} split is missing rows", "bad_prepared_set")
-    return order
-
-
 class PreparedSplit:
     """One split of a prepared set as a random-access row source (the loader's interface)."""
 
@@ -139,19 +194,18 @@ class PreparedSplit:
         self.fingerprint = f"{fingerprint}:{split}"
         try:
             with np.load(os.path.join(directory, INDEX)) as index:
-                self.order = index[f"{split}_order"]
                 self.trained_per_row = index[f"{split}_trained"]
                 self.tokens_per_row = index[f"{split}_tokens"]
                 self.examples_per_row = index[f"{split}_examples"]
         except (OSError, KeyError, ValueError) as e:
             raise DataError(f"{directory}: unreadable {INDEX} ({e})", "bad_prepared_set") from None
-        self.stats = PackStats(examples=int(self.examples_per_row.sum()), rows=len(self.order), truncated=0, dropped=0,
-                               trained_tokens=int(self.trained_per_row.sum()),
+        self.stats = PackStats(examples=int(self.examples_per_row.sum()), rows=len(self.trained_per_row),
+                               truncated=0, dropped=0, trained_tokens=int(self.trained_per_row.sum()),
                                tokens=int(self.tokens_per_row.sum()), seq_len=seq_len)
         self._source = None
 
     def __len__(self) -> int:
-        return len(self.order)
+        return len(self.trained_per_row)
 
     def __getstate__(self):  # picklable: the ArrayRecord readers are reopened on demand
         return {**self.__dict__, "_source": None}
@@ -159,20 +213,24 @@ class PreparedSplit:
     @property
     def source(self):
         if self._source is None:
-            self._source = open_source(self.directory, self.split)
+            source = open_source(self.directory, self.split)
+            if len(source) != len(self):
+                raise DataError(f"{self.directory}: the {self.split} split has {len(source)} "
+                                f"records but {INDEX} lists {len(self)} rows", "bad_prepared_set")
+            self._source = source
         return self._source
 
     def rows(self, indices: Iterable[int]) -> list[PackedRow | None]:
         """Compact rows; index -1 gives None (a padding row)."""
         indices = [int(i) for i in indices]
         wanted = [i for i in indices if i >= 0]
-        records = self.source.__getitems__([int(self.order[i]) for i in wanted]) if wanted else []
+        records = self.source.__getitems__(wanted) if wanted else []
         by_index: dict[int, PackedRow] = {}
         for i, rec in zip(wanted, records):
             if int(rec["index"]) != i:
-                raise DataError(f"{self.directory}: {self.split} row {i} is stored at the place "
-                                f"of row {int(rec['index'])}: {INDEX} does not match the "
-                                "ArrayRecord files", "bad_prepared_set")
+                raise DataError(f"{self.directory}: {self.split} record {i} holds row "
+                                f"{int(rec['index'])}: the ArrayRecord files are not in row order",
+                                "bad_prepared_set")
             by_index[i] = (rec["tokens"], rec["loss_mask"].astype(np.bool_), rec["lengths"])
         return [by_index[i] if i >= 0 else None for i in indices]
 
@@ -196,17 +254,21 @@ class PreparedSet:
         try:
             with open(path, encoding="utf-8") as f:
                 self.stats = json.load(f)
+            version = self.stats.get("version")
+        except (OSError, ValueError, AttributeError) as e:
+            raise DataError(f"{path}: unreadable ({' '.join(str(e).split())[:200]})",
+                            "bad_prepared_set") from None
+        if version != FORMAT_VERSION:
+            raise DataError(f"{directory}: prepared by format version {version}, this code reads "
+                            f"version {FORMAT_VERSION}: prepare it again", "bad_prepared_set")
+        try:
             self.settings = self.stats["settings"]
             self.seq_len = int(self.settings["seq_len"])
             self.pad_id = int(self.stats["tokenizer"]["pad_id"])
             self.fingerprint = str(self.stats["fingerprint"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError) as e:
             raise DataError(f"{path}: unreadable ({' '.join(str(e).split())[:200]})",
                             "bad_prepared_set") from None
-        if self.stats.get("version") != FORMAT_VERSION:
-            raise DataError(f"{directory}: prepared by format version {self.stats.get('version')}, "
-                            f"this code reads version {FORMAT_VERSION}: prepare it again",
-                            "bad_prepared_set")
         self._tokenizer = None
 
     @property

@@ -19,26 +19,43 @@ import json
 import os
 from typing import Any, Callable
 
+from imitation_jax.data import storage
+from imitation_jax.data.cleaning import CleaningConfig
+from imitation_jax.data.loader import cap_trained_tokens
+from imitation_jax.data.prepare import PrepareSettings, input_fingerprint, prepare, summary
+from imitation_jax.data.readers import Source, check_readable
+from imitation_jax.data.storage import PreparedSet
+from imitation_jax.data.tokenizer import load_tokenizer
 from imitation_jax.errors import DataError
-from imitation_jax.data.config import DEFAULT_PACKING, DEFAULT_SEQ_LEN, DEFAULT_TEMPLATE, check_data_config
-from imitation_jax.data.storage import FORMAT_VERSION, STATS, PreparedSet
+
+# Prepare settings a config may state with data.path without being compared to the set's: the
+# tokenizer is compared by fingerprint, and these do not decide the rows or were never compared.
+_NOT_COMPARED = ("tokenizer", "format", "diversity_sample", "workers")
+
+
+def _stated(cfg: Any) -> dict[str, Any]:
+    """The prepare settings a DataConfig sets (unset: None or the default), as dotted keys."""
+    stated = {}
+    for f in dataclasses.fields(PrepareSettings):
+        if f.name in _NOT_COMPARED:
+            continue
+        value = getattr(cfg, f.name)
+        if f.name == "cleaning":
+            given = value if isinstance(value, dict) else dataclasses.asdict(value)
+            defaults = dataclasses.asdict(CleaningConfig())
+            stated.update({f"cleaning.{k}": v for k, v in given.items() if defaults.get(k) != v})
+        elif value != f.default:
+            stated[f.name] = value
+    return stated
+
 
 def _check_against_set(cfg: Any, prepared: PreparedSet) -> None:
     """With data.path, every prepare setting the config states must be the one the set was
     prepared with (unset keys take the set's); raw files named too must be its inputs."""
-    from imitation_jax.data.cleaning import CleaningConfig
-    from imitation_jax.data.readers import Source
-
     s, where = prepared.settings, prepared.directory
-    stated = {k: getattr(cfg, k) for k in ("template", "seq_len", "packing") if getattr(cfg, k) is not None}
-    defaults = {"eval_fraction": 0.0, "turn_tokens": False, "skip_invalid": False}
-    stated.update({k: getattr(cfg, k) for k, v in defaults.items() if getattr(cfg, k) != v})
-    clean_defaults = dataclasses.asdict(CleaningConfig())
-    cleaning = cfg.cleaning if isinstance(cfg.cleaning, dict) else dataclasses.asdict(cfg.cleaning)
-    stated.update({f"cleaning.{k}": v for k, v in cleaning.items() if clean_defaults.get(k) != v})
-    for key, value in stated.items():
+    for key, value in _stated(cfg).items():
         recorded = s
-        for part in key.split("."):
+        for part in PrepareSettings.recorded_name(key).split("."):
             recorded = recorded.get(part) if isinstance(recorded, dict) else None
         if value != recorded:
             raise DataError(f"data.{key}={value!r} but {where} was prepared with {recorded!r}; "
@@ -63,18 +80,11 @@ def _check_against_set(cfg: Any, prepared: PreparedSet) -> None:
                       "prepare again to use the new contents", flush=True)
 
 
-def prepare_settings(cfg: Any):
-    """PrepareSettings for raw files named by a DataConfig."""
-    from imitation_jax.data.cleaning import CleaningConfig
-    from imitation_jax.data.prepare import PrepareSettings
-
-    cleaning = cfg.cleaning if isinstance(cfg.cleaning, CleaningConfig) else CleaningConfig(**cfg.cleaning)
-    return PrepareSettings(
-        tokenizer=os.path.abspath(cfg.tokenizer), template=cfg.template or DEFAULT_TEMPLATE,
-        seq_len=cfg.seq_len or DEFAULT_SEQ_LEN, packing=cfg.packing or DEFAULT_PACKING,
-        turn_tokens=cfg.turn_tokens, eval_fraction=cfg.eval_fraction,
-        skip_invalid=cfg.skip_invalid, format=cfg.format,
-        cleaning=CleaningConfig(**dataclasses.asdict(cleaning)))
+def prepare_settings(cfg: Any) -> PrepareSettings:
+    """The settings raw files named by a DataConfig are prepared with (tokenizer path absolute)."""
+    settings = cfg.prepare_settings()
+    settings.tokenizer = os.path.abspath(settings.tokenizer)
+    return settings
 
 
 def cache_root(cfg: Any) -> str:
@@ -86,11 +96,6 @@ def cache_root(cfg: Any) -> str:
 def prepare_cached(cfg: Any, *, progress: bool = False, log: Callable[[str], None] | None = print
                    ) -> str:
     """The prepared set of raw `cfg.train_files` / `cfg.eval_files`, made on first use."""
-    from imitation_jax.data.prepare import (
-        input_fingerprint, prepare, summary)
-    from imitation_jax.data.readers import Source, check_readable
-    from imitation_jax.data.tokenizer import load_tokenizer
-
     settings = prepare_settings(cfg)
     settings.validate()
     train = [Source.parse(x, settings.format) for x in cfg.train_files]
@@ -98,7 +103,7 @@ def prepare_cached(cfg: Any, *, progress: bool = False, log: Callable[[str], Non
     for s in train + evals:
         check_readable(s.path)
     key = hashlib.sha256(json.dumps({
-        "version": FORMAT_VERSION, "settings": settings.as_dict(),
+        "version": storage.FORMAT_VERSION, "settings": settings.as_dict(),
         "train": [input_fingerprint(s) for s in train], "eval": [input_fingerprint(s) for s in evals],
         "tokenizer": load_tokenizer(settings.tokenizer).fingerprint(),
     }, sort_keys=True).encode()).hexdigest()[:24]
@@ -106,21 +111,13 @@ def prepare_cached(cfg: Any, *, progress: bool = False, log: Callable[[str], Non
     directory = os.path.join(root, key)
     os.makedirs(root, exist_ok=True)
     with _locked(os.path.join(root, f"{key}.lock")):
-        if _cache_key(directory) == key:
+        if (storage.read_stats(directory) or {}).get("cache_key") == key:
             return directory
         stats = prepare(train, directory, settings, eval_inputs=evals, workers=cfg.workers,
                         progress=progress, extra={"cache_key": key})
     if log:
         log(summary(stats))
     return directory
-
-
-def _cache_key(directory: str) -> str | None:
-    try:
-        with open(os.path.join(directory, STATS), encoding="utf-8") as f:
-            return json.load(f).get("cache_key")
-    except (OSError, ValueError):
-        return None
 
 
 @contextlib.contextmanager
@@ -167,7 +164,7 @@ def load_training_data(cfg: Any, process_index: int = 0, process_count: int = 1,
                        ) -> TrainingData:
     """Opens (or first prepares) the data named by a DataConfig. Raises DataError for bad data
     or a prepared set that does not match the config."""
-    check_data_config(cfg)
+    cfg.validate()
     if cfg.path:
         directory = cfg.path
     else:
@@ -179,8 +176,6 @@ def load_training_data(cfg: Any, process_index: int = 0, process_count: int = 1,
         _check_against_set(cfg, prepared)
     tok = prepared.stats["tokenizer"]
     if cfg.path and cfg.tokenizer:
-        from imitation_jax.data.tokenizer import load_tokenizer
-
         given = load_tokenizer(cfg.tokenizer).fingerprint()
         if given not in (tok.get("fingerprint"), tok.get("source_fingerprint")):
             raise DataError(f"data.tokenizer={cfg.tokenizer} is not the tokenizer {directory} was "
@@ -188,8 +183,6 @@ def load_training_data(cfg: Any, process_index: int = 0, process_count: int = 1,
                             "set's own copy", "config_mismatch")
     train = prepared.split("train")
     if cfg.max_train_tokens:
-        from imitation_jax.data.loader import cap_trained_tokens
-
         try:
             train = cap_trained_tokens(train, cfg.max_train_tokens)
         except ValueError as e:

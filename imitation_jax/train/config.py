@@ -14,7 +14,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from imitation_jax import host_memory
 from imitation_jax.checkpoint import CheckpointConfig
-from imitation_jax.data.config import DataConfig, check_data_config
+from imitation_jax.data.config import DataConfig
 from imitation_jax.distributed import DistributedConfig
 from imitation_jax.errors import ConfigError
 from imitation_jax.model.config import ModelConfig
@@ -120,7 +120,7 @@ def validate(cfg: Config) -> None:
     if cfg.optim.schedule not in ("cosine", "linear", "constant"):
         raise ConfigError(f"config: optim.schedule={cfg.optim.schedule!r} is not one of cosine, linear, constant")
     try:
-        check_data_config(cfg.data)
+        cfg.data.validate()
     except ValueError as exc:
         raise ConfigError(f"config: {exc}") from None
 
