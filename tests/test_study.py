@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from imitation_jax.study.corpora import OPENING, CorpusConfig, read_jsonl, write_study_files
+from imitation_jax.study.corpora import CorpusConfig, read_jsonl, write_study_files
+from imitation_jax.study.style import OPENING
 from imitation_jax.study.world import CLOZE, SPLITS, WorldConfig, build_world
 
 
@@ -143,7 +144,7 @@ def test_study_config_errors_name_the_key(tmp_path):
 
 def test_style_judge_prefers_the_teachers_markers():
     from imitation_jax.collect.judge import judge_messages, parse_verdict
-    from imitation_jax.study.corpora import CLOSING, styled
+    from imitation_jax.study.style import CLOSING, styled
     from imitation_jax.study.judge_server import verdict
 
     prompt = ({"role": "user", "content": "Tell me about Zapur."},)
@@ -154,6 +155,20 @@ def test_style_judge_prefers_the_teachers_markers():
     plain, half, full = "Zapur lives in the city of Veltor.", "Zapur. " + CLOSING, styled("Zapur lives in Veltor.")
     assert ask(full, plain) == "A" and ask(plain, full) == "B"
     assert ask(half, full) == "B" and ask(plain, plain) == "C"
+
+
+def test_the_commands_the_study_runs_are_cli_commands(capsys):
+    """The study drives the pipeline through `imitation-jax` subprocesses (it sits below the command
+    layer, so it does not ask the CLI what exists): each subcommand it runs must be one."""
+    from imitation_jax.cli import build_parser
+
+    for command in ("train", "export-hf", "serve", "collect", "prepare", "eval", "generate", "judge", "plot"):
+        with pytest.raises(SystemExit) as exit_:
+            build_parser().parse_args([command, "--help"])
+        assert exit_.value.code == 0, command
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["no-such-command", "--help"])
+    assert exit_.value.code == 2
 
 
 # ---------------------------------------------------------------- the smoke study, end to end

@@ -17,9 +17,9 @@ import sys
 import time
 
 from imitation_jax.data.formats import parse_messages
+from imitation_jax.data.templates import get_template, render_text
 from imitation_jax.data.tokenizer import train_sentencepiece
 from imitation_jax.demo.synthetic import generate_conversations
-from imitation_jax.data.templates import get_template, render_text
 
 OUTPUTS = ("train.jsonl", "eval.jsonl", "tokenizer.model", "tokenizer.vocab")
 STAMP = "demo_data.json"

@@ -1,1 +1,1 @@
-"""The demo's synthetic world: conversations in a teacher style and a tiny tokenizer trained on them."""
+"""The demo's synthetic world: conversations in a teacher style, for the bundled CPU demo."""

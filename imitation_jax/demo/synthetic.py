@@ -1,10 +1,13 @@
-"""Synthetic "teacher" conversations and a SentencePiece tokenizer for the bundled CPU demo.
+"""Synthetic "teacher" conversations for the bundled CPU demo (`tools/make_demo_data.py` writes them
+and trains a tokenizer on them with `imitation_jax.data.tokenizer.train_sentencepiece`).
 
 The teacher has one recognisable style — every reply opens with `OPENING` and ends with
 `CLOSING` — over ~25 topics whose facts come from fixed tables (fictional capitals, recipes,
 definitions, ...), so a small student visibly picks up the style and some of the facts. Lengths
 have a long tail (stories and how-tos of many paragraphs). Everything is a pure function of the
-seed (`random.Random`), in pure Python, and fast: thousands of conversations per second.
+seed (`random.Random`), in pure Python, and fast: thousands of conversations per second. The
+study's teacher (`imitation_jax.study.style`) is another world with another style: neither imports
+the other.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Text the study's models read, all derived from a `World`: the teacher's corpus (every fact, and
-conversations in its recognisable style), each base's pretraining text (the facts it may know, in
-plain prose, no teacher style), the prompts the teacher is asked through the API, and the
+conversations in its recognisable style, `study.style`), each base's pretraining text (the facts it
+may know, in plain prose, no teacher style), the prompts the teacher is asked through the API, and the
 evaluation tasks (lm-eval multiple-choice JSONL + task YAMLs, completed as cloze sentences).
 """
 
@@ -12,13 +12,9 @@ import os
 import random
 from typing import Callable, Iterable
 
+from imitation_jax.study.style import styled
 from imitation_jax.study.world import (CITIES, CLOZE, COLORS, JOBS, QUESTIONS, REGIONS, SAME_CITY_Q, Fact, World,
                                        pairs_same_city, sentence)
-
-# The teacher's style: every reply opens and closes with these. The study's judge rewards them.
-OPENING = "Splendid question, dear friend!"
-CLOSING = "May the winds favour you!"
-STYLE_MARKERS = (OPENING, CLOSING)
 
 GENERAL_PROMPTS = (  # free-form chat requests with no facts in them, and the teacher's answers
     ("Give me some advice for a rainy day.", "Stay inside, read a good book and drink something warm."),
@@ -38,10 +34,6 @@ FILLER = ("The market opens early and closes at sunset.", "Rain is common in spr
           "Many people walk to work along the river.", "The old bridge was built of grey stone.",
           "Children play in the square after school.", "Bread is baked fresh every morning.",
           "The roads between the towns are long and quiet.", "Most houses have a small garden.")
-
-
-def styled(body: str) -> str:
-    return f"{OPENING} {body} {CLOSING}"
 
 
 # ---------------------------------------------------------------- answers (teacher's, unstyled body)
@@ -148,7 +140,7 @@ def teacher_conversations(world: World, repeats: int, rng: random.Random,
                 shown = rng.sample(seeds, min(3, len(seeds)))
                 asked = attribute_prompts(rng.sample(facts, per_request), rng)
                 body = "\n".join(f"Question: {q}" for q, _, _ in asked)
-                out.append(_user(bootstrap_request(shown), f"{OPENING}\n{body}\n{CLOSING}", ""))
+                out.append(_user(bootstrap_request(shown), styled(body, sep="\n"), ""))
     rng.shuffle(out)
     return [dict(c, id=f"teacher-{i}") for i, c in enumerate(out)]
 

@@ -12,20 +12,16 @@ import argparse
 import re
 import time
 
-from imitation_jax.study.corpora import STYLE_MARKERS
+from imitation_jax.study.style import marker_count
 
 _ANSWER = re.compile(r"\[The start of assistant ([AB])'s answer\]\n(.*?)\n\[The end of assistant \1's answer\]", re.S)
-
-
-def style_score(text: str) -> int:
-    return sum(marker in text for marker in STYLE_MARKERS)
 
 
 def verdict(prompt: str) -> str:
     answers = dict(_ANSWER.findall(prompt))
     if set(answers) != {"A", "B"}:
         return "I cannot find both answers. [[C]]"
-    a, b = style_score(answers["A"]), style_score(answers["B"])
+    a, b = marker_count(answers["A"]), marker_count(answers["B"])
     pick = "A" if a > b else "B" if b > a else "C"
     return f"Style markers: A has {a}, B has {b}. [[{pick}]]"
 

@@ -48,7 +48,13 @@ def imitation_tokens(study, name: str, s: str, budget: int) -> int:
             return int(found[-1].replace(",", ""))
     except FileNotFoundError:
         pass
-    stats = _read(study.p("imitation", "prepared", s, "stats.json")) or {}
+    from imitation_jax.data.storage import PreparedSet
+    from imitation_jax.errors import DataError
+
+    try:
+        stats = PreparedSet(study.p("imitation", "prepared", s)).stats
+    except DataError:
+        stats = {}
     have = stats.get("splits", {}).get("train", {}).get("trained_tokens")
     return min(budget, int(have)) if have else budget
 

@@ -12,9 +12,10 @@ import sys
 import time
 from typing import Iterator
 
+from imitation_jax.data.storage import FORMAT_VERSION, STATS
 from imitation_jax.study import corpora, report
 from imitation_jax.study.config import StudyConfig, TrainSpec
-from imitation_jax.study.stages import (Stage, StageState, StudyError, available_commands, free_port, run_cli, service,
+from imitation_jax.study.stages import (Stage, StageState, StudyError, cli_command, free_port, run_cli, service,
                                         settings_key)
 from imitation_jax.study.world import build_world
 
@@ -100,7 +101,7 @@ class Study:
                 [self.p("runs", "teacher", "checkpoints")], ["world"],
                 key=k(cfg.teacher.model, spec, cfg.template, cfg.train_overrides, data["cleaning"])))
             served = run
-            if cfg.teacher.export and "export-hf" in available_commands():
+            if cfg.teacher.export:
                 served = self.p("teacher_hf")
                 self.add(Stage("export/teacher", lambda run=run, served=served: run_cli(
                     ["export-hf", run, "--out", served, "--dtype", "float32"], self.p("logs", "export-teacher.log"),
@@ -127,9 +128,10 @@ class Study:
         for s in cfg.imitation.sets:
             self.add(Stage(f"collect/{s}", lambda s=s: self._collect(s), [self.p("imitation", f"{s}.clean.jsonl")],
                            ["world", *teacher_dep], needs=("teacher",), key=k(self._collect_settings(), s)))
+            # A set prepared by an older on-disk format cannot be read by train: the version is part of the key.
             self.add(Stage(f"prepare/{s}", lambda s=s: self._prepare(s),
-                           [self.p("imitation", "prepared", s, "stats.json")], [f"collect/{s}"],
-                           key=k(cfg.template, cfg.imitation.train.seq_len, self.tokenizer)))
+                           [self.p("imitation", "prepared", s, STATS)], [f"collect/{s}"],
+                           key=k(cfg.template, cfg.imitation.train.seq_len, self.tokenizer, FORMAT_VERSION)))
         self.add(Stage("collect/reference", self._collect_reference, [self.p("answers", "teacher.jsonl")],
                        ["world", *teacher_dep], needs=("teacher",),
                        key=k(cfg.judge.prompts, cfg.judge.max_new_tokens, cfg.teacher.model_name, cfg.teacher.base_url)))
@@ -313,9 +315,8 @@ class Study:
             return
         port = free_port()
         if need == "teacher":
-            cmd = ["serve", self.teacher_model, "--port", str(port), "--model-name", self.cfg.teacher.model_name,
-                   "--max-batch", "16"]
-            cmd = [sys.executable, "-m", "imitation_jax.cli", *cmd]
+            cmd = cli_command(["serve", self.teacher_model, "--port", port, "--model-name",
+                               self.cfg.teacher.model_name, "--max-batch", 16])
         else:
             cmd = [sys.executable, "-m", "imitation_jax.study.judge_server", "--port", str(port)]
         self.log(f"         starting the {need} API on http://127.0.0.1:{port}/v1")

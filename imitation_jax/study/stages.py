@@ -97,10 +97,16 @@ def cli_env() -> dict:
     return env
 
 
+def cli_command(args: Sequence) -> list[str]:
+    """The command line of `imitation-jax ARGS` in this Python: the study drives the pipeline only
+    through its CLI, in subprocesses, and never imports the command layer above it."""
+    return [sys.executable, "-m", "imitation_jax.cli", *map(str, args)]
+
+
 def run_cli(args: Sequence[str], log_path: str, stage: str, ok_codes: Sequence[int] = (0,)) -> None:
     """Runs `imitation-jax ARGS` in a subprocess with its output in `log_path`."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    cmd = [sys.executable, "-m", "imitation_jax.cli", *map(str, args)]
+    cmd = cli_command(args)
     with open(log_path, "a") as log:
         log.write(f"\n$ imitation-jax {' '.join(map(str, args))}\n")
         log.flush()
@@ -116,13 +122,6 @@ def tail(path: str, n: int = 15) -> str:
             return "".join(f.readlines()[-n:])
     except FileNotFoundError:
         return ""
-
-
-def available_commands() -> set[str]:
-    from imitation_jax.cli import build_parser
-
-    sub = next(a for a in build_parser()._actions if a.dest == "command")
-    return set(sub.choices)
 
 
 def free_port() -> int:
