@@ -16,7 +16,7 @@ import optax
 from jax.sharding import Mesh
 
 from imitation_jax.errors import ConfigError
-from imitation_jax.model.config import ModelConfig
+from imitation_jax.model.config import ModelConfig, with_platform
 from imitation_jax.model.params import abstract_params, model_graph
 from imitation_jax.sharding import batch_sharding, replicated
 from imitation_jax.train.config import Config
@@ -35,7 +35,7 @@ def resolve_model(model: ModelConfig, mesh: Mesh, vocab_size: int | None = None)
         model = dataclasses.replace(model, vocab_size=vocab_size)
     if model.vocab_size <= 0:
         raise ConfigError("config: model.vocab_size is not set and no tokenizer gives it")
-    model = _with_platform(model, mesh)
+    model = with_platform(model, mesh)
     try:  # a user's model.* mistake (heads not divisible, odd head dim): one line, not a traceback
         model.validate()
     except ValueError as exc:
@@ -105,14 +105,10 @@ def build_program(cfg: Config, mesh: Mesh, model: ModelConfig, total_steps: int)
     abstract = {"params": params, "opt_state": opt,
                 "rng": jax.ShapeDtypeStruct((2,), np.uint32, sharding=replicated(mesh))}
     state_sh = {"params": _shardings(params), "opt_state": _shardings(opt), "step": replicated(mesh)}
-    train_step = make_train_step(graphdef, optimizer, mesh, state_sh, t.loss_chunk, t.fuse_last_layer)
-    eval_step = make_eval_step(graphdef, mesh, state_sh["params"], t.loss_chunk, t.fuse_last_layer)
+    train_step = make_train_step(graphdef, optimizer, mesh, state_sh, t.loss_chunk, t.fuse_last_layer, model.platform)
+    eval_step = make_eval_step(graphdef, mesh, state_sh["params"], t.loss_chunk, t.fuse_last_layer, model.platform)
     return Program(cfg, mesh, model, graphdef, optimizer, schedule, total_steps, abstract, train_step, eval_step)
 
 
 def _shardings(tree: Any) -> Any:
     return jax.tree.map(lambda x: x.sharding, tree)
-
-
-def _with_platform(model: ModelConfig, mesh: Mesh) -> ModelConfig:
-    return model  # TODO(platform): resolved from the mesh once ModelConfig carries it
