@@ -1,9 +1,8 @@
 """Keeping freed host memory inside the process when JAX computes on the CPU (glibc only).
 
-XLA's CPU runtime allocates each step's temporaries with malloc: about 1.4 GB for the 58M-param
-benchmark (`tools/bench_train.py`). glibc serves blocks that large with mmap and unmaps them on
-free, so every step faults all of it back in page by page: ~360K minor faults and ~0.6 s of kernel
-time per 2.5 s step on 2 cores. Three mallopt settings make steady-state steps fault-free, as an
+XLA's CPU runtime allocates each step's temporaries with malloc, in blocks large enough that glibc
+serves them with mmap and unmaps them on free, so every step faults all of it back in page by page
+(the cost measured on the bench is in docs/benchmarks.md). Three mallopt settings make steady-state steps fault-free, as an
 LD_PRELOADed jemalloc/tcmalloc would, without a preload:
 
 - M_MMAP_MAX=0: large blocks come from the heap, not from mmap;

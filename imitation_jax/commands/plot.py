@@ -12,7 +12,7 @@ def register(sub) -> None:
         "evaluated during training) and, across runs, DIR/score_<task>_<metric>.png: score against imitation "
         "tokens (log scale) with one line per base-model size, dotted base-model and dashed teacher reference "
         "lines. A run's base model, token count and scores come from its config.yaml, metrics.jsonl, eval/*.json "
-        "and optional study.json (see the README, 'Plots').")
+        "and optional study.json (see docs/eval.md, 'plot').")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run dirs (imitation-jax train)")
     p.add_argument("--out", required=True, help="directory for the PNGs")
     p.add_argument("--base", action="append", default=[], metavar="SIZE=RESULTS.json",

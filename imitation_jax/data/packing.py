@@ -10,7 +10,7 @@ has loss_mask 0, so it carries no loss.
 
   * `best_fit` (default): best-fit decreasing: longest example first, each into the open row with
     the least room that still fits it (the oldest such row). O(n log n) with a bucket per remaining room, so millions of
-    examples pack in seconds. On long-tailed length distributions rows are ~98% full.
+    examples pack in seconds (fill figures: docs/benchmarks.md).
   * `first_fit`: first-fit decreasing (the first row with room, via a max segment tree).
   * `none`: one example per row (plain padded rows).
 

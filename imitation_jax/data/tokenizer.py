@@ -196,7 +196,7 @@ class HFTokenizer(Tokenizer):
         return self._tok
 
     def _fast_encoder(self):
-        """The `tokenizers` backend itself (transformers' encode costs ~0.1 ms a call in Python,
+        """The `tokenizers` backend itself (transformers' encode has a per-call Python cost,
         and conversations are encoded a segment at a time), with special-token strings encoded as
         plain text; used only where it gives transformers' ids on a probe text."""
         backend = getattr(self._tok, "backend_tokenizer", None)

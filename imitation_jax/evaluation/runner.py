@@ -109,7 +109,7 @@ def run_eval(lm, tasks: Sequence[str], *, include_paths: Sequence[str] = (), lim
     except ConnectionError as exc:  # datasets in offline mode, data not in the local cache
         raise FileNotFoundError(f"task data is not available offline ({str(exc).splitlines()[0]}); fetch it "
                                 "once with HF_DATASETS_OFFLINE=0 where there is network, or point the task at "
-                                "local files (README: Evaluation)") from None
+                                "local files (docs/eval.md: The real benchmarks)") from None
     return results
 
 
