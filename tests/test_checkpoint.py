@@ -216,9 +216,14 @@ def test_resume_on_changed_data_with_the_same_row_count_fails_with_one_line(base
     prepared set whose rows differ, even with the same row count, stops before training a step."""
     import json
 
+    import re
+
     conversations = [json.loads(line) for line in open(os.path.join(demo_dir, "train.jsonl"))]
-    answer = next(m for m in conversations[0]["messages"] if m["role"] == "assistant")
-    answer["content"] += " Indeed."
+    # One digit of one answer changed: digits are single tokens, so every row keeps its length and
+    # mask and only its content differs.
+    answer = next(m for c in conversations for m in c["messages"]
+                  if m["role"] == "assistant" and re.search(r"[0-8]", m["content"]))
+    answer["content"] = re.sub(r"[0-8]", lambda d: str(int(d.group()) + 1), answer["content"], count=1)
     changed = tmp_path / "changed.jsonl"
     changed.write_text("".join(json.dumps(c) + "\n" for c in conversations))
     sets = {}
@@ -230,6 +235,9 @@ def test_resume_on_changed_data_with_the_same_row_count_fails_with_one_line(base
         assert done.returncode == 0, done.stderr
         sets[name] = json.load(open(os.path.join(out, "stats.json")))
     assert sets["a"]["splits"]["train"]["rows"] == sets["b"]["splits"]["train"]["rows"]
+    index_a, index_b = np.load(tmp_path / "a" / "index.npz"), np.load(tmp_path / "b" / "index.npz")
+    for key in ("train_trained", "train_tokens", "train_examples"):
+        np.testing.assert_array_equal(index_a[key], index_b[key])
     assert sets["a"]["fingerprint"] != sets["b"]["fingerprint"]
 
     no_files = [o for o in base if not o.startswith(("data.train_files=", "data.eval_files=", "data.tokenizer="))]

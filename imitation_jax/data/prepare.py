@@ -435,7 +435,8 @@ def prepare(inputs: Sequence[str | Source], out: str, settings: PrepareSettings,
         if split_stats["train"]["rows"] == 0:
             raise DataError(f"no training rows: all {collector.read} conversations read were "
                             f"dropped ({dict(collector.dropped)})", "no_data")
-        storage.write_rows(tmp, rows_by_split)
+        content = {name: hashlib.sha256() for name in rows_by_split}  # the fingerprint covers the rows
+        storage.write_rows(tmp, {name: _hashed(rows, content[name]) for name, rows in rows_by_split.items()})
         storage.write_index(tmp, per_row)
         storage.save_tokenizer(tmp, tokenizer)
 
@@ -446,6 +447,8 @@ def prepare(inputs: Sequence[str | Source], out: str, settings: PrepareSettings,
         fp.update(tokenizer.fingerprint().encode())
         for name in storage.SPLITS:
             fp.update(per_row[name]["trained"].tobytes() + per_row[name]["tokens"].tobytes())
+            if name in content:
+                fp.update(content[name].digest())
         source_stats = []
         for index_, split, s in sources:
             c = collector.sources[index_]
@@ -480,6 +483,15 @@ def prepare(inputs: Sequence[str | Source], out: str, settings: PrepareSettings,
                        "tokens_per_s": collector.tokens / max(seconds, 1e-9)},
             **(extra or {}),
         })
+
+
+def _hashed(rows, hasher):
+    """`rows` passed through unchanged, each one's ids, mask and example lengths added to `hasher`."""
+    for tokens, mask, lengths in rows:
+        hasher.update(np.asarray(tokens, np.int32).tobytes())
+        hasher.update(np.packbits(np.asarray(mask, bool)).tobytes())
+        hasher.update(np.asarray(lengths, np.int32).tobytes())
+        yield tokens, mask, lengths
 
 
 def summary(stats: dict) -> str:
