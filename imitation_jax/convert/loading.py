@@ -198,7 +198,7 @@ def run_tokenizer(run_dir: str, data: dict) -> Tokenizer:
 
 def _run_template(data: dict, tokenizer: Tokenizer):
     from imitation_jax.data.templates import get_template
-    from imitation_jax.data.config import DEFAULT_TEMPLATE
+    from imitation_jax.data.prepare import DEFAULT_TEMPLATE
 
     return get_template(data.get("template") or DEFAULT_TEMPLATE, tokenizer, turn_tokens=bool(data.get("turn_tokens")))
 

@@ -45,7 +45,7 @@ def read(path: str) -> tuple[ModelConfig, Any, Any]:
     """(model config, tokenizer, template) of a params dir."""
     from imitation_jax.data.templates import get_template
     from imitation_jax.data.tokenizer import load_tokenizer
-    from imitation_jax.data.config import DEFAULT_TEMPLATE
+    from imitation_jax.data.prepare import DEFAULT_TEMPLATE
 
     meta_path = os.path.join(path, MODEL_FILE)
     try:

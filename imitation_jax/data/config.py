@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from imitation_jax.data.prepare import DEFAULT_TEMPLATE, PrepareSettings  # noqa: F401 (DEFAULT_TEMPLATE: for callers)
+from imitation_jax.data.prepare import PrepareSettings
 from imitation_jax.errors import DataError
 
 

@@ -19,7 +19,7 @@ class TaskEval:
     def __init__(self, cfg, graphdef, tokenizer):
         """cfg: the run's resolved Config (eval.*, model, data.template/turn_tokens, run_dir)."""
         from imitation_jax.data.templates import get_template
-        from imitation_jax.data.config import DEFAULT_TEMPLATE
+        from imitation_jax.data.prepare import DEFAULT_TEMPLATE
         from imitation_jax.evaluation import runner
 
         eval_cfg = cfg.eval
