@@ -27,6 +27,10 @@ def register(sub) -> None:
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None, help="sampling seed sent to the API")
+    p.add_argument("--top-logprobs", type=int, default=0, metavar="K",
+                   help="also store the teacher's top-K logprobs (1-20) for every answer token; answers "
+                   "whose logprobs are missing or invalid count as failed (default 0: off; the "
+                   "--bootstrap question requests never ask for them)")
     p.add_argument("--system", default=None, help="system message put before prompts that have none")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request attempt")
     p.add_argument("--max-retries", type=int, default=8,
@@ -52,6 +56,8 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.concurrency < 1:
         raise ConfigError(f"--concurrency must be >= 1, got {args.concurrency}")
+    if not 0 <= args.top_logprobs <= 20:
+        raise ConfigError(f"--top-logprobs must be from 0 (off) to 20, got {args.top_logprobs}")
     prompts_path = args.prompts
     if args.bootstrap:
         from imitation_jax.collect.bootstrap import bootstrap_prompts
@@ -79,7 +85,7 @@ def _run(args: argparse.Namespace) -> int:
                         seed=args.seed)
     summary = collect(prompts, args.out, model=args.model, base_url=args.base_url, sampling=sampling,
                       concurrency=args.concurrency, timeout=args.timeout, max_retries=args.max_retries,
-                      progress=not args.quiet)
+                      progress=not args.quiet, top_logprobs=args.top_logprobs)
     print(summary.describe())
     print(f"output:    {args.out}")
     return 1 if summary.failed else 0
