@@ -343,10 +343,15 @@ SHARDED_SCRIPT = textwrap.dedent("""
     prompts = prompts_of([5, 17, 9, 30], seed=11)
     params = [SamplingParams(max_new_tokens=8),
               SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=5)] * 2
+    params[2] = SamplingParams(max_new_tokens=8, logprobs=3, prompt_logprobs=2)
     out = {}
     for name, mesh in [("one", None), ("sharded", make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)))]:
         loaded = tiny_loaded(tok, mesh=mesh)
-        out[name] = [c.tokens for c in Generator(loaded, max_batch=4).generate(prompts, params)]
+        done = Generator(loaded, max_batch=4).generate(prompts, params)
+        entries = done[2].logprobs + done[2].prompt_logprobs[1:]
+        out[name] = {"tokens": [c.tokens for c in done],
+                     "top_ids": [[t for t, _ in e.top] for e in entries],
+                     "values": [v for e in entries for v in [e.logprob] + [v for _, v in e.top]]}
         if mesh is not None:
             assert len(loaded.params["embed"].sharding.device_set) == 8
     print(json.dumps(out))
@@ -355,13 +360,15 @@ SHARDED_SCRIPT = textwrap.dedent("""
 
 def test_sharded_generation_equals_unsharded(tiny_tokenizer):
     """8 simulated devices as data 2 x fsdp 2 x tensor 2 (parameters split by the rules table, heads
-    over tensor, rows over data x fsdp): the same tokens, greedy and sampled, as one device."""
+    over tensor, rows over data x fsdp): the same tokens, greedy and sampled, and the same log-probabilities."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, tiny_tokenizer.path, os.path.dirname(__file__)],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["sharded"] == out["one"]
+    assert out["sharded"]["tokens"] == out["one"]["tokens"]
+    assert out["sharded"]["top_ids"] == out["one"]["top_ids"]
+    np.testing.assert_allclose(out["sharded"]["values"], out["one"]["values"], atol=1e-4)
 
 
 def test_chat_repl_keeps_history_streams_and_resets(gen):
@@ -380,3 +387,103 @@ def test_chat_repl_keeps_history_streams_and_resets(gen):
     third = gen.chat([[system, {"role": "user", "content": "hi"}]], p)[0].text
     assert history == [system, {"role": "user", "content": "hi"}, {"role": "assistant", "content": third}]
     assert shown.getvalue() == f"model> {first}\nmodel> {second}\n(history cleared)\nmodel> {third}\n"
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def _check_entry(entry, lp_row: np.ndarray, token: int, k: int) -> None:
+    """One TokenLogprob against the directly computed log-softmax row: the token's value, and the
+    k largest values (descending) with their ids."""
+    assert entry.token == token
+    np.testing.assert_allclose(entry.logprob, lp_row[token], atol=1e-4)
+    assert len(entry.top) == k
+    ids, values = [t for t, _ in entry.top], np.asarray([v for _, v in entry.top])
+    assert np.all(np.diff(values) <= 0)
+    np.testing.assert_allclose(values, np.sort(lp_row)[::-1][:k], atol=1e-4)
+    np.testing.assert_allclose(lp_row[ids], values, atol=1e-4)  # each id has the value given
+
+
+def test_logprobs_are_the_raw_log_softmax_of_the_full_forward(loaded, gen):
+    """Generated and prompt log-probabilities equal log_softmax of the full forward pass over
+    prompt + generated prefix, for greedy and sampled rows (raw: before temperature / top-k), with
+    per-request counts; rows that do not ask get none, and asking changes no token."""
+    prompts = prompts_of([5, 11, 30, 7], seed=11)
+    params = [SamplingParams(max_new_tokens=9, logprobs=5, prompt_logprobs=3),
+              SamplingParams(max_new_tokens=9),
+              SamplingParams(max_new_tokens=9, temperature=0.7, top_k=40, seed=2, logprobs=20),
+              SamplingParams(max_new_tokens=9, logprobs=0)]
+    out = gen.generate(prompts, params)
+    plain = gen.generate(prompts, [SamplingParams(max_new_tokens=9, temperature=p.temperature, top_k=p.top_k,
+                                                  seed=p.seed) for p in params])
+    assert [c.tokens for c in out] == [c.tokens for c in plain]
+    assert out[1].logprobs is None and out[1].prompt_logprobs is None and out[2].prompt_logprobs is None
+    for p, c, sp in zip(prompts, out, params):
+        if sp.logprobs is None:
+            continue
+        lp = _log_softmax(full_logits(loaded, p + c.tokens))
+        assert len(c.logprobs) == len(c.tokens) > 0
+        for j, (token, entry) in enumerate(zip(c.tokens, c.logprobs)):
+            _check_entry(entry, lp[len(p) - 1 + j], token, sp.logprobs)
+            if sp.temperature == 0 and sp.logprobs:
+                assert entry.top[0][0] == token  # greedy: the chosen token is the most likely
+        if sp.prompt_logprobs is not None:
+            assert len(c.prompt_logprobs) == len(p) and c.prompt_logprobs[0] is None
+            for i in range(1, len(p)):
+                _check_entry(c.prompt_logprobs[i], lp[i - 1], p[i], sp.prompt_logprobs)
+
+
+def test_prompt_logprobs_alone_and_no_recompile_within_bucket(loaded, gen):
+    """max_new_tokens=0 with prompt_logprobs scores the prompt only; a second request in the same
+    buckets compiles nothing new."""
+    [p] = prompts_of([9], seed=12)
+    [c] = gen.generate([p], SamplingParams(max_new_tokens=0, prompt_logprobs=2))
+    assert c.tokens == [] and c.logprobs is None and len(c.prompt_logprobs) == 9
+    lp = _log_softmax(full_logits(loaded, p))
+    for i in range(1, 9):
+        _check_entry(c.prompt_logprobs[i], lp[i - 1], p[i], 2)
+    gen.generate(prompts_of([6], seed=13), SamplingParams(max_new_tokens=5, logprobs=1, prompt_logprobs=1))
+    before = dict(gen.traces)
+    gen.generate(prompts_of([12], seed=14), SamplingParams(max_new_tokens=0, prompt_logprobs=4))
+    gen.generate(prompts_of([10], seed=15), SamplingParams(max_new_tokens=7, logprobs=3, prompt_logprobs=0))
+    assert gen.traces == before
+    with pytest.raises(ValueError, match="logprobs"):
+        SamplingParams(logprobs=21)
+
+
+def test_token_strings_bytes_add_up_to_the_decoded_text(tiny_tokenizer):
+    """Byte-fallback pieces are their raw byte (text "\\xe2" when not a whole character), the
+    dummy-prefix space of the first piece is dropped as decoding drops it, special tokens have no
+    bytes; concatenated, the bytes are those of `decode`."""
+    from imitation_jax.generate.text import TokenStrings
+
+    tok = tiny_tokenizer
+    strings = TokenStrings(tok)
+    text = "Hello world, s'il vous plaît ✓ 🙂 日本 — done"
+    ids = tok.encode(text)
+    parts = strings.sequence_bytes(ids)
+    assert b"".join(parts) == tok.decode(ids).encode("utf-8")
+    byte_pieces = [strings(t) for t in ids if tok._sp.is_byte(t)]
+    assert byte_pieces  # this tokenizer has no piece for the emoji: it falls back to bytes
+    assert all(len(b) == 1 and (s == chr(b[0]) or s == f"\\x{b[0]:02x}") for s, b in byte_pieces)
+    assert strings(tok.bos_id)[1] is None and strings(tok.eos_id)[1] is None
+    with_bos = [tok.bos_id] + ids
+    assert b"".join(b for b in strings.sequence_bytes(with_bos) if b) == tok.decode(with_bos).encode("utf-8")
+
+
+def test_token_strings_of_a_byte_level_bpe_tokenizer(bpe_tokenizer):
+    """GPT-2 / LLaMA-3 style pieces ("Ġworld") map back through the byte table; a character split
+    over several tokens has partial bytes; concatenated, the bytes are those of `decode`."""
+    from imitation_jax.generate.text import TokenStrings
+
+    tok = bpe_tokenizer
+    strings = TokenStrings(tok)
+    ids = tok.encode(" Hello world, s'il vous plaît ✓ 🙂 日本\n\tdone")
+    parts = strings.sequence_bytes(ids)
+    assert b"".join(parts) == tok.decode(ids).encode("utf-8")
+    assert any(b.startswith(b" ") for b in parts)  # spaces belong to the next word's piece
+    assert any(s.startswith("\\x") for s, _ in map(strings, ids))  # a partial character
+    assert strings(tok.eos_id)[1] is None

@@ -13,7 +13,7 @@ from imitation_jax.commands import add_model_arguments
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "serve", help="serve a model through an OpenAI-compatible API (chat, completions, streaming)",
+        "serve", help="serve a model through an OpenAI-compatible API (chat, completions, streaming, logprobs)",
         description="FastAPI + uvicorn: /v1/chat/completions and /v1/completions (streaming too), "
         "/v1/models, /health. Concurrent requests are decoded together in batches. Binds to "
         "localhost unless --host says otherwise.")

@@ -16,11 +16,16 @@ from imitation_jax.model.kv_cache import KVCache
 def prefill(model, tokens: jax.Array, start: jax.Array, slots: int) -> tuple[jax.Array, KVCache]:
     """Run the (B, P) left-padded prompts into a fresh cache of `slots` slots; returns the fp32
     logits (B, V) after each prompt and the cache."""
+    hidden, cache = prefill_hidden(model, tokens, start, slots)
+    return model.logits(hidden[:, -1]), cache
+
+
+def prefill_hidden(model, tokens: jax.Array, start: jax.Array, slots: int) -> tuple[jax.Array, KVCache]:
+    """As `prefill`, but the final hidden states (B, P, hidden) of every prompt slot."""
     slot = jnp.arange(tokens.shape[1])[None, :]
     positions = jnp.maximum(slot - start[:, None], 0)
     segments = (slot >= start[:, None]).astype(jnp.int32)  # padding is segment 0: no row sees it
-    hidden, cache = model.decode(tokens, positions, KVCache.create(model.cfg, start, slots), segments)
-    return model.logits(hidden[:, -1]), cache
+    return model.decode(tokens, positions, KVCache.create(model.cfg, start, slots), segments)
 
 
 def extend(model, cache: KVCache, tokens: jax.Array) -> tuple[jax.Array, KVCache]:

@@ -4,10 +4,13 @@ top-k / top-p, each row with its own settings and its own random stream)."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI; the device computes this many whenever any row asks
 
 
 @dataclasses.dataclass
@@ -18,8 +21,16 @@ class SamplingParams:
     top_p: float = 1.0  # 1 = off
     stop: list[str] = dataclasses.field(default_factory=list)  # stop strings; EOS / template stop ids always stop
     seed: int = 0
+    # Log-probabilities (of the raw model distribution, before temperature / top-k / top-p):
+    # None = off; n = each generated token's, plus its n most likely alternatives.
+    logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None  # the same for every prompt token after the first
 
     def __post_init__(self) -> None:
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(self, name)
+            if n is not None and not 0 <= n <= MAX_LOGPROBS:
+                raise ValueError(f"{name}={n} must be in [0, {MAX_LOGPROBS}]")
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 0")
         if self.temperature < 0:
@@ -77,3 +88,12 @@ def sample(logits: jax.Array, step: jax.Array, temperature: jax.Array, top_k: ja
 
     # An all-greedy batch skips the vocabulary sort entirely.
     return jax.lax.cond(jnp.any(temperature > 0), draw, lambda: greedy)
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """log_softmax of fp32 `logits` (..., V) at `tokens` (...), and its k largest values with their ids:
+    (chosen (...), top ids (..., k) int32, top logprobs (..., k)), sorted descending."""
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(lp, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    top_lp, top_ids = jax.lax.top_k(lp, k)
+    return chosen, top_ids.astype(jnp.int32), top_lp

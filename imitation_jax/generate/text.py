@@ -70,3 +70,84 @@ class TextTracker:
             if any(s.startswith(tail) for s in self.stop):
                 return k
         return 0
+
+
+class TokenStrings:
+    """Each token's piece as OpenAI's logprobs show it: `token` (text) and `bytes` (its UTF-8 bytes,
+    None for special tokens, which add nothing to the text). A SentencePiece byte-fallback piece
+    such as <0xE2> is that raw byte, and its text is "\\xe2" when the byte is not a whole
+    character (as OpenAI writes partial characters). Concatenating the bytes of a sequence
+    (`sequence_bytes`) gives the bytes of `tokenizer.decode` of it."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self._cache: dict[int, tuple[str, bytes | None]] = {}
+        self._added = {i: t for t, i in tokenizer.added_tokens.items()}
+        self._byte_level = None
+        hf = getattr(tokenizer, "hf", None)
+        if hf is not None:
+            import json
+
+            backend = getattr(hf, "backend_tokenizer", None)
+            decoder = json.loads(backend.to_str()).get("decoder") if backend is not None else None
+            if "ByteLevel" in json.dumps(decoder):
+                self._byte_level = {c: b for b, c in _bytes_to_unicode().items()}
+
+    def __call__(self, token: int) -> tuple[str, bytes | None]:
+        token = int(token)
+        if token not in self._cache:
+            raw = self._raw(token)
+            if raw[1] is None:
+                self._cache[token] = raw
+            else:
+                self._cache[token] = (raw[1].decode("utf-8", errors="backslashreplace"), raw[1])
+        return self._cache[token]
+
+    def _raw(self, token: int) -> tuple[str, bytes | None]:
+        tok = self.tokenizer
+        if token in self._added or token >= tok.base_vocab_size:
+            return self._added.get(token, f"<{token}>"), None
+        sp = getattr(tok, "_sp", None)
+        if sp is not None:
+            piece = sp.id_to_piece(token)
+            if sp.is_control(token) or sp.is_unknown(token):
+                return piece, None
+            if sp.is_byte(token):
+                return piece, bytes([int(piece[3:5], 16)])
+            return piece, piece.replace("\u2581", " ").encode("utf-8")
+        hf = tok.hf
+        piece = hf.convert_ids_to_tokens(token)
+        if token in hf.all_special_ids:
+            return piece, None
+        if self._byte_level is not None:
+            if all(c in self._byte_level for c in piece):
+                return piece, bytes(self._byte_level[c] for c in piece)
+            return piece, piece.encode("utf-8")  # an added token kept as written
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return piece, bytes([int(piece[3:5], 16)])
+        return piece, piece.replace("\u2581", " ").encode("utf-8")
+
+    def sequence_bytes(self, ids: Sequence[int]) -> list[bytes | None]:
+        """Each token's bytes within `tokenizer.decode(ids)`: as `__call__`, except that the first
+        piece loses its leading space where the tokenizer's decoding drops it (SentencePiece's
+        dummy prefix)."""
+        out = [self(t)[1] for t in ids]
+        for i, b in enumerate(out):
+            if b is None:
+                continue
+            if b.startswith(b" ") and not self.tokenizer.decode([ids[i]]).startswith(" "):
+                out[i] = b[1:]
+            break
+        return out
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table of byte-level BPE vocabularies."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, n = list(keep), 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(keep, map(chr, chars)))

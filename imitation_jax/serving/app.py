@@ -5,10 +5,17 @@ Every error is OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`:
 JSON, missing or invalid fields, a prompt that leaves no room in the context or a max_tokens
 that does not fit; 401 for a missing or wrong bearer token (when an API key is set); 404 for an
 unknown model or path; 405 for a wrong method. A 500 would mean a bug of ours, never bad input.
+
+Log-probabilities, in OpenAI's shapes: chat `logprobs: true` (+ `top_logprobs` 0-20) gives
+`choices[0].logprobs.content`, a list of {token, logprob, bytes, top_logprobs}; completions
+`logprobs: n` gives {tokens, token_logprobs, top_logprobs, text_offset}, and with `echo` the
+prompt's too (its first token has none). They are the model's raw log-softmax, before
+temperature / top-k / top-p (vLLM's default). Streamed, each chunk carries its tokens' entries.
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hmac
 import json
@@ -23,7 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from imitation_jax.serving.batcher import Batcher, Done
+from imitation_jax.serving.batcher import Batcher, Delta, Done, PromptLogprobs
 from imitation_jax.serving.schemas import ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger("imitation_jax.serving")
@@ -62,7 +69,9 @@ def create_app(generator, model_name: str, *, api_key: Optional[str] = None, max
     """An app serving `generator` (a `Generator`, or anything with its `generate`/`encode_chat`/
     `max_len`/`tokenizer`) as model `model_name`."""
     from imitation_jax.generate import SamplingParams
+    from imitation_jax.generate.text import TokenStrings
 
+    strings = TokenStrings(generator.tokenizer)
     batcher = Batcher(generator, max_batch=max_batch, max_wait_s=batch_wait_ms / 1000)
     created = int(time.time())
 
@@ -108,12 +117,12 @@ def create_app(generator, model_name: str, *, api_key: Optional[str] = None, max
             raise APIError(404, f"the model '{name}' does not exist; this server has '{model_name}'",
                            param="model", code="model_not_found")
 
-    def sampling(req, prompt: list[int], default: int) -> Any:
+    def sampling(req, prompt: list[int], default: int, logprobs=None, prompt_logprobs=None) -> Any:
         room = generator.max_len - len(prompt)
-        if room < 1:
+        limit = req.limit()
+        if room < (0 if limit == 0 else 1):
             raise APIError(400, f"the prompt has {len(prompt)} tokens; this model's context is "
                            f"{generator.max_len} tokens", param="messages", code="context_length_exceeded")
-        limit = req.limit()
         if limit is not None and limit > room:
             raise APIError(400, f"max_tokens={limit} does not fit: the prompt has {len(prompt)} tokens and "
                            f"the context is {generator.max_len}, leaving {room}", param="max_tokens",
@@ -122,7 +131,8 @@ def create_app(generator, model_name: str, *, api_key: Optional[str] = None, max
         return SamplingParams(max_new_tokens=limit if limit is not None else min(room, default),
                               temperature=req.temperature, top_p=req.top_p,
                               top_k=min(req.top_k, generator.tokenizer.vocab_size),
-                              stop=req.stops(), seed=seed % (1 << 32))
+                              stop=req.stops(), seed=seed % (1 << 32), logprobs=logprobs,
+                              prompt_logprobs=prompt_logprobs)
 
     def usage(prompt: list[int], completion) -> dict:
         n = len(completion.tokens)
@@ -137,16 +147,22 @@ def create_app(generator, model_name: str, *, api_key: Optional[str] = None, max
                 raise item
 
     def stream(request, prompt, chunk, include_usage: bool):
-        """SSE events: chunk(delta_text=None, finish=None) builds one event body."""
+        """SSE events: chunk(delta_text, finish, first=False, logprobs=[], prompt=None) builds one
+        event body (`logprobs`: the generated tokens' entries in it; `prompt`: the prompt's, echo)."""
         async def events():
             try:
                 yield _sse(chunk(None, None, first=True))
+                sent = 0
                 while True:
                     item = await request.events.get()
-                    if isinstance(item, str):
-                        yield _sse(chunk(item, None))
+                    if isinstance(item, Delta):
+                        sent += len(item.logprobs)
+                        yield _sse(chunk(item.text, None, logprobs=item.logprobs))
+                    elif isinstance(item, PromptLogprobs):
+                        yield _sse(chunk(None, None, prompt=item.entries))
                     elif isinstance(item, Done):
-                        yield _sse(chunk(None, item.completion.finish_reason))
+                        yield _sse(chunk(None, item.completion.finish_reason,
+                                         logprobs=(item.completion.logprobs or [])[sent:]))
                         if include_usage:
                             yield _sse({**chunk(None, None), "choices": [], "usage": usage(prompt, item.completion)})
                         break
@@ -183,19 +199,25 @@ def create_app(generator, model_name: str, *, api_key: Optional[str] = None, max
             prompt = generator.encode_chat(messages)
         except ValueError as exc:  # e.g. a system message that is not first
             raise APIError(400, f"messages: {exc}", param="messages") from None
-        params = sampling(req, prompt, default_max_tokens)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs: needs logprobs to be true", param="top_logprobs")
+        params = sampling(req, prompt, default_max_tokens,
+                          logprobs=(req.top_logprobs or 0) if req.logprobs else None)
         request = app.state.batcher.submit(prompt, params)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        fmt = LogprobFormatter(strings)
         if req.stream:
-            def chunk(delta, finish, first=False):
+            def chunk(delta, finish, first=False, logprobs=(), prompt=None):
                 d = {"role": "assistant", "content": ""} if first else ({"content": delta} if delta else {})
+                lp = {"content": fmt.chat(logprobs)} if req.logprobs and not first else None
                 return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
-                        "choices": [{"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}]}
+                        "choices": [{"index": 0, "delta": d, "logprobs": lp, "finish_reason": finish}]}
             return stream(request, prompt, chunk, bool(req.stream_options and req.stream_options.include_usage))
         completion = await finish(request)
+        lp = {"content": fmt.chat(completion.logprobs), "refusal": None} if req.logprobs else None
         return {"id": rid, "object": "chat.completion", "created": now, "model": model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
-                             "logprobs": None, "finish_reason": completion.finish_reason}],
+                             "logprobs": lp, "finish_reason": completion.finish_reason}],
                 "usage": usage(prompt, completion)}
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
@@ -211,21 +233,112 @@ def create_app(generator, model_name: str, *, api_key: Optional[str] = None, max
             prompt = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(text)
         if not prompt:
             raise APIError(400, "prompt: empty", param="prompt")
-        params = sampling(req, prompt, default_max_tokens)
+        if req.max_tokens == 0 and not req.echo:
+            raise APIError(400, "max_tokens: 0 is only allowed with echo (to score the prompt)", param="max_tokens")
+        scored = req.echo and req.logprobs is not None
+        params = sampling(req, prompt, default_max_tokens, logprobs=req.logprobs,
+                          prompt_logprobs=req.logprobs if scored else None)
         request = app.state.batcher.submit(prompt, params)
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        echoed = tok.decode(prompt) if req.echo else ""  # what the prompt's tokens' bytes add up to
+        fmt = LogprobFormatter(strings)
         if req.stream:
-            def chunk(delta, finish, first=False):
+            def chunk(delta, finish, first=False, logprobs=(), prompt=None):
+                text, lp = delta or "", None
+                if prompt is not None:  # the echo, with its log-probabilities
+                    text, lp = echoed, fmt.legacy(prompt, prompt_ids=prompt_ids)
+                    fmt.restart(len(echoed))
+                elif first and req.echo and not scored:
+                    text = echoed
+                elif req.logprobs is not None and not first:
+                    lp = fmt.legacy(logprobs)
                 return {"id": rid, "object": "text_completion", "created": now, "model": model_name,
-                        "choices": [{"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}]}
+                        "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}]}
+            prompt_ids = prompt
             return stream(request, prompt, chunk, bool(req.stream_options and req.stream_options.include_usage))
         completion = await finish(request)
+        lp = None
+        if req.logprobs is not None:
+            lp = fmt.legacy(completion.prompt_logprobs, prompt_ids=prompt) if scored else None
+            fmt.restart(len(echoed))
+            lp = _join_legacy(lp, fmt.legacy(completion.logprobs))
         return {"id": rid, "object": "text_completion", "created": now, "model": model_name,
-                "choices": [{"index": 0, "text": completion.text, "logprobs": None,
+                "choices": [{"index": 0, "text": echoed + completion.text, "logprobs": lp,
                              "finish_reason": completion.finish_reason}],
                 "usage": usage(prompt, completion)}
 
     return app
+
+
+class LogprobFormatter:
+    """Generate's `TokenLogprob`s of one sequence as OpenAI shows them, chunk by chunk. The first
+    piece of the sequence loses its leading space where decoding drops it (so the tokens' bytes add
+    up to the text), and the legacy `text_offset`s count characters from `offset`."""
+
+    def __init__(self, strings):
+        self.strings = strings
+        self.restart(0)
+
+    def restart(self, offset: int) -> None:
+        """A new sequence (the completion after an echoed prompt, decoded on its own) at `offset`."""
+        self.offset = offset  # characters of text before the next token
+        self._at_start = True
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def _piece(self, token: int, at_start: bool):
+        text, raw = self.strings(token)
+        if at_start and raw is not None and raw.startswith(b" ") and \
+                not self.strings.tokenizer.decode([token]).startswith(" "):
+            raw = raw[1:]
+            text = raw.decode("utf-8", errors="backslashreplace")
+        return text, raw
+
+    def _advance(self, token: int):
+        """The token's (text, bytes) in the sequence; moves the text offset past it."""
+        text, raw = self._piece(token, self._at_start)
+        if raw is not None:
+            self._at_start = False
+            self.offset += len(self._utf8.decode(raw))
+        return text, raw
+
+    def chat(self, entries) -> list[dict]:
+        out = []
+        for e in entries or ():
+            at_start = self._at_start
+            text, raw = self._advance(e.token)
+            top = []
+            for t, lp in e.top:
+                alt, alt_raw = self._piece(t, at_start)
+                top.append({"token": alt, "logprob": lp, "bytes": _bytes(alt_raw)})
+            out.append({"token": text, "logprob": e.logprob, "bytes": _bytes(raw), "top_logprobs": top})
+        return out
+
+    def legacy(self, entries, prompt_ids=None) -> dict:
+        """{tokens, token_logprobs, top_logprobs, text_offset}; with `prompt_ids`, entries are a
+        prompt's (the first None) and tokens come from the ids."""
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for i, e in enumerate(entries or ()):
+            token = prompt_ids[i] if prompt_ids is not None else e.token
+            at_start = self._at_start
+            out["text_offset"].append(self.offset)
+            text, _ = self._advance(token)
+            out["tokens"].append(text)
+            out["token_logprobs"].append(None if e is None else e.logprob)
+            top = None
+            if e is not None:
+                top = {}
+                for t, lp in e.top:
+                    top.setdefault(self._piece(t, at_start)[0], lp)
+            out["top_logprobs"].append(top)
+        return out
+
+
+def _bytes(raw) -> Optional[list[int]]:
+    return None if raw is None else list(raw)
+
+
+def _join_legacy(a: Optional[dict], b: dict) -> dict:
+    return b if a is None else {k: a[k] + b[k] for k in b}
 
 
 def _sse(obj: dict) -> str:

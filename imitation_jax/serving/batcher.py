@@ -7,8 +7,10 @@ as the previous one ends: batches grow with the load without any fixed delay. (R
 join a batch already decoding; that would need continuous batching inside the generator.)
 
 Each request has an asyncio queue on the server's event loop; the worker pushes text deltas
-(the generator's `on_text`, already held back at possible stop strings) and then the final
-`Completion` (or an exception) into it with `call_soon_threadsafe`.
+(the generator's `on_text`, already held back at possible stop strings, each with the
+log-probabilities of the tokens produced since the previous delta when the request asked for
+them), the prompt's log-probabilities (echo) and then the final `Completion` (or an exception)
+into it with `call_soon_threadsafe`.
 """
 
 from __future__ import annotations
@@ -35,6 +37,17 @@ class Request:
     def push(self, item: Any) -> None:
         if not self.cancelled:
             self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+
+
+@dataclasses.dataclass
+class Delta:
+    text: str
+    logprobs: list  # generate.TokenLogprob of the tokens since the previous delta (empty if not asked)
+
+
+@dataclasses.dataclass
+class PromptLogprobs:
+    entries: list  # Completion.prompt_logprobs, pushed as soon as the prefill has them
 
 
 @dataclasses.dataclass
@@ -93,12 +106,22 @@ class Batcher:
             self.batches += 1
             self.requests += len(batch)
 
+            pending: list[list] = [[] for _ in batch]
+
             def on_text(i: int, delta: str) -> None:
-                batch[i].push(delta)
+                batch[i].push(Delta(delta, pending[i]))
+                pending[i] = []
+
+            def on_logprob(i: int, entry) -> None:
+                pending[i].append(entry)
+
+            def on_prompt_logprobs(i: int, entries) -> None:
+                batch[i].push(PromptLogprobs(entries))
 
             try:
                 done = self.generator.generate([r.prompt for r in batch], [r.params for r in batch],
-                                               on_text=on_text)
+                                               on_text=on_text, on_logprob=on_logprob,
+                                               on_prompt_logprobs=on_prompt_logprobs)
             except Exception as exc:  # noqa: BLE001 - every waiting request must hear about it
                 log.exception("generation failed")
                 for r in batch:

@@ -1,6 +1,6 @@
 """Request bodies of the OpenAI API subset we serve (pydantic). Unknown fields are ignored, as
-OpenAI clients send many we have no use for; fields whose meaning we cannot honour (n > 1,
-logprobs, tools, non-text content) are refused with a 400 rather than silently dropped."""
+OpenAI clients send many we have no use for; fields whose meaning we cannot honour (n > 1, tools,
+non-text content) are refused with a 400 rather than silently dropped."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_STOP = 4  # as OpenAI
-_UNSUPPORTED = {"logprobs": "logprobs are not supported", "tools": "tools are not supported",
-                "echo": "echo is not supported"}
+MAX_LOGPROBS = 20  # as OpenAI's top_logprobs (generate.sampling.MAX_LOGPROBS)
+_UNSUPPORTED = {"tools": "tools are not supported"}
 
 
 class TextPart(BaseModel):
@@ -45,7 +45,6 @@ class _Sampling(BaseModel):
     seed: Optional[int] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    logprobs: Optional[Union[bool, int]] = None
 
     @field_validator("stop")
     @classmethod
@@ -55,7 +54,7 @@ class _Sampling(BaseModel):
         return v
 
     # Fields a request may carry but we cannot honour: refused when set to anything truthy.
-    # check_fields=False: `tools` and `echo` are declared by the subclasses.
+    # check_fields=False: `tools` is declared by a subclass.
     @field_validator(*_UNSUPPORTED, check_fields=False)
     @classmethod
     def _unsupported(cls, v, info):
@@ -71,6 +70,8 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     tools: Optional[list] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
 
     def limit(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -78,8 +79,9 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[str], list[int]]
-    max_tokens: Optional[int] = Field(16, ge=1)  # OpenAI's default for completions
+    max_tokens: Optional[int] = Field(16, ge=0)  # OpenAI's default; 0 only with echo (scoring a text)
     echo: bool = False
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
 
     @field_validator("prompt")
     @classmethod
