@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import json
+import re
 import os
 
 import httpx
@@ -446,3 +447,49 @@ def test_logprobs_bad_values_are_400s(server):
                          json={**chat, "logprobs": True, "top_logprobs": 20}).status_code == 200
     with pytest.raises(openai.BadRequestError, match="top_logprobs"):
         client(server).chat.completions.create(model="tiny", messages=chat["messages"], top_logprobs=3)
+
+
+def test_collect_top_logprobs_from_serve(server, tmp_path, monkeypatch, capsys):
+    """`collect --top-logprobs 5` against our own `serve`: every stored answer's tokens, logprobs and
+    top-5 alternatives are the served model's own (log_softmax of a direct forward pass, greedy), and
+    the stored records read back through the format `prepare` will use."""
+    from imitation_jax.cli import main
+    from imitation_jax.data.teacher_logprobs import parse
+
+    with open(KOALA, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    gen, loaded = server["generator"], server["loaded"]
+    chosen = [r for r in records if len(gen.encode_chat([{"role": "user", "content": r["prompt"]}])) < MAX_LEN - 16][:10]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in chosen), encoding="utf-8")
+    out = tmp_path / "collected.jsonl"
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    rc = main(["collect", "--prompts", str(prompts), "--base-url", server["base_url"], "--model", "tiny",
+               "--out", str(out), "--max-tokens", "12", "--temperature", "0", "--top-logprobs", "5", "--quiet"])
+    printed = capsys.readouterr().out
+    lines = out.read_text(encoding="utf-8").splitlines()
+    # This random model often emits byte pieces that are not valid UTF-8 (the text shows U+FFFD): those
+    # tokens cannot concatenate to the text, so such an answer is a counted failure, never a stored
+    # record; every other answer is stored.
+    failed = set(re.findall(r"failed (\S+): bad logprobs", printed))
+    stored = {json.loads(line)["id"] for line in lines}
+    assert stored and stored | failed == {r["id"] for r in chosen} and rc == (1 if failed else 0), printed
+    c = client(server)
+    for r in chosen:
+        text = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": r["prompt"]}],
+                                         max_tokens=12, temperature=0).choices[0].message.content
+        assert ("\ufffd" in text) == (r["id"] in failed), (r["id"], text)
+    for n, line in enumerate(lines, 1):
+        record = json.loads(line)
+        stored = parse(record, f"{out}:{n}")
+        (index, teacher), = stored.items()
+        assert record["messages"][index]["role"] == "assistant" and teacher.k == 5
+        prompt = gen.encode_chat(record["messages"][:index])
+        ref = greedy_reference(loaded, prompt, 12)
+        assert len(teacher.tokens) == len(ref)
+        lp = direct_logprobs(loaded, prompt + ref)
+        for j, (token, entry) in enumerate(zip(ref, teacher.tokens)):
+            row = lp[len(prompt) - 1 + j]
+            np.testing.assert_allclose(entry.logprob, row[token], atol=1e-4)
+            _check_top([a.logprob for a in entry.top], row, 5)
+        assert b"".join(t.bytes for t in teacher.tokens) == record["messages"][index]["content"].encode("utf-8")
