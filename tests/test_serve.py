@@ -7,8 +7,8 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import json
-import re
 import os
+import re
 
 import httpx
 import numpy as np
