@@ -28,8 +28,9 @@ wanting Hinton's gradient scale multiplies the loss by T^2.
 Both return *sums* (loss, trained tokens) like `train.loss.masked_cross_entropy`; the caller
 divides by the trained-token count of the whole global batch. The output layer and the divergence
 are one `jax.custom_vjp` computed as in `train.loss`: the forward pass computes d(loss)/d(hidden)
-and d(loss)/d(kernel) chunk by chunk (autodiff of the divergence on the chunk's logits, the output
-layer's two matmuls by hand), and the backward pass only scales them. The teacher gets no gradient.
+and d(loss)/d(kernel) chunk by chunk (the divergence's gradient w.r.t. the chunk's logits in closed
+form, written in the same pass as the loss), and the backward pass only scales them. The teacher
+gets no gradient.
 """
 
 from __future__ import annotations
@@ -63,13 +64,25 @@ def check_divergence(loss: str, beta: float, temperature: float) -> None:
 def divergence(log_p: jax.Array, log_q: jax.Array, loss: str, beta: float = 0.5) -> jax.Array:
     """Per-row divergence over the last axis between normalised log-probabilities log_p (teacher)
     and log_q (student); outcomes with log-probability `_NEG` in both contribute nothing."""
+    return _divergence_and_grad(log_p, log_q, loss, beta)[0]
+
+
+def _divergence_and_grad(log_p, log_q, loss: str, beta: float):
+    """(per-row divergence, its gradient w.r.t. the student's logits u, log_q = log_softmax(u)).
+    With a = d(div)/dq, that gradient is q * (a - <q, a>): forward KL a = -p/q, so q - p; reverse
+    KL a = log q - log p + 1; JSD a = (1 - beta)(log q - log m)."""
     p, q = jnp.exp(log_p), jnp.exp(log_q)
+    dot = lambda x, y: jnp.sum(x * y, axis=-1, keepdims=True)  # noqa: E731
     if loss == "forward_kl" or (loss == "jsd" and beta == 0.0):
-        return jnp.sum(p * (log_p - log_q), axis=-1)
+        return dot(p, log_p - log_q)[..., 0], q - p
     if loss == "reverse_kl" or (loss == "jsd" and beta == 1.0):
-        return jnp.sum(q * (log_q - log_p), axis=-1)
+        r = log_q - log_p
+        div = dot(q, r)
+        return div[..., 0], q * (r - div)
     log_m = jnp.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-    return beta * jnp.sum(p * (log_p - log_m), axis=-1) + (1.0 - beta) * jnp.sum(q * (log_q - log_m), axis=-1)
+    a = (1.0 - beta) * (log_q - log_m)
+    div = beta * dot(p, log_p - log_m) + dot(q, a)
+    return div[..., 0], q * (a - dot(q, a))
 
 
 def _identity(params, h):
@@ -87,7 +100,8 @@ def _log1mexp(x):
 
 def _sparse_buckets(logits, ids, teacher_logprobs, temperature: float, tail_floor: float):
     """(rows, V) student logits, (rows, K) ids and teacher logprobs -> tempered log-probabilities
-    (rows, K + 1) of the teacher and the student over the K ids and the tail bucket."""
+    (rows, K + 1) of the teacher and the student over the K ids and the tail bucket, and for the
+    backward pass: the log-sum-exp of the unlisted ids' logits (rows, 1)."""
     v = logits.shape[-1]
     valid = (ids >= 0) & (ids < v)
     lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
@@ -105,7 +119,7 @@ def _sparse_buckets(logits, ids, teacher_logprobs, temperature: float, tail_floo
     tail = jnp.maximum(_log1mexp(jnp.minimum(listed_mass, 0.0)), math.log(tail_floor))
     teacher = jax.lax.stop_gradient(jnp.concatenate([lt, jnp.where(has_tail, tail, _NEG)], -1))
     temper = lambda a: jax.nn.log_softmax(a / temperature, axis=-1)  # noqa: E731
-    return temper(teacher), temper(student)
+    return temper(teacher), temper(student), rest
 
 
 class _Sparse:
@@ -124,10 +138,25 @@ class _Sparse:
         ids, logprobs = chunk
         return ids.reshape(-1, ids.shape[-1]), logprobs.reshape(-1, logprobs.shape[-1])
 
-    def rows(self, logits, signal):
+    def loss_and_grad(self, logits, signal, m, with_grads: bool):
+        """Masked divergence sum [and its gradient w.r.t. the (rows, V) logits]."""
         loss, beta, temperature, tail_floor = self.args
-        log_p, log_q = _sparse_buckets(logits, *signal, temperature, tail_floor)
-        return divergence(log_p, log_q, loss, beta)
+        ids, _ = signal
+        log_p, log_q, rest = _sparse_buckets(logits, *signal, temperature, tail_floor)
+        div, g = _divergence_and_grad(log_p, log_q, loss, beta)
+        if not with_grads:
+            return jnp.sum(div * m)
+        # g: the gradient w.r.t. the tempered buckets' logits (bucket log-probabilities / T). A listed
+        # id's logit moves its bucket alone; an unlisted one moves the tail's log-sum-exp by its
+        # share of the tail. The log-sum-exp over the whole vocabulary shifts every bucket alike,
+        # which the tempered softmax ignores, so it contributes nothing.
+        g = g * (m[:, None] / temperature)
+        v = logits.shape[-1]
+        rows = jnp.arange(logits.shape[0])[:, None]
+        # Unlisted ids have logit <= rest; the listed ones' values are then overwritten in place.
+        dlogits = g[:, -1:] * jnp.exp(jnp.minimum(logits - rest, 0.0))
+        dlogits = dlogits.at[rows, jnp.where((ids >= 0) & (ids < v), ids, v)].set(g[:, :-1], mode="drop")
+        return jnp.sum(div * m), dlogits
 
 
 class _Dense:
@@ -148,9 +177,13 @@ class _Dense:
         logits = jnp.dot(hidden.reshape(-1, hidden.shape[-1]), kernel, preferred_element_type=jnp.float32)
         return jax.lax.stop_gradient(jax.nn.log_softmax(logits / self.args[2], axis=-1))
 
-    def rows(self, logits, signal):
+    def loss_and_grad(self, logits, log_p, m, with_grads: bool):
+        """Masked divergence sum [and its gradient w.r.t. the (rows, V) logits]."""
         loss, beta, temperature, _ = self.args
-        return divergence(signal, jax.nn.log_softmax(logits / temperature, axis=-1), loss, beta)
+        div, g = _divergence_and_grad(log_p, jax.nn.log_softmax(logits / temperature, axis=-1), loss, beta)
+        if not with_grads:
+            return jnp.sum(div * m)
+        return jnp.sum(div * m), g * (m[:, None] / temperature)
 
 
 def _chunk_terms(kind, tail, params, xs, kernel, const, tchunk, m, with_grads: bool):
@@ -163,10 +196,9 @@ def _chunk_terms(kind, tail, params, xs, kernel, const, tchunk, m, with_grads: b
     h = hidden.reshape(-1, hidden.shape[-1])
     logits = jnp.dot(h, kernel, preferred_element_type=jnp.float32)
     signal = kind.teacher(const, tchunk)
-    masked_sum = lambda z: jnp.sum(kind.rows(z, signal) * m)  # noqa: E731
     if not with_grads:
-        return masked_sum(logits)
-    loss, dlogits = jax.value_and_grad(masked_sum)(logits)
+        return kind.loss_and_grad(logits, signal, m, with_grads=False)
+    loss, dlogits = kind.loss_and_grad(logits, signal, m, with_grads=True)
     dlogits = dlogits.astype(h.dtype)
     dh = jnp.dot(dlogits, kernel.T, preferred_element_type=jnp.float32)
     dk = jnp.dot(h.T, dlogits, preferred_element_type=jnp.float32)
