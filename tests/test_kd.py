@@ -10,6 +10,7 @@ from flax import nnx
 
 from imitation_jax.errors import ConfigError
 from imitation_jax.train.kd import dense_kd_loss, sparse_kd_loss
+from imitation_jax.train.loss import masked_cross_entropy
 
 B, T, D, DT, V, K = 3, 8, 6, 10, 50, 5
 FLOOR = 1e-6
@@ -305,6 +306,39 @@ def test_under_jit_with_bf16_hidden():
         np.testing.assert_allclose(ours[0], ref[0], rtol=5e-2)
     grads = jax.jit(jax.grad(lambda h, k: f(h, k)[0], argnums=(0, 1)))(bf(hidden), bf(kernel))
     assert grads[0].dtype == grads[1].dtype == jnp.bfloat16
+
+
+def _reference_ce(h, k, targets, mask):
+    logp = jax.nn.log_softmax(h @ k, axis=-1)
+    return -jnp.sum(jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0] * mask)
+
+
+@pytest.mark.parametrize("source", ["sparse", "dense"])
+@pytest.mark.parametrize("chunk", [0, 3])
+def test_cross_entropy_weighted_in_from_the_same_logits(source, chunk):
+    """With targets: loss = kd_weight * kd + ce_weight * ce, its gradient that of the textbook mix;
+    the parts equal the divergence alone and `masked_cross_entropy`."""
+    hidden, kernel, th, tk, mask = _inputs(18)
+    ids, lp = _top_k(th, tk)
+    targets = jax.random.randint(jax.random.key(19), (B, T), 0, V)
+    targets = jnp.where(jnp.arange(T) % 2 == 0, jnp.argmax(hidden @ kernel, -1), targets)  # some correct
+    kw = dict(loss="reverse_kl", temperature=1.5, chunk=chunk)
+    if source == "sparse":
+        f = lambda h, k, **w: sparse_kd_loss(h, k, ids, lp, mask, **kw, **w)  # noqa: E731
+        kd_ref = lambda h, k: _reference_sparse(h, k, ids, lp, mask, "reverse_kl", 0.5, 1.5)[0]  # noqa: E731
+    else:
+        f = lambda h, k, **w: dense_kd_loss(h, k, th, tk, mask, **kw, **w)  # noqa: E731
+        kd_ref = lambda h, k: _reference_dense(h, k, th, tk, mask, "reverse_kl", 0.5, 1.5)[0]  # noqa: E731
+    ours = lambda h, k: f(h, k, targets=targets, kd_weight=0.4, ce_weight=0.6)[:2]  # noqa: E731
+    ref = lambda h, k: (0.4 * kd_ref(h, k) + 0.6 * _reference_ce(h, k, targets, mask), jnp.sum(mask))  # noqa: E731
+    _assert_loss_and_grads(ours, ref, (hidden, kernel))
+    _, tokens, parts = f(hidden, kernel, targets=targets, kd_weight=0.4, ce_weight=0.6)
+    ce, correct, ce_tokens = masked_cross_entropy(hidden, kernel, targets, mask)
+    np.testing.assert_allclose(parts["kd"], f(hidden, kernel)[0], rtol=1e-6)
+    np.testing.assert_allclose(parts["ce"], ce, rtol=1e-6)
+    assert parts["correct"] == correct > 0 and tokens == ce_tokens
+    with pytest.raises(ValueError, match="ce_weight needs the targets"):
+        f(hidden, kernel, ce_weight=0.5)
 
 
 @pytest.mark.parametrize("kw,message", [

@@ -36,7 +36,9 @@ gets no gradient.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import partial
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -122,17 +124,15 @@ def _sparse_buckets(logits, ids, teacher_logprobs, temperature: float, tail_floo
     return temper(teacher), temper(student), rest
 
 
+@dataclass(frozen=True)
 class _Sparse:
     """Teacher signal per chunk: (ids (B, C, K), logprobs (B, C, K)); no teacher model."""
-
-    def __init__(self, loss, beta, temperature, tail_floor):
-        self.args = loss, beta, temperature, tail_floor
-
-    def __hash__(self):
-        return hash(self.args)
-
-    def __eq__(self, other):
-        return isinstance(other, _Sparse) and self.args == other.args
+    loss: str
+    beta: float
+    temperature: float
+    tail_floor: float
+    kd_weight: float
+    ce_weight: float
 
     def teacher(self, const, chunk):
         ids, logprobs = chunk
@@ -140,7 +140,7 @@ class _Sparse:
 
     def loss_and_grad(self, logits, signal, m, with_grads: bool):
         """Masked divergence sum [and its gradient w.r.t. the (rows, V) logits]."""
-        loss, beta, temperature, tail_floor = self.args
+        loss, beta, temperature, tail_floor = self.loss, self.beta, self.temperature, self.tail_floor
         ids, _ = signal
         log_p, log_q, rest = _sparse_buckets(logits, *signal, temperature, tail_floor)
         div, g = _divergence_and_grad(log_p, log_q, loss, beta)
@@ -159,51 +159,73 @@ class _Sparse:
         return jnp.sum(div * m), dlogits
 
 
+@dataclass(frozen=True)
 class _Dense:
     """Teacher signal per chunk: its tail inputs (B, C, ...) -> its tempered log-probabilities."""
-
-    def __init__(self, loss, beta, temperature, teacher_call):
-        self.args = loss, beta, temperature, teacher_call
-
-    def __hash__(self):
-        return hash(self.args)
-
-    def __eq__(self, other):
-        return isinstance(other, _Dense) and self.args == other.args
+    loss: str
+    beta: float
+    temperature: float
+    teacher_call: Callable
+    kd_weight: float
+    ce_weight: float
 
     def teacher(self, const, chunk):
         params, kernel = const
-        hidden = self.args[3](params, *chunk)
+        hidden = self.teacher_call(params, *chunk)
         logits = jnp.dot(hidden.reshape(-1, hidden.shape[-1]), kernel, preferred_element_type=jnp.float32)
-        return jax.lax.stop_gradient(jax.nn.log_softmax(logits / self.args[2], axis=-1))
+        return jax.lax.stop_gradient(jax.nn.log_softmax(logits / self.temperature, axis=-1))
 
     def loss_and_grad(self, logits, log_p, m, with_grads: bool):
         """Masked divergence sum [and its gradient w.r.t. the (rows, V) logits]."""
-        loss, beta, temperature, _ = self.args
+        loss, beta, temperature = self.loss, self.beta, self.temperature
         div, g = _divergence_and_grad(log_p, jax.nn.log_softmax(logits / temperature, axis=-1), loss, beta)
         if not with_grads:
             return jnp.sum(div * m)
         return jnp.sum(div * m), g * (m[:, None] / temperature)
 
 
+def _cross_entropy(logits, y, m, with_grads: bool):
+    """Masked next-token cross entropy of (rows, V) logits: loss sum, correct sum [, dlogits]."""
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    lse = top + jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1, keepdims=True))
+    target = jnp.take_along_axis(logits, y[:, None], axis=-1)
+    loss = jnp.sum((lse - target)[:, 0] * m)
+    correct = jnp.sum((target >= top)[:, 0].astype(jnp.float32) * m)  # the target logit is a maximum
+    if not with_grads:
+        return loss, correct, None
+    onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == y[:, None]
+    return loss, correct, jnp.exp(logits - lse) * m[:, None] - jnp.where(onehot, m[:, None], 0.0)
+
+
 def _chunk_terms(kind, tail, params, xs, kernel, const, tchunk, m, with_grads: bool):
-    """One chunk: xs (B, C, ...) student tail inputs, tchunk the teacher's chunk, m (B*C,) fp32 ->
-    loss sum [, d(tail params), d(xs), dkernel (D, V) fp32]."""
+    """One chunk: xs (B, C, ...) student tail inputs, tchunk (the teacher's chunk, targets (B, C) or
+    None), m (B*C,) fp32 -> sums (loss, kd, ce, correct) [, d(tail params), d(xs), dkernel fp32]."""
     if with_grads:
         hidden, tail_vjp = jax.vjp(tail, params, *xs)
     else:
         hidden = tail(params, *xs)
     h = hidden.reshape(-1, hidden.shape[-1])
     logits = jnp.dot(h, kernel, preferred_element_type=jnp.float32)
-    signal = kind.teacher(const, tchunk)
+    teacher_chunk, y = tchunk
+    out = kind.loss_and_grad(logits, kind.teacher(const, teacher_chunk), m, with_grads)
+    kd, dlogits = out if with_grads else (out, None)
+    ce = correct = jnp.zeros((), jnp.float32)
+    loss = kind.kd_weight * kd
+    if with_grads:
+        dlogits = kind.kd_weight * dlogits
+    if y is not None:  # the student's cross entropy on the same logits, weighted in
+        ce, correct, dce = _cross_entropy(logits, y.reshape(-1), m, with_grads)
+        loss = loss + kind.ce_weight * ce
+        if with_grads:
+            dlogits = dlogits + kind.ce_weight * dce
+    sums = (loss, kd, ce, correct)
     if not with_grads:
-        return kind.loss_and_grad(logits, signal, m, with_grads=False)
-    loss, dlogits = kind.loss_and_grad(logits, signal, m, with_grads=True)
+        return sums
     dlogits = dlogits.astype(h.dtype)
     dh = jnp.dot(dlogits, kernel.T, preferred_element_type=jnp.float32)
     dk = jnp.dot(h.T, dlogits, preferred_element_type=jnp.float32)
     dparams, *dxs = tail_vjp(dh.astype(hidden.dtype).reshape(hidden.shape))
-    return loss, dparams, tuple(dxs), dk
+    return sums, dparams, tuple(dxs), dk
 
 
 def _over_chunks(kind, tail, params, xs, kernel, const, tchunks, m, live, with_grads: bool):
@@ -215,6 +237,7 @@ def _over_chunks(kind, tail, params, xs, kernel, const, tchunks, m, live, with_g
         out = _chunk_terms(kind, tail, params, first(xs), kernel, const, first(tchunks), m[0], with_grads)
         return out if not with_grads else (out[0], out[1], tuple(d[None] for d in out[2]), out[3])
     f32_zeros = lambda tree: jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), tree)  # noqa: E731
+    add = lambda a, b: jax.tree.map(jnp.add, a, b)  # noqa: E731
 
     def body(carry, chunk):
         i, xc, tc, mc = chunk
@@ -222,17 +245,16 @@ def _over_chunks(kind, tail, params, xs, kernel, const, tchunks, m, live, with_g
         def compute(carry):
             out = _chunk_terms(kind, tail, params, xc, kernel, const, tc, mc, with_grads)
             if not with_grads:
-                return carry + out, None
-            dparams, dk = jax.tree.map(jnp.add, carry[1:], (out[1], out[3]))
-            return (carry[0] + out[0], dparams, dk), out[2]
+                return add(carry, out), None
+            return add(carry, (out[0], out[1], out[3])), out[2]
 
         def skip(carry):
             return carry, (tuple(jnp.zeros(x.shape, x.dtype) for x in xc) if with_grads else None)
 
         return jax.lax.cond(i < live, compute, skip, carry)
 
-    zero = jnp.zeros((), jnp.float32)
-    init = (zero, f32_zeros(params), f32_zeros(kernel)) if with_grads else zero
+    sums = (jnp.zeros((), jnp.float32),) * 4
+    init = (sums, f32_zeros(params), f32_zeros(kernel)) if with_grads else sums
     carry, dxs = jax.lax.scan(body, init, (jnp.arange(n), tuple(xs), tchunks, m))
     if not with_grads:
         return carry
@@ -245,13 +267,14 @@ def _fused_kd(kind, tail, params, xs, kernel, const, tchunks, m, live):
 
 
 def _fused_kd_fwd(kind, tail, params, xs, kernel, const, tchunks, m, live):
-    loss, dparams, dxs, dk = _over_chunks(kind, tail, params, xs, kernel, const, tchunks, m, live, with_grads=True)
+    sums, dparams, dxs, dk = _over_chunks(kind, tail, params, xs, kernel, const, tchunks, m, live, with_grads=True)
     cast = lambda d, like: jax.tree.map(lambda a, b: a.astype(b.dtype), d, like)  # noqa: E731
-    return loss, (cast(dparams, params), cast(tuple(dxs), tuple(xs)), dk.astype(kernel.dtype))
+    return sums, (cast(dparams, params), cast(tuple(dxs), tuple(xs)), dk.astype(kernel.dtype))
 
 
 def _fused_kd_bwd(kind, tail, res, g):
-    scale = lambda tree: jax.tree.map(lambda a: (a * g).astype(a.dtype), tree)  # noqa: E731
+    # Only the weighted loss (sums[0]) is differentiated; the kd / ce / correct parts are metrics.
+    scale = lambda tree: jax.tree.map(lambda a: (a * g[0]).astype(a.dtype), tree)  # noqa: E731
     dparams, dxs, dk = res
     return scale(dparams), scale(dxs), scale(dk), None, None, None, None
 
@@ -266,13 +289,13 @@ def _split_tail(hidden, tail):
     return partial(_call_module, graphdef), params, tuple(hidden)
 
 
-def _run(kind, hidden, kernel, tail, const, teacher_per_position, mask, chunk: int):
+def _run(kind, hidden, kernel, tail, const, teacher_per_position, targets, mask, chunk: int):
     """Sort trained positions first, cut (B, T, ...) into chunks, run the fused loss."""
     call, params, xs = _split_tail(hidden, tail)
     b, t = mask.shape
     mask = mask.astype(jnp.float32)
     kernel = kernel.astype(xs[0].dtype)
-    per_position = (tuple(xs), teacher_per_position)
+    per_position = (tuple(xs), (teacher_per_position, targets))
     if chunk <= 0 or chunk >= t:
         live, chunk = jnp.ones((), jnp.int32), t
     else:
@@ -295,14 +318,21 @@ def _run(kind, hidden, kernel, tail, const, teacher_per_position, mask, chunk: i
 
     xs, tchunks = jax.tree.map(to_chunks, per_position)
     m = to_chunks(mask).reshape(t // chunk, b * chunk)
-    loss = _fused_kd(kind, call, params, xs, kernel, const, tchunks, m, live)
-    return loss, jnp.sum(mask)
+    loss, kd, ce, correct = _fused_kd(kind, call, params, xs, kernel, const, tchunks, m, live)
+    if targets is None:
+        return loss, jnp.sum(mask)
+    return loss, jnp.sum(mask), {"kd": kd, "ce": ce, "correct": correct}
+
+
+def _check_weights(targets, ce_weight: float) -> None:
+    if targets is None and ce_weight != 0.0:
+        raise ValueError("ce_weight needs the targets")
 
 
 def sparse_kd_loss(hidden, kernel: jax.Array, teacher_ids: jax.Array, teacher_logprobs: jax.Array,
                    mask: jax.Array, *, loss: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
-                   chunk: int = 0, tail: nnx.Module | None = None, tail_floor: float = 1e-6
-                   ) -> tuple[jax.Array, jax.Array]:
+                   chunk: int = 0, tail: nnx.Module | None = None, tail_floor: float = 1e-6,
+                   targets: jax.Array | None = None, kd_weight: float = 1.0, ce_weight: float = 0.0):
     """Divergence between the teacher's stored top-K and the student, summed over trained positions.
 
     hidden (B, T, D) the student's final hidden states (or, with `tail`, the tuple of its inputs,
@@ -319,26 +349,33 @@ def sparse_kd_loss(hidden, kernel: jax.Array, teacher_ids: jax.Array, teacher_lo
     are all padded has only the tail bucket on both sides and costs 0.
 
     chunk > 0: (B, chunk) positions at a time, trained ones first, chunks past every row's last
-    trained position skipped (as in `masked_cross_entropy`). Returns (loss sum, trained tokens) in
-    fp32, differentiable w.r.t. hidden, kernel and the tail's parameters; the teacher's arrays get a
-    zero gradient. The train step will call it in `loss_sums` next to (or instead of)
-    `masked_cross_entropy`, with batch["teacher_ids"], batch["teacher_logprobs"], batch["loss_mask"].
+    trained position skipped (as in `masked_cross_entropy`).
+
+    Returns (loss sum, trained tokens) in fp32, loss = kd_weight * (divergence sum), differentiable
+    w.r.t. hidden, kernel and the tail's parameters; the teacher's arrays get a zero gradient.
+    With `targets` (B, T) int, the student's cross entropy on them is computed from the same chunk
+    logits (one output layer for both) and the loss is kd_weight * kd + ce_weight * ce; the return
+    is then (loss sum, trained tokens, {"kd": divergence sum, "ce": cross-entropy sum, "correct":
+    correct predictions}), the dict's sums being metrics (not differentiated). The train step will
+    call it in `loss_sums` with batch["teacher_ids"], batch["teacher_logprobs"], batch["loss_mask"]
+    (and batch["targets"] for `kd.alpha`), dividing every sum by the global trained-token count.
     """
     check_divergence(loss, beta, temperature)
+    _check_weights(targets, ce_weight)
     if not tail_floor > 0.0:
         raise ConfigError(f"tail_floor must be > 0, not {tail_floor}")
     if teacher_ids.shape != teacher_logprobs.shape or teacher_ids.shape[:2] != mask.shape:
         raise ValueError(f"teacher_ids {teacher_ids.shape} and teacher_logprobs {teacher_logprobs.shape} "
                          f"must both be (B, T, K) with (B, T) = mask's {mask.shape}")
-    kind = _Sparse(loss, float(beta), float(temperature), float(tail_floor))
+    kind = _Sparse(loss, float(beta), float(temperature), float(tail_floor), float(kd_weight), float(ce_weight))
     teacher_ids = jnp.where(mask[..., None] > 0, teacher_ids, -1)  # untrained: nothing read, even NaN
-    return _run(kind, hidden, kernel, tail, (), (teacher_ids, teacher_logprobs), mask, chunk)
+    return _run(kind, hidden, kernel, tail, (), (teacher_ids, teacher_logprobs), targets, mask, chunk)
 
 
 def dense_kd_loss(hidden, kernel: jax.Array, teacher_hidden, teacher_kernel: jax.Array, mask: jax.Array, *,
                   loss: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0, chunk: int = 0,
-                  tail: nnx.Module | None = None, teacher_tail: nnx.Module | None = None
-                  ) -> tuple[jax.Array, jax.Array]:
+                  tail: nnx.Module | None = None, teacher_tail: nnx.Module | None = None,
+                  targets: jax.Array | None = None, kd_weight: float = 1.0, ce_weight: float = 0.0):
     """Divergence between an in-mesh teacher and the student over the full vocabulary, summed over
     trained positions.
 
@@ -348,12 +385,13 @@ def dense_kd_loss(hidden, kernel: jax.Array, teacher_hidden, teacher_kernel: jax
     teacher's `trunk` output), so its last layer also runs for trained chunks only. Each chunk
     computes the teacher's and the student's logits together; the teacher side is under
     stop_gradient and gets a zero gradient. Logits are divided by `temperature` before the
-    log-softmax. chunk, mask and the returned (loss sum, trained tokens) as in `sparse_kd_loss`.
+    log-softmax. chunk, mask, targets, the weights and the return as in `sparse_kd_loss`.
     The train step will run the frozen teacher's `trunk` (or `__call__`) on the same batch and call
     this in `loss_sums` with teacher.output_kernel().
     """
     check_divergence(loss, beta, temperature)
+    _check_weights(targets, ce_weight)
     t_call, t_params, t_xs = _split_tail(teacher_hidden, teacher_tail)
     t_kernel = teacher_kernel.astype(t_xs[0].dtype)
-    kind = _Dense(loss, float(beta), float(temperature), t_call)
-    return _run(kind, hidden, kernel, tail, (t_params, t_kernel), tuple(t_xs), mask, chunk)
+    kind = _Dense(loss, float(beta), float(temperature), t_call, float(kd_weight), float(ce_weight))
+    return _run(kind, hidden, kernel, tail, (t_params, t_kernel), tuple(t_xs), targets, mask, chunk)
