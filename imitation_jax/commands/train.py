@@ -28,6 +28,16 @@ def init_source(cfg):
                                                 program.abstract["params"], seed)
 
 
+def teacher_source(cfg):
+    """kd.source=teacher: the teacher (a run dir, import-hf dir or HF dir) loaded frozen onto the
+    run's mesh, its parameters placed by the same sharding rules (None for other objectives)."""
+    if not (cfg.train.objective == "kd" and cfg.kd.source == "teacher"):
+        return None
+    from imitation_jax.convert.loading import load_model
+
+    return lambda mesh: load_model(cfg.kd.teacher, dtype=cfg.kd.teacher_dtype, mesh=mesh)
+
+
 def task_eval_hook(program, tokenizer):
     """lm-eval tasks on the live parameters (`eval.tasks`) as a training-loop hook."""
     if not program.cfg.eval.tasks:
@@ -38,10 +48,12 @@ def task_eval_hook(program, tokenizer):
 
 
 def run_training(cfg, restart: bool = False) -> dict:
-    """`train` with what the command layer adds: the init source and the task-eval hook."""
+    """`train` with what the command layer adds: the init source, the task-eval hook and the
+    in-mesh teacher."""
     from imitation_jax.train.loop import train
 
-    return train(cfg, restart=restart, init=init_source(cfg), hooks=(task_eval_hook,))
+    return train(cfg, restart=restart, init=init_source(cfg), hooks=(task_eval_hook,),
+                 teacher=teacher_source(cfg))
 
 
 def run(args: argparse.Namespace) -> int:

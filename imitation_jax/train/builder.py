@@ -20,6 +20,7 @@ from imitation_jax.model.config import ModelConfig, with_platform
 from imitation_jax.model.params import abstract_params, model_graph
 from imitation_jax.sharding import batch_sharding, replicated
 from imitation_jax.train.config import Config
+from imitation_jax.train.objectives import make_loss_fn
 from imitation_jax.train.optimizer import make_optimizer
 from imitation_jax.train.state import opt_state_shardings
 from imitation_jax.train.step import accum_batch_sharding, make_eval_step, make_train_step
@@ -94,8 +95,9 @@ class Program:
                                         sharding=self.batch_sharding) for k in BATCH_KEYS}
 
 
-def build_program(cfg: Config, mesh: Mesh, model: ModelConfig, total_steps: int) -> Program:
-    """`model` is resolved (resolve_model); call under `jax.set_mesh(mesh)`."""
+def build_program(cfg: Config, mesh: Mesh, model: ModelConfig, total_steps: int, teacher: Any = None) -> Program:
+    """`model` is resolved (resolve_model); call under `jax.set_mesh(mesh)`. `teacher`: the frozen
+    in-mesh teacher of `kd.source=teacher` (config, graphdef, params placed on `mesh`)."""
     t = cfg.train
     optimizer, schedule = make_optimizer(cfg.optim, total_steps)
     graphdef = model_graph(model)[0]
@@ -105,9 +107,22 @@ def build_program(cfg: Config, mesh: Mesh, model: ModelConfig, total_steps: int)
     abstract = {"params": params, "opt_state": opt,
                 "rng": jax.ShapeDtypeStruct((2,), np.uint32, sharding=replicated(mesh))}
     state_sh = {"params": _shardings(params), "opt_state": _shardings(opt), "step": replicated(mesh)}
-    train_step = make_train_step(graphdef, optimizer, mesh, state_sh, t.loss_chunk, t.fuse_last_layer, model.platform)
+    loss_fn = None
+    if t.objective != "sft":
+        loss_fn = make_loss_fn(graphdef, t.objective, cfg.kd, t.loss_chunk, t.fuse_last_layer,
+                               teacher.graphdef if teacher is not None else None)
+    teacher_sh = _shardings(teacher.params) if teacher is not None else None
+    train_step = make_train_step(graphdef, optimizer, mesh, state_sh, t.loss_chunk, t.fuse_last_layer, model.platform,
+                                 loss_fn, teacher_sh)
     eval_step = make_eval_step(graphdef, mesh, state_sh["params"], t.loss_chunk, t.fuse_last_layer, model.platform)
     return Program(cfg, mesh, model, graphdef, optimizer, schedule, total_steps, abstract, train_step, eval_step)
+
+
+def check_teacher(teacher: Any, student: ModelConfig) -> None:
+    """An in-mesh teacher must share the student's vocabulary (the same tokenizer)."""
+    if teacher.config.vocab_size != student.vocab_size:
+        raise ConfigError(f"kd.teacher: its vocabulary has {teacher.config.vocab_size} ids but the student's has "
+                          f"{student.vocab_size}; an in-mesh teacher needs the student's tokenizer")
 
 
 def _shardings(tree: Any) -> Any:

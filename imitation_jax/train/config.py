@@ -22,6 +22,7 @@ from imitation_jax.model.presets import preset_fields
 from imitation_jax.settings import merge_layers, one_line, read_layers
 from imitation_jax.sharding import MeshConfig
 from imitation_jax.train.metrics import LoggingConfig
+from imitation_jax.train.objectives import KDConfig, validate as validate_objective
 from imitation_jax.train.optimizer import OptimConfig
 
 
@@ -38,6 +39,7 @@ class TrainConfig:
     fuse_last_layer: bool = True  # run the last layer's output projection, MLP and the final norm
                                   # inside the loss chunks too, so only for positions that are trained
                                   # (under nnx.scan, slicing off the last layer costs some temporaries)
+    objective: str = "sft"  # sft: cross entropy on the teacher's text | kd: distillation (kd.*)
     seed: int = 0  # parameter init
     peak_flops: Optional[float] = None  # per device, for MFU; None: known chips, or measured on CPU
     # auto | keep | release: keep freed host memory in the process (no page faults every step) when
@@ -80,6 +82,7 @@ class Config:
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    kd: KDConfig = dataclasses.field(default_factory=KDConfig)
 
 
 def load_config(path: str | None, overrides: Sequence[str] = ()) -> Config:
@@ -115,6 +118,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config: train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
     if t.host_memory not in host_memory.MODES:
         raise ConfigError(f"config: train.host_memory={t.host_memory!r} is not one of {', '.join(host_memory.MODES)}")
+    validate_objective(t.objective, cfg.kd)
     if cfg.init.checkpoint and cfg.init.hf:
         raise ConfigError("config: set at most one of init.checkpoint and init.hf")
     if cfg.optim.schedule not in ("cosine", "linear", "constant"):

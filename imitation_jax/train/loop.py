@@ -21,7 +21,7 @@ from imitation_jax.data.training import TrainingData, load_training_data
 from imitation_jax.errors import ConfigError
 from imitation_jax.model.params import init_params
 from imitation_jax.sharding import make_mesh, replicated
-from imitation_jax.train.builder import Program, build_program, micro_batch, resolve_model
+from imitation_jax.train.builder import Program, build_program, check_teacher, micro_batch, resolve_model
 from imitation_jax.train.config import Config, save_resolved
 from imitation_jax.train.flops import peak_flops_per_device
 from imitation_jax.train.hooks import Checkpointing, HeldOutEval, Hook, LogMetrics, StepInfo, Throughput
@@ -35,6 +35,8 @@ from imitation_jax.train.state import init_opt_state, step_scalar
 InitParams = Callable[[Program, int], Any]
 # (program, tokenizer) -> a hook, or None (e.g. lm-eval tasks from the evaluation layer)
 HookFactory = Callable[[Program, Any], "Hook | None"]
+# mesh -> the frozen teacher of kd.source=teacher (.config, .graphdef, .params placed on the mesh)
+TeacherSource = Callable[[Any], Any]
 
 
 def _global_batch(local: dict[str, np.ndarray], grad_accum: int, sharding) -> dict[str, jax.Array]:
@@ -61,14 +63,18 @@ def evaluate(eval_step, params, loader: BatchLoader, sharding, max_batches: int 
 
 
 def train(cfg: Config, restart: bool = False, *, init: InitParams | None = None,
-          hooks: Sequence[HookFactory] = ()) -> dict[str, Any]:
+          hooks: Sequence[HookFactory] = (), teacher: TeacherSource | None = None) -> dict[str, Any]:
     """Run training, resuming from the newest complete checkpoint in `cfg.run_dir` if there is one
     (`restart=True` sets earlier checkpoints aside instead). `init` makes the first parameters when
-    cfg.init.* is set (commands.train.init_source); `hooks` add periodic work. Returns a summary:
+    cfg.init.* is set (commands.train.init_source); `hooks` add periodic work; `teacher` loads the
+    frozen teacher of kd.source=teacher onto the mesh (commands.train.teacher_source). Returns a summary:
     run dir, steps, first/last loss, eval metrics, checkpoint path, and `preempted` when a signal
     stopped it."""
     if (cfg.init.checkpoint or cfg.init.hf) and init is None:
         raise ValueError("cfg.init is set: pass `init` (imitation_jax.commands.train.init_source(cfg))")
+    in_mesh_teacher = cfg.train.objective == "kd" and cfg.kd.source == "teacher"
+    if in_mesh_teacher and teacher is None:
+        raise ValueError("kd.source=teacher: pass `teacher` (imitation_jax.commands.train.teacher_source(cfg))")
     run_dir = os.path.abspath(cfg.run_dir)
     os.makedirs(run_dir, exist_ok=True)
     data = load_training_data(cfg.data, jax.process_index(), jax.process_count(), progress=cfg.logging.progress)
@@ -81,6 +87,9 @@ def train(cfg: Config, restart: bool = False, *, init: InitParams | None = None,
     t = cfg.train
     micro = micro_batch(cfg, mesh, jax.process_count())
     loader, eval_loader = _loaders(cfg, data, mesh, micro)
+    if cfg.train.objective == "kd" and cfg.kd.source == "stored" and "teacher_ids" not in loader.batch_at(0):
+        raise ConfigError(f"kd.source=stored: {data.path} holds no teacher log-probabilities (collect with "
+                          "--top-logprobs K, then prepare), or use kd.source=teacher")
     total_steps = t.steps if t.steps is not None else max(1, math.ceil(t.epochs * loader.batches_per_epoch))
     config_dict = dataclasses.asdict(cfg)
     if jax.process_index() == 0:
@@ -101,7 +110,12 @@ def train(cfg: Config, restart: bool = False, *, init: InitParams | None = None,
         ckpt = Checkpointer(run_dir, cfg.checkpoint)
 
     with jax.set_mesh(mesh):
-        program = build_program(cfg, mesh, cfg.model, total_steps)
+        frozen = teacher(mesh) if in_mesh_teacher else None
+        if frozen is not None:
+            check_teacher(frozen, cfg.model)
+            _say(f"kd: teacher {frozen.source} ({frozen.config.num_params() / 1e6:.1f}M params, "
+                 f"{frozen.config.param_dtype}), frozen in the same mesh")
+        program = build_program(cfg, mesh, cfg.model, total_steps, frozen)
         try:
             restored = ckpt.restore_latest(program.abstract) if ckpt.steps() or ckpt.incomplete() else None
             if restored is not None:
@@ -125,7 +139,7 @@ def train(cfg: Config, restart: bool = False, *, init: InitParams | None = None,
         rng = state.pop("rng")
         state["step"] = step_scalar(start_step, mesh)
         summary = _run_loop(cfg, program, data, loader, eval_loader, ckpt, state, rng, start_step,
-                            config_dict, hooks)
+                            config_dict, hooks, () if frozen is None else (frozen.params,))
     final = start_step if not ckpt.steps() else ckpt.steps()[-1]
     return {"run_dir": run_dir, "steps": total_steps, "start_step": start_step, **summary,
             "checkpoint": f"{ckpt.directory}/{final}"}
@@ -151,7 +165,8 @@ def _loaders(cfg: Config, data: TrainingData, mesh, micro: int) -> tuple[BatchLo
 
 def _run_loop(cfg: Config, program: Program, data: TrainingData, loader: BatchLoader,
               eval_loader: BatchLoader | None, ckpt: Checkpointer, state: dict, rng, start_step: int,
-              config_dict: dict, hook_factories: Sequence[HookFactory]) -> dict[str, Any]:
+              config_dict: dict, hook_factories: Sequence[HookFactory], teacher_params: tuple = ()
+              ) -> dict[str, Any]:
     t, total_steps, run_dir = cfg.train, program.total_steps, os.path.abspath(cfg.run_dir)
     logger = MetricsLogger(run_dir, cfg.logging.tensorboard, cfg.logging.wandb_project, config=config_dict)
     bar = tqdm(total=total_steps, initial=start_step, desc="train",
@@ -182,7 +197,7 @@ def _run_loop(cfg: Config, program: Program, data: TrainingData, loader: BatchLo
     hooks.append(checkpointing)  # last: it saves what the other hooks saw
     try:
         for step in range(start_step, total_steps):
-            state, metrics = program.train_step(state, next(batches))
+            state, metrics = program.train_step(state, next(batches), *teacher_params)
             clock.steps += 1
             done = step + 1
             info = StepInfo(done, total_steps, start_step, state, metrics,

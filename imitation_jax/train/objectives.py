@@ -1,0 +1,112 @@
+"""Training objectives behind one loss interface: `sft` (cross entropy on the teacher's text) and
+`kd` (a divergence to the teacher's distribution, optionally mixed with that cross entropy).
+
+A loss function takes (params, micro-batch, *teacher) and returns (loss sum, sums), where `sums`
+are per-token sums the train step divides by the trained tokens of the whole global batch and
+reports as metrics. `kd.source=stored` reads the teacher's top-K from the rows (batch keys
+`teacher_ids`, `teacher_logprobs`, written by `prepare` from `collect --top-logprobs`);
+`kd.source=teacher` runs a frozen teacher in the same mesh on the same batch (its parameters are
+the step's third argument: sharded by the same rules, no gradient, no optimizer state).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+from flax import nnx
+
+from imitation_jax.errors import ConfigError
+from imitation_jax.train.kd import check_divergence, dense_kd_loss, sparse_kd_loss
+from imitation_jax.train.loss import masked_cross_entropy
+
+OBJECTIVES = ("sft", "kd")
+SOURCES = ("stored", "teacher")
+
+
+@dataclasses.dataclass
+class KDConfig:
+    source: str = "stored"  # stored: the top-K in the prepared rows | teacher: a model in the same mesh
+    teacher: Optional[str] = None  # kd.source=teacher: a run dir, import-hf dir or HF dir, loaded frozen
+    teacher_dtype: Optional[str] = None  # the teacher's parameter and compute dtype (default: as saved)
+    loss: str = "forward_kl"  # forward_kl | reverse_kl | jsd (generalized JSD of GKD, with beta)
+    beta: float = 0.5  # jsd only: 0 is forward KL, 1 reverse KL
+    temperature: float = 1.0  # both distributions tempered (train.kd's docstring says how)
+    alpha: float = 0.0  # weight of cross entropy on the teacher's text; the divergence gets 1 - alpha
+
+
+def validate(objective: str, kd: KDConfig) -> None:
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"config: train.objective={objective!r} is not one of {', '.join(OBJECTIVES)}")
+    if objective != "kd":
+        return
+    if kd.source not in SOURCES:
+        raise ConfigError(f"config: kd.source={kd.source!r} is not one of {', '.join(SOURCES)}")
+    if kd.source == "teacher" and not kd.teacher:
+        raise ConfigError("config: kd.source=teacher needs kd.teacher (a run dir, import-hf dir or HF dir)")
+    if kd.teacher_dtype not in (None, "float32", "bfloat16", "float16"):
+        raise ConfigError(f"config: kd.teacher_dtype={kd.teacher_dtype!r} is not one of float32, bfloat16, float16")
+    if not 0.0 <= kd.alpha <= 1.0:
+        raise ConfigError(f"config: kd.alpha={kd.alpha} must be in [0, 1]")
+    try:
+        check_divergence(kd.loss, kd.beta, kd.temperature)
+    except ConfigError as exc:
+        raise ConfigError(f"config: {exc}") from None
+
+
+def _student(graphdef, params, batch, fuse_last_layer: bool):
+    """The student model, and its final hidden states (or, fused, the last layer's inputs + tail)."""
+    model = nnx.merge(graphdef, params)
+    args = batch["inputs"], batch["positions"], batch["segment_ids"]
+    if fuse_last_layer:
+        hidden, tail = model.trunk(*args)
+    else:
+        hidden, tail = model(*args), None
+    return model, hidden, tail
+
+
+def sft_sums(graphdef: nnx.GraphDef, params, batch: dict, loss_chunk: int = 0, fuse_last_layer: bool = True):
+    """(loss sum, (correct, trained tokens)) of cross entropy for one (micro-)batch of rows (B, T).
+
+    fuse_last_layer: the model stops before the last layer's position-wise part, which the chunked
+    loss then runs for the chunks holding trained tokens only (the same sums, less work)."""
+    model, hidden, tail = _student(graphdef, params, batch, fuse_last_layer)
+    loss, correct, tokens = masked_cross_entropy(hidden, model.output_kernel(), batch["targets"],
+                                                 batch["loss_mask"], loss_chunk, tail)
+    return loss, (correct, tokens)
+
+
+LossFn = Callable[..., tuple[jax.Array, dict]]
+
+
+def make_loss_fn(graphdef: nnx.GraphDef, objective: str, kd: KDConfig, loss_chunk: int, fuse_last_layer: bool,
+                 teacher_graphdef: Any = None) -> LossFn:
+    """(params, micro-batch[, teacher params]) -> (objective sum, {metric: per-token sum})."""
+    if objective == "sft":
+        def sft(params, batch):
+            loss, (correct, _) = sft_sums(graphdef, params, batch, loss_chunk, fuse_last_layer)
+            return loss, {"accuracy": correct}
+        return sft
+
+    def kd_fn(params, batch, *teacher_params):
+        model, hidden, tail = _student(graphdef, params, batch, fuse_last_layer)
+        kernel, mask = model.output_kernel(), batch["loss_mask"]
+        ce, correct, _ = masked_cross_entropy(hidden, kernel, batch["targets"], mask, loss_chunk, tail)
+        options = dict(loss=kd.loss, beta=kd.beta, temperature=kd.temperature, chunk=loss_chunk, tail=tail)
+        if kd.source == "stored":
+            div, _ = sparse_kd_loss(hidden, kernel, batch["teacher_ids"], batch["teacher_logprobs"], mask, **options)
+        else:
+            (t_params,) = teacher_params
+            teacher = nnx.merge(teacher_graphdef, jax.lax.stop_gradient(t_params))
+            args = batch["inputs"], batch["positions"], batch["segment_ids"]
+            if fuse_last_layer:
+                t_hidden, t_tail = teacher.trunk(*args)
+            else:
+                t_hidden, t_tail = teacher(*args), None
+            div, _ = dense_kd_loss(hidden, kernel, t_hidden, teacher.output_kernel(), mask,
+                                   teacher_tail=t_tail, **options)
+        loss = kd.alpha * ce + (1.0 - kd.alpha) * div
+        return loss, {"accuracy": correct, "ce": ce, "kd": div}
+
+    return kd_fn
