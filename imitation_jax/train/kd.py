@@ -25,8 +25,9 @@ to the student gives zero loss at every T and K, and with K = vocabulary (empty 
 exactly the dense tempering. No T^2 factor is applied (TRL's GKD applies none either); a caller
 wanting Hinton's gradient scale multiplies the loss by T^2.
 
-Both return *sums* (loss, trained tokens) like `train.loss.masked_cross_entropy`; the caller
-divides by the trained-token count of the whole global batch. The output layer and the divergence
+Both return *sums* (loss, trained tokens) like `train.loss.masked_cross_entropy` (with `targets`,
+the student's cross entropy is weighted in from the same logits and a dict of parts follows); the
+caller divides by the trained-token count of the whole global batch. The output layer and the divergence
 are one `jax.custom_vjp` computed as in `train.loss`: the forward pass computes d(loss)/d(hidden)
 and d(loss)/d(kernel) chunk by chunk (the divergence's gradient w.r.t. the chunk's logits in closed
 form, written in the same pass as the loss), and the backward pass only scales them. The teacher
