@@ -92,10 +92,12 @@ def make_loss_fn(graphdef: nnx.GraphDef, objective: str, kd: KDConfig, loss_chun
     def kd_fn(params, batch, *teacher_params):
         model, hidden, tail = _student(graphdef, params, batch, fuse_last_layer)
         kernel, mask = model.output_kernel(), batch["loss_mask"]
-        ce, correct, _ = masked_cross_entropy(hidden, kernel, batch["targets"], mask, loss_chunk, tail)
-        options = dict(loss=kd.loss, beta=kd.beta, temperature=kd.temperature, chunk=loss_chunk, tail=tail)
+        # The divergence and the cross entropy on the text in one pass over the output layer.
+        options = dict(loss=kd.loss, beta=kd.beta, temperature=kd.temperature, chunk=loss_chunk, tail=tail,
+                       targets=batch["targets"], kd_weight=1.0 - kd.alpha, ce_weight=kd.alpha)
         if kd.source == "stored":
-            div, _ = sparse_kd_loss(hidden, kernel, batch["teacher_ids"], batch["teacher_logprobs"], mask, **options)
+            loss, _, parts = sparse_kd_loss(hidden, kernel, batch["teacher_ids"], batch["teacher_logprobs"], mask,
+                                            **options)
         else:
             (t_params,) = teacher_params
             teacher = nnx.merge(teacher_graphdef, jax.lax.stop_gradient(t_params))
@@ -104,9 +106,8 @@ def make_loss_fn(graphdef: nnx.GraphDef, objective: str, kd: KDConfig, loss_chun
                 t_hidden, t_tail = teacher.trunk(*args)
             else:
                 t_hidden, t_tail = teacher(*args), None
-            div, _ = dense_kd_loss(hidden, kernel, t_hidden, teacher.output_kernel(), mask,
-                                   teacher_tail=t_tail, **options)
-        loss = kd.alpha * ce + (1.0 - kd.alpha) * div
-        return loss, {"accuracy": correct, "ce": ce, "kd": div}
+            loss, _, parts = dense_kd_loss(hidden, kernel, t_hidden, teacher.output_kernel(), mask,
+                                           teacher_tail=t_tail, **options)
+        return loss, {"accuracy": parts["correct"], "ce": parts["ce"], "kd": parts["kd"]}
 
     return kd_fn
