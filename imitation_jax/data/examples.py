@@ -33,20 +33,32 @@ def _exchanges(body: tuple[Message, ...]) -> list[tuple[int, int]]:
     return list(zip(bounds, bounds[1:] + [len(body)]))
 
 
+def _answers(messages, offset: int = 0) -> tuple[int, ...]:
+    """Indices (plus `offset`) of the assistant messages among `messages`, in order."""
+    return tuple(offset + k for k, m in enumerate(messages) if m.role == "assistant")
+
+
 def conversation_examples(conv: Conversation, tokenizer: Tokenizer, template: AnyTemplate,
-                          seq_len: int, split_long: bool = True, truncate_long_turns: bool = False
-                          ) -> tuple[list[Example], Counter, str | None]:
-    """(examples, counts, drop reason or None)."""
+                          seq_len: int, split_long: bool = True, truncate_long_turns: bool = False,
+                          turns: list | None = None) -> tuple[list[Example], Counter, str | None]:
+    """(examples, counts, drop reason or None). `turns`, if given, gets one entry per example:
+    (the indices in conv.messages of the assistant turns it holds, in order; whether it was cut
+    at the row's end), which is how the teacher's records of those turns find their tokens."""
     counts: Counter = Counter()
+    if turns is None:
+        turns = []
     limit = seq_len + 1
     if conv.kind == "text":
         ex = encode_document(tokenizer, conv.text)
         if len(ex) <= limit:
+            turns.append(((), False))
             return [ex], counts, None
         pieces = [Example(ex.ids[s:s + limit], ex.loss_mask[s:s + limit])
                   for s in range(0, len(ex) - 1, seq_len)]
         counts["documents_split"] += 1
-        return [p for p in pieces if len(p) > 1 and p.loss_mask[1:].any()], counts, None
+        pieces = [p for p in pieces if len(p) > 1 and p.loss_mask[1:].any()]
+        turns += [((), False)] * len(pieces)
+        return pieces, counts, None
 
     if isinstance(template, HFChatTemplate):  # a whole-text template would parse forged tokens
         specials = [s for s in tokenizer.special_strings() if s]
@@ -55,12 +67,14 @@ def conversation_examples(conv: Conversation, tokenizer: Tokenizer, template: An
 
     ex, starts = encode_with_starts(tokenizer, conv.messages, template)
     if len(ex) <= limit:
+        turns.append((_answers(conv.messages), False))
         return [ex], counts, None
     if not split_long:
         cut = _truncate(ex, limit) if truncate_long_turns else None
         if cut is None:
             return [], counts, "too_long"
         counts["exchanges_truncated"] += 1
+        turns.append((_answers(conv.messages), True))
         return [cut], counts, None
 
     head = conv.messages[:1] if conv.messages[0].role == "system" else ()
@@ -98,9 +112,12 @@ def conversation_examples(conv: Conversation, tokenizer: Tokenizer, template: An
             else:
                 counts["exchanges_truncated"] += 1
                 pieces.append(cut)
+                turns.append((_answers(body[slice(*exchanges[i])], len(head) + exchanges[i][0]), True))
             i += 1
             continue
         pieces.append(piece)
+        turns.append((_answers(body[exchanges[i][0]:exchanges[j - 1][1]], len(head) + exchanges[i][0]),
+                      False))
         i = j
     if not pieces:
         return [], counts, "too_long"

@@ -16,7 +16,10 @@ has loss_mask 0, so it carries no loss.
 
 A packed row is stored compactly as (tokens, loss_mask, lengths): the concatenated ids of its
 examples, their masks and each example's length; `assemble` expands rows into the model's
-`FIELDS`. `Rows` holds assembled rows in memory (tests, small sets); prepared sets are read from
+`FIELDS`. A set prepared with the teacher's log-probabilities adds a fourth item, the sparse
+targets (positions into tokens, ids [P, K], logprobs [P, K]), which `assemble(..., teacher_k=K)`
+expands into `TEACHER_FIELDS` (B, T, K) aligned with `targets`: id -1 (logprob NEG_INF) where
+there is no target. `Rows` holds assembled rows in memory (tests, small sets); prepared sets are read from
 ArrayRecord files (`storage.py`) through the same `take(indices)` interface.
 """
 
@@ -30,12 +33,14 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from imitation_jax.data.teacher_logprobs import NEG_INF
 from imitation_jax.data.templates import Example
 
 FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+TEACHER_FIELDS = ("teacher_ids", "teacher_logprobs")
 PACKING = ("best_fit", "first_fit", "none")
 
-PackedRow = tuple[np.ndarray, np.ndarray, np.ndarray]  # tokens int32, loss_mask bool, lengths int32
+PackedRow = tuple  # tokens int32, loss_mask bool, lengths int32[, (positions, ids, logprobs)]
 
 
 def pack(lengths: Sequence[int] | np.ndarray, seq_len: int, method: str = "best_fit"
@@ -111,14 +116,32 @@ def _first_fit(lengths: np.ndarray, order: np.ndarray, seq_len: int) -> list[lis
     return rows
 
 
-def packed_rows(examples: Sequence[Example], assignment: Iterable[Sequence[int]]
-                ) -> Iterable[PackedRow]:
-    """Compact rows (tokens, loss_mask, lengths) from an assignment of examples to rows."""
+def packed_rows(examples: Sequence[Example], assignment: Iterable[Sequence[int]],
+                teachers: Sequence | None = None, teacher_k: int = 0) -> Iterable[PackedRow]:
+    """Compact rows (tokens, loss_mask, lengths) from an assignment of examples to rows. With
+    `teachers` (each example's `teacher_targets.Targets` or None) and `teacher_k`, a fourth item:
+    the rows' sparse targets (positions into tokens, ids [P, K], logprobs [P, K]), K = teacher_k."""
     for members in assignment:
         exs = [examples[i] for i in members]
-        yield (np.concatenate([e.ids for e in exs]).astype(np.int32),
+        row = (np.concatenate([e.ids for e in exs]).astype(np.int32),
                np.concatenate([e.loss_mask for e in exs]).astype(np.bool_),
                np.asarray([len(e) for e in exs], np.int32))
+        if teachers is None:
+            yield row
+            continue
+        pos, ids, lps = [np.zeros(0, np.int32)], [np.zeros((0, teacher_k), np.int32)], \
+            [np.zeros((0, teacher_k), np.float32)]
+        offset = 0
+        for i, e in zip(members, exs):
+            t = teachers[i]
+            if t is not None:
+                extra = ((0, 0), (0, teacher_k - t.ids.shape[1]))
+                pos.append(t.positions + offset)
+                ids.append(np.pad(t.ids, extra, constant_values=-1))
+                lps.append(np.pad(t.logprobs, extra, constant_values=NEG_INF))
+            offset += len(e)
+        yield (*row, (np.concatenate(pos).astype(np.int32), np.concatenate(ids).astype(np.int32),
+                      np.concatenate(lps).astype(np.float32)))
 
 
 def row_counts(tokens: np.ndarray, loss_mask: np.ndarray, lengths: np.ndarray) -> tuple[int, int]:
@@ -128,18 +151,23 @@ def row_counts(tokens: np.ndarray, loss_mask: np.ndarray, lengths: np.ndarray) -
     return int(lengths.sum() - len(lengths)), int(loss_mask[~first].sum())
 
 
-def assemble(rows: Sequence[PackedRow | None], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
-    """Model inputs for compact rows; None gives an all-padding row (mask 0)."""
+def assemble(rows: Sequence[PackedRow | None], seq_len: int, pad_id: int, teacher_k: int = 0
+             ) -> dict[str, np.ndarray]:
+    """Model inputs for compact rows; None gives an all-padding row (mask 0). teacher_k > 0 (a
+    set with the teacher's log-probabilities): `TEACHER_FIELDS` too, (B, T, teacher_k)."""
     b = len(rows)
     out = {"inputs": np.full((b, seq_len), pad_id, np.int32),
            "targets": np.full((b, seq_len), pad_id, np.int32),
            "loss_mask": np.zeros((b, seq_len), np.float32),
            "segment_ids": np.zeros((b, seq_len), np.int32),
            "positions": np.zeros((b, seq_len), np.int32)}
+    if teacher_k:
+        out["teacher_ids"] = np.full((b, seq_len, teacher_k), -1, np.int32)
+        out["teacher_logprobs"] = np.full((b, seq_len, teacher_k), NEG_INF, np.float32)
     for r, row in enumerate(rows):
         if row is None:
             continue
-        tokens, mask, lengths = row
+        tokens, mask, lengths = row[:3]
         lengths = np.asarray(lengths, np.int64)
         ends = np.cumsum(lengths)
         first = np.zeros(len(tokens), np.bool_)
@@ -155,6 +183,15 @@ def assemble(rows: Sequence[PackedRow | None], seq_len: int, pad_id: int) -> dic
         out["segment_ids"][r, :n] = np.repeat(np.arange(1, len(lengths) + 1), lengths - 1)
         starts = np.cumsum(lengths - 1) - (lengths - 1)
         out["positions"][r, :n] = np.arange(n) - np.repeat(starts, lengths - 1)
+        if teacher_k and len(row) > 3:
+            at, ids, lps = row[3]
+            at = np.asarray(at, np.int64)
+            # ids position c of example e (0-based) is predicted at row position c - e - 1
+            example = np.searchsorted(ends, at, side="right")
+            if len(at) and (first[at].any() or ids.shape[1] != teacher_k):
+                raise ValueError("teacher targets at the first id of an example, or K != teacher_k")
+            out["teacher_ids"][r, at - example - 1] = ids
+            out["teacher_logprobs"][r, at - example - 1] = lps
     return out
 
 

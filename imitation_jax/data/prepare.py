@@ -9,6 +9,12 @@ of workers (results are consumed in input order). The eval split takes the conve
 keyed hash ranks lowest (an exact count, independent of input order), and per-source weights
 sample by keyed hash too; pieces of a split conversation stay in one split. Every record read is
 accounted for: read = kept + dropped (by reason, "invalid" included), and stats.json lists them.
+
+Records collected with `collect --top-logprobs K` carry the teacher's per-token log-probabilities
+(data/teacher_logprobs.py); where the teacher's tokens are the student tokenizer's own, their
+top-K become sparse targets in the rows (data/teacher_targets.py), every other trained position
+of such a set trains with cross entropy, and each fallback is counted in stats.json
+(`teacher_logprobs`) and the summary.
 """
 
 from __future__ import annotations
@@ -27,14 +33,15 @@ from typing import Optional
 
 import numpy as np
 
-from imitation_jax.data import storage
+from imitation_jax.data import storage, teacher_logprobs
 from imitation_jax.data.cleaning import CleaningConfig, clean, content_hash, normalized_phrases
 from imitation_jax.data.examples import conversation_examples
-from imitation_jax.data.formats import FORMATS, Conversation
+from imitation_jax.data.formats import FORMATS, Conversation, detect_format, parse_record
 from imitation_jax.errors import DataError
 from imitation_jax.data.packing import PACKING, pack, packed_rows
-from imitation_jax.data.readers import Source, check_readable, iter_conversations
+from imitation_jax.data.readers import Source, check_readable, iter_records
 from imitation_jax.data.stats import format_summary, length_histogram, query_diversity
+from imitation_jax.data.teacher_targets import FALLBACKS, PieceBytes, example_targets
 from imitation_jax.data.templates import TEMPLATE_NAMES, Example, get_template
 from imitation_jax.data.tokenizer import Tokenizer, load_tokenizer
 
@@ -146,26 +153,73 @@ class _Worker:
         self.template = get_template(spec.template, tokenizer, turn_tokens=spec.turn_tokens)
         self.spec = spec
         self.phrases = normalized_phrases(spec.cleaning)
+        self._pieces: PieceBytes | None = None  # built on the first record with teacher logprobs
 
-    def __call__(self, batch: list[Conversation]) -> list[tuple]:
+    def __call__(self, batch: list[tuple[Conversation, dict | None]]) -> list[tuple]:
         out = []
         cfg = self.spec.cleaning
-        for conv in batch:
+        for conv, teacher in batch:
             cleaned, counts = clean(conv, cfg, self.phrases)
             if isinstance(cleaned, str):
                 out.append((cleaned, counts))
                 continue
+            turns: list = []
             examples, more, reason = conversation_examples(
                 cleaned, self.tokenizer, self.template, self.spec.seq_len, cfg.split_long,
-                cfg.truncate_long_turns)
+                cfg.truncate_long_turns, turns)
             counts.update(more)
             if reason is not None:
                 out.append((reason, counts))
                 continue
+            targets = [None] * len(examples)
+            if teacher:
+                if self._pieces is None:
+                    self._pieces = PieceBytes(self.tokenizer)
+                counts["teacher_records"] += 1
+                answers = _cleaned_answers(conv, teacher, cleaned, counts)
+                targets = [example_targets(e.ids, e.loss_mask, [answers.get(i) for i in held],
+                                           cut, self._pieces, _Prefixed(counts))
+                           for e, (held, cut) in zip(examples, turns)]
             query = next((m.content for m in cleaned.messages if m.role == "user"), None)
-            out.append((None, counts, content_hash(cleaned), [(e.ids, e.loss_mask) for e in examples],
-                        query))
+            out.append((None, counts, content_hash(cleaned),
+                        [(e.ids, e.loss_mask, t) for e, t in zip(examples, targets)], query,
+                        max((t.k for t in teacher.values()), default=0) if teacher else 0))
         return out
+
+
+class _Prefixed:
+    """A view of a Counter whose keys get the prefix "teacher_" (the worker's counts carry them)."""
+
+    def __init__(self, counts: Counter):
+        self.counts = counts
+
+    def __getitem__(self, key: str) -> int:
+        return self.counts["teacher_" + key]
+
+    def __setitem__(self, key: str, value: int) -> None:
+        self.counts["teacher_" + key] = value
+
+
+def _cleaned_answers(conv: Conversation, teacher: dict, cleaned: Conversation, counts: Counter
+                     ) -> dict[int, teacher_logprobs.TeacherLogprobs]:
+    """The teacher records by index in the cleaned conversation: each recorded answer maps to the
+    next cleaned assistant message with exactly its text; one that cleaning changed or dropped
+    is counted (changed_by_cleaning) and trains with cross entropy."""
+    out = {}
+    j = 0
+    messages = cleaned.messages
+    for i in sorted(teacher):
+        content = conv.messages[i].content
+        k = next((k for k in range(j, len(messages))
+                  if messages[k].role == "assistant" and messages[k].content == content), None)
+        if k is None:
+            counts["teacher_answers"] += 1
+            counts["teacher_answers_fallback_changed_by_cleaning"] += 1
+            counts["teacher_positions_fallback_changed_by_cleaning"] += len(teacher[i].tokens)
+            continue
+        out[k] = teacher[i]
+        j = k + 1
+    return out
 
 
 _worker: _Worker | None = None
@@ -189,7 +243,8 @@ class _Kept:
     source: int
     split: str
     key: bytes  # content hash
-    examples: list[tuple[np.ndarray, np.ndarray]]
+    examples: list[tuple]  # (ids, loss_mask, sparse teacher targets or None)
+    teacher_k: int = 0  # the K of its teacher records (0: none)
 
 
 class _Collector:
@@ -206,6 +261,7 @@ class _Collector:
         self.read = 0
         self.tokens = 0
         self.formats: dict[str, str] = {}  # path -> format detected
+        self.teacher: Counter = Counter()  # kept conversations' teacher-logprob tallies
 
     def invalid_record(self, source: int, error: DataError) -> None:
         if not self.settings.skip_invalid:
@@ -223,6 +279,8 @@ class _Collector:
             self.read += 1
             self.sources[source]["read"] += 1
             reason, counts = result[0], result[1]
+            teacher = Counter({k[len("teacher_"):]: counts.pop(k) for k in list(counts)
+                               if k.startswith("teacher_")})
             if reason is not None:
                 counts.pop("turns_kept", None)
                 self.turns.update(counts)
@@ -236,9 +294,10 @@ class _Collector:
                     continue
                 self.seen.add(key)
             self.turns.update(counts)
+            self.teacher.update(teacher)
             self.sources[source]["kept"] += 1
-            self.kept.append(_Kept(source, split, key, examples))
-            self.tokens += sum(len(ids) for ids, _ in examples)
+            self.kept.append(_Kept(source, split, key, examples, result[5]))
+            self.tokens += sum(len(e[0]) for e in examples)
             if split == "train" and query and self.settings.diversity_sample:
                 rank = _rank(self.settings.split_seed, b"diversity", key)
                 item = (_negate(rank), query[:2000])
@@ -256,11 +315,36 @@ def _negate(rank: bytes) -> bytes:
     return bytes(255 - b for b in rank)
 
 
+def _conversations(source: Source, progress, detected: dict[str, str]
+                   ) -> Iterator[tuple[Conversation, dict | None] | DataError]:
+    """readers.iter_conversations, each conversation with the teacher logprobs its record carries
+    ({message index: TeacherLogprobs}, or None); a malformed teacher record is a bad record."""
+    fmt = None if source.format == "auto" else source.format
+    for item in iter_records(source.path, progress):
+        if isinstance(item, DataError):
+            yield item
+            continue
+        where, record = item
+        try:
+            if fmt is None:
+                fmt = detect_format(record, where)
+                detected[source.path] = fmt
+            conv = parse_record(record, fmt, where)
+            messages = record.get("messages") if fmt == "openai" else None
+            teacher = None
+            if isinstance(messages, list) and any(isinstance(m, dict) and teacher_logprobs.FIELD in m
+                                                  for m in messages):
+                teacher = teacher_logprobs.parse(record, where) or None
+            yield conv, teacher
+        except DataError as e:
+            yield e
+
+
 def _batches(sources: list[tuple[int, str, Source]], collector: _Collector, progress
-             ) -> Iterator[tuple[int, str, list[Conversation]]]:
+             ) -> Iterator[tuple[int, str, list[tuple[Conversation, dict | None]]]]:
     for index, split, source in sources:
-        batch: list[Conversation] = []
-        for item in iter_conversations(source, progress, collector.formats):
+        batch: list[tuple[Conversation, dict | None]] = []
+        for item in _conversations(source, progress, collector.formats):
             if isinstance(item, DataError):
                 collector.invalid_record(index, item)
                 continue
@@ -408,16 +492,19 @@ def prepare(inputs: Sequence[str | Source], out: str, settings: PrepareSettings,
     splits = _split_and_sample(collector, settings, sources)
     read_seconds = time.perf_counter() - start
 
+    # Only a set whose kept conversations carry teacher logprobs stores sparse targets.
+    teacher_k = max((k.teacher_k for k in collector.kept), default=0)
     with storage.staged(out) as tmp:
         split_stats, per_row, rows_by_split = {}, {}, {}
         for name in storage.SPLITS:
             kept = splits[name]
-            examples = [Example(ids, mask) for k in kept for ids, mask in k.examples]
+            examples = [Example(e[0], e[1]) for k in kept for e in k.examples]
+            teachers = [e[2] for k in kept for e in k.examples] if teacher_k else None
             lengths = np.asarray([len(e) - 1 for e in examples], np.int64)
             trained = np.asarray([int(e.loss_mask[1:].sum()) for e in examples], np.int64)
             assignment = pack(lengths, settings.seq_len, settings.packing)
             if assignment:  # rows are made as tfds writes them (tfds refuses an empty split)
-                rows_by_split[name] = packed_rows(examples, assignment)
+                rows_by_split[name] = packed_rows(examples, assignment, teachers, teacher_k)
             per_row[name] = {"trained": np.asarray([trained[r].sum() for r in assignment], np.int64),
                              "tokens": np.asarray([lengths[r].sum() for r in assignment], np.int64),
                              "examples": np.asarray([len(r) for r in assignment], np.int64)}
@@ -436,7 +523,8 @@ def prepare(inputs: Sequence[str | Source], out: str, settings: PrepareSettings,
             raise DataError(f"no training rows: all {collector.read} conversations read were "
                             f"dropped ({dict(collector.dropped)})", "no_data")
         content = {name: hashlib.sha256() for name in rows_by_split}  # the fingerprint covers the rows
-        storage.write_rows(tmp, {name: _hashed(rows, content[name]) for name, rows in rows_by_split.items()})
+        storage.write_rows(tmp, {name: _hashed(rows, content[name]) for name, rows in rows_by_split.items()},
+                           teacher_k)
         storage.write_index(tmp, per_row)
         storage.save_tokenizer(tmp, tokenizer)
 
@@ -477,6 +565,7 @@ def prepare(inputs: Sequence[str | Source], out: str, settings: PrepareSettings,
             "turns": dict(collector.turns),
             "splits": split_stats,
             "diversity": {"mean_max_bleu": diversity, "sample": len(queries)},
+            **({storage.TEACHER_STATS: _teacher_stats(collector.teacher, teacher_k)} if teacher_k else {}),
             "timing": {"seconds": seconds, "read_and_tokenize_seconds": read_seconds,
                        "workers": workers,
                        "conversations_per_s": collector.read / max(seconds, 1e-9),
@@ -485,13 +574,31 @@ def prepare(inputs: Sequence[str | Source], out: str, settings: PrepareSettings,
         })
 
 
+def _teacher_stats(counts: Counter, k: int) -> dict:
+    """stats.json's `teacher_logprobs`: K, and how the kept conversations' recorded answers and
+    their positions were used (exact sparse targets, or cross entropy by fallback reason).
+    Counted per kept conversation read (not per use in the rows)."""
+    def by_reason(prefix: str) -> dict:
+        return {r: counts[f"{prefix}_fallback_{r}"] for r in FALLBACKS if counts[f"{prefix}_fallback_{r}"]}
+
+    return {"k": k, "records": counts["records"],
+            "answers": {"total": counts["answers"], "exact": counts["answers_exact"],
+                        "partial": counts["answers_partial"], "fallback": by_reason("answers")},
+            "positions": {"exact": counts["positions_exact"], "end_of_turn": counts["positions_end_of_turn"],
+                          "fallback": by_reason("positions")}}
+
+
 def _hashed(rows, hasher):
-    """`rows` passed through unchanged, each one's ids, mask and example lengths added to `hasher`."""
-    for tokens, mask, lengths in rows:
+    """`rows` passed through unchanged, each one's ids, mask and example lengths (and sparse
+    teacher targets) added to `hasher`."""
+    for row in rows:
+        tokens, mask, lengths = row[:3]
         hasher.update(np.asarray(tokens, np.int32).tobytes())
         hasher.update(np.packbits(np.asarray(mask, bool)).tobytes())
         hasher.update(np.asarray(lengths, np.int32).tobytes())
-        yield tokens, mask, lengths
+        for part in row[3] if len(row) > 3 else ():
+            hasher.update(np.ascontiguousarray(part).tobytes())
+        yield row
 
 
 def summary(stats: dict) -> str:

@@ -105,6 +105,16 @@ def format_summary(stats: dict) -> str:
         for h in hist:
             bar = "#" * (math.ceil(40 * h["examples"] / top) if h["examples"] else 0)
             lines.append(f"  {h['min']:>6}-{h['max']:<6} {h['examples']:>9,} {bar}")
+    kd = stats.get("teacher_logprobs")
+    if kd:
+        a, p = kd["answers"], kd["positions"]
+        fallback = sum(p["fallback"].values())
+        lines.append(f"teacher logprobs (top-{kd['k']}): {_n(kd['records'])} records, {_n(a['total'])} answers: "
+                     f"{_n(a['exact'])} exact, {_n(a['partial'])} partly, "
+                     f"{_n(sum(a['fallback'].values()))} cross entropy only ({_reasons(a['fallback'])})")
+        lines.append(f"  answer positions: {_n(p['exact'])} with sparse targets, {_n(fallback)} cross "
+                     f"entropy ({_reasons(p['fallback'])}); {_n(p['end_of_turn'])} end-of-turn "
+                     f"positions train with cross entropy")
     div = stats.get("diversity") or {}
     if div.get("mean_max_bleu") is not None:
         lines.append(f"diversity: mean BLEU of a user query to its most similar other query "

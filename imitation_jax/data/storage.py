@@ -11,7 +11,10 @@ Layout of a prepared set DIR:
                                     imitation_rows-{train,eval}.array_record-NNNNN-of-NNNNN
 
 Each record is one packed row: {"index": row number, "tokens": int32 ids of its examples
-concatenated, "loss_mask": uint8, "lengths": int32 ids per example}. The builder has shuffling
+concatenated, "loss_mask": uint8, "lengths": int32 ids per example}. A set prepared from records
+with the teacher's log-probabilities (stats.json `teacher_logprobs.k` = K) adds the row's sparse
+targets: "teacher_positions" int32 [P] (indices into tokens), "teacher_ids" int32 [P, K] (-1: a
+padded slot) and "teacher_logprobs" float32 [P, K]; other sets' records are as before. The builder has shuffling
 disabled, so record i of a split is row i (tfds otherwise orders records by a hash of their key;
 without shuffling it sorts a split's records by key in memory, which prepare's own copy of the
 examples already needs room for); every read still checks that the record found is the row asked
@@ -41,7 +44,9 @@ STATS = "stats.json"
 TOKENIZER_DIR = "tokenizer"
 # Bump when the files change, or prepare's rows change for the same inputs and settings.
 # 2: records written in row order (no `order` array in index.npz).
-FORMAT_VERSION = 2
+# 3: sets from records with teacher logprobs store sparse targets (teacher_* features).
+FORMAT_VERSION = 3
+TEACHER_STATS = "teacher_logprobs"  # stats.json key of such a set: {"k": K, counts...}
 
 _builder_class = None
 
@@ -59,28 +64,41 @@ def _builder():
         VERSION = tfds.core.Version(VERSION)
         code_path = None  # no checksums file to look for (and no importlib_resources needed)
 
-        def __init__(self, *, splits: dict[str, Iterable[PackedRow]] | None = None, **kwargs):
+        def __init__(self, *, splits: dict[str, Iterable[PackedRow]] | None = None,
+                     teacher_k: int = 0, **kwargs):
             self._rows = splits or {}
+            self._teacher_k = teacher_k
             super().__init__(**kwargs)
 
         def _info(self):
+            features = {
+                "index": tfds.features.Scalar(np.int64),
+                "tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+                "loss_mask": tfds.features.Tensor(shape=(None,), dtype=np.uint8),
+                "lengths": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+            }
+            k = self._teacher_k
+            if k:
+                features.update({
+                    "teacher_positions": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+                    "teacher_ids": tfds.features.Tensor(shape=(None, k), dtype=np.int32),
+                    "teacher_logprobs": tfds.features.Tensor(shape=(None, k), dtype=np.float32)})
             return tfds.core.DatasetInfo(
                 builder=self, description="Packed imitation rows (imitation_jax prepare)",
-                features=tfds.features.FeaturesDict({
-                    "index": tfds.features.Scalar(np.int64),
-                    "tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-                    "loss_mask": tfds.features.Tensor(shape=(None,), dtype=np.uint8),
-                    "lengths": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-                }),
+                features=tfds.features.FeaturesDict(features),
                 disable_shuffling=True)  # records in key order: record i is row i
 
         def _split_generators(self, dl_manager):
             return {name: self._generate_examples(rows) for name, rows in self._rows.items()}
 
         def _generate_examples(self, rows):
-            for i, (tokens, mask, lengths) in enumerate(rows):
-                yield i, {"index": i, "tokens": tokens, "loss_mask": mask.astype(np.uint8),
+            for i, row in enumerate(rows):
+                tokens, mask, lengths = row[:3]
+                record = {"index": i, "tokens": tokens, "loss_mask": mask.astype(np.uint8),
                           "lengths": lengths}
+                if self._teacher_k:
+                    record["teacher_positions"], record["teacher_ids"], record["teacher_logprobs"] = row[3]
+                yield i, record
 
         def _log_download_bytes(self):  # tfds prints these to stdout; prepare prints a summary
             pass
@@ -127,13 +145,15 @@ def staged(out: str) -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_rows(directory: str, splits: dict[str, Iterable[PackedRow]]) -> str:
+def write_rows(directory: str, splits: dict[str, Iterable[PackedRow]], teacher_k: int = 0) -> str:
     """Writes each split's rows, record i = row i, with the tfds builder; returns the tfds data
-    set directory. tfds refuses an empty split: leave it out (it reads back as 0 rows)."""
+    set directory. tfds refuses an empty split: leave it out (it reads back as 0 rows).
+    teacher_k > 0: rows carry sparse teacher targets of K slots (a 4th item)."""
     import tensorflow_datasets as tfds
 
     tfds.disable_progress_bar()
-    builder = _builder()(splits=splits, data_dir=directory, file_format="array_record")
+    builder = _builder()(splits=splits, teacher_k=teacher_k, data_dir=directory,
+                         file_format="array_record")
     builder.download_and_prepare()
     shutil.rmtree(os.path.join(directory, "downloads"), ignore_errors=True)
     return os.fspath(builder.data_path)
@@ -188,9 +208,11 @@ def open_source(directory: str, split: str):
 class PreparedSplit:
     """One split of a prepared set as a random-access row source (the loader's interface)."""
 
-    def __init__(self, directory: str, split: str, seq_len: int, pad_id: int, fingerprint: str):
+    def __init__(self, directory: str, split: str, seq_len: int, pad_id: int, fingerprint: str,
+                 teacher_k: int = 0):
         self.directory, self.split = directory, split
         self.seq_len, self.pad_id = seq_len, pad_id
+        self.teacher_k = teacher_k  # > 0: batches carry teacher_ids / teacher_logprobs (B, T, K)
         self.fingerprint = f"{fingerprint}:{split}"
         try:
             with np.load(os.path.join(directory, INDEX)) as index:
@@ -232,10 +254,13 @@ class PreparedSplit:
                                 f"{int(rec['index'])}: the ArrayRecord files are not in row order",
                                 "bad_prepared_set")
             by_index[i] = (rec["tokens"], rec["loss_mask"].astype(np.bool_), rec["lengths"])
+            if self.teacher_k:
+                by_index[i] += ((rec["teacher_positions"], rec["teacher_ids"], rec["teacher_logprobs"]),)
         return [by_index[i] if i >= 0 else None for i in indices]
 
     def take(self, indices) -> dict[str, np.ndarray]:
-        return assemble(self.rows(np.asarray(indices).tolist()), self.seq_len, self.pad_id)
+        return assemble(self.rows(np.asarray(indices).tolist()), self.seq_len, self.pad_id,
+                        self.teacher_k)
 
     def __iter__(self) -> Iterator[PackedRow]:
         for start in range(0, len(self), 256):
@@ -266,6 +291,7 @@ class PreparedSet:
             self.seq_len = int(self.settings["seq_len"])
             self.pad_id = int(self.stats["tokenizer"]["pad_id"])
             self.fingerprint = str(self.stats["fingerprint"])
+            self.teacher_k = int((self.stats.get(TEACHER_STATS) or {}).get("k", 0))
         except (ValueError, KeyError, TypeError) as e:
             raise DataError(f"{path}: unreadable ({' '.join(str(e).split())[:200]})",
                             "bad_prepared_set") from None
@@ -292,4 +318,5 @@ class PreparedSet:
         return int(self.stats["splits"][split]["rows"])
 
     def split(self, split: str) -> PreparedSplit:
-        return PreparedSplit(self.directory, split, self.seq_len, self.pad_id, self.fingerprint)
+        return PreparedSplit(self.directory, split, self.seq_len, self.pad_id, self.fingerprint,
+                             self.teacher_k)

@@ -1,0 +1,210 @@
+"""The teacher's stored top-K log-probabilities as sparse training targets, when the teacher's
+tokens are the student tokenizer's own tokens (the same-tokenizer case).
+
+An answer gets exact targets when the student's tokens of that answer (in the template's context)
+have, one for one, the bytes of the teacher's tokens, and every alternative's bytes are one
+student token. The target at ids position j (a trained token) is the teacher's distribution of
+the token at j: K student ids and their logprobs. The end-of-turn tokens after the answer are
+trained with plain cross entropy (no sparse target). Anything else falls back to cross entropy
+and is counted by reason (`FALLBACKS`). A different tokenizer (aligning by byte offsets) is not
+handled here yet: its answers fall back as `tokenization_mismatch`.
+
+SentencePiece's dummy prefix: the teacher's first token of an answer loses its leading space when
+decoding drops it (OpenAI's convention, as `serve` writes it), so the student's first token is
+compared the same way, and a first-position alternative's bytes B map to the piece " "+B when
+the student has one (the reading the sampled token was given), else to B.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+
+from imitation_jax.data.teacher_logprobs import NEG_INF, TeacherLogprobs
+from imitation_jax.data.tokenizer import Tokenizer
+
+# Reasons a trained answer position gets no sparse target (counted in stats.json).
+FALLBACKS = ("tokenization_mismatch",  # the student's tokens of the answer are not the teacher's
+             "alternative_not_a_student_token",  # an alternative is no single (distinct) student token
+             "changed_by_cleaning",  # cleaning changed the answer's text (strip, html, merge)
+             "unaligned",  # the example's trained spans do not match its assistant turns
+             "truncated")  # the answer was cut at the row's end
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map of byte-level BPE vocabularies."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+class PieceBytes:
+    """Each student id's bytes in decoded text (None: a special token), and bytes -> id."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.bytes: list[bytes | None] = [self._raw(i) for i in range(tokenizer.base_vocab_size)]
+        self.bytes += [None] * len(tokenizer.added_tokens)
+        self.ids: dict[bytes, int] = {}
+        fallback: dict[bytes, int] = {}  # byte-fallback pieces (<0xNN>), used only if nothing else
+        for i, b in enumerate(self.bytes):
+            if b is None:
+                continue
+            (fallback if self._is_byte_piece(i) else self.ids).setdefault(b, i)
+        for b, i in fallback.items():
+            self.ids.setdefault(b, i)
+        self._strip: dict[int, bool] = {}
+
+    def _is_byte_piece(self, i: int) -> bool:
+        sp = getattr(self.tokenizer, "_sp", None)
+        return bool(sp.is_byte(i)) if sp is not None else False
+
+    def _raw(self, i: int) -> bytes | None:
+        tok = self.tokenizer
+        sp = getattr(tok, "_sp", None)
+        if sp is not None:
+            if sp.is_control(i) or sp.is_unknown(i):
+                return None
+            piece = sp.id_to_piece(i)
+            if sp.is_byte(i):
+                return bytes([int(piece[3:5], 16)])
+            return piece.replace("\u2581", " ").encode("utf-8")
+        hf = tok.hf
+        if not hasattr(self, "_byte_level"):
+            backend = getattr(hf, "backend_tokenizer", None)
+            decoder = json.loads(backend.to_str()).get("decoder") if backend is not None else None
+            self._byte_level = ({c: b for b, c in _bytes_to_unicode().items()}
+                                if "ByteLevel" in json.dumps(decoder) else None)
+            self._specials = set(hf.all_special_ids)
+        if i in self._specials:
+            return None
+        piece = hf.convert_ids_to_tokens(i)
+        if self._byte_level is not None and all(c in self._byte_level for c in piece):
+            return bytes(self._byte_level[c] for c in piece)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode("utf-8")
+
+    def first(self, i: int) -> tuple[bytes | None, bool]:
+        """The bytes of id i as the first token of a decoded text, and whether a leading space
+        was dropped (the tokenizer's decoding drops it: SentencePiece's dummy prefix)."""
+        b = self.bytes[i] if 0 <= i < len(self.bytes) else None
+        if b is None or not b.startswith(b" "):
+            return b, False
+        if i not in self._strip:
+            self._strip[i] = not self.tokenizer.decode([i]).startswith(" ")
+        return (b[1:], True) if self._strip[i] else (b, False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Targets:
+    """Sparse targets of one example: at ids positions `positions`, K ids and logprobs."""
+
+    positions: np.ndarray  # int32 [P], indices into the example's ids (never 0)
+    ids: np.ndarray  # int32 [P, K]
+    logprobs: np.ndarray  # float32 [P, K]
+
+    @property
+    def k(self) -> int:
+        return self.ids.shape[1]
+
+
+def align_answer(run: np.ndarray, teacher: TeacherLogprobs, pieces: PieceBytes
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
+    """Targets for one trained span `run` (student ids: the answer, then its end-of-turn tokens).
+
+    Returns (offsets into run that have targets, ids [P, K], logprobs [P, K], counts): counts has
+    "exact" (positions with targets), "end_of_turn" and the FALLBACKS reasons (positions)."""
+    n, m, k = len(run), len(teacher.tokens), teacher.k
+    empty = (np.zeros(0, np.int32), np.zeros((0, k), np.int32), np.zeros((0, k), np.float32))
+    stripped = False
+    same = n >= m
+    for i in range(m if same else 0):
+        b, s = pieces.first(int(run[i])) if i == 0 else (pieces.bytes[int(run[i])], False)
+        stripped = stripped or s
+        if b != teacher.tokens[i].bytes:
+            same = False
+            break
+    if not same:
+        return (*empty, {"tokenization_mismatch": m})
+    offsets, ids, lps = [], [], []
+    bad = 0
+    for i, token in enumerate(teacher.tokens):
+        row = []
+        for alt in token.top:
+            j = pieces.ids.get(b" " + alt.bytes) if i == 0 and stripped else None
+            row.append(j if j is not None else pieces.ids.get(alt.bytes))
+        if None in row or len(set(row)) != len(row):
+            bad += 1
+            continue
+        offsets.append(i)
+        ids.append(row)
+        lps.append([alt.logprob for alt in token.top])
+    counts = {"exact": len(offsets), "end_of_turn": n - m}
+    if bad:
+        counts["alternative_not_a_student_token"] = bad
+    if not offsets:
+        return (*empty, counts)
+    return (np.asarray(offsets, np.int32), np.asarray(ids, np.int32).reshape(-1, k),
+            np.asarray(lps, np.float32).reshape(-1, k), counts)
+
+
+def trained_runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) of each run of trained ids (position 0 is never a target)."""
+    m = np.asarray(mask, np.bool_).copy()
+    if len(m):
+        m[0] = False
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], m.astype(np.int8), [0]])))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+
+
+def example_targets(ids: np.ndarray, mask: np.ndarray, answers: list[TeacherLogprobs | None],
+                    truncated: bool, pieces: PieceBytes, counts) -> Targets | None:
+    """Sparse targets of one example whose assistant turns, in order, have the teacher records
+    `answers` (None: none). `counts` (a Counter) gets the answers' and positions' tallies."""
+    if not any(a is not None for a in answers):
+        return None
+    runs = trained_runs(mask)
+    positions, all_ids, all_lps = [], [], []
+    for k, answer in enumerate(answers):
+        if answer is None:
+            continue
+        counts["answers"] += 1
+        reason = None
+        if len(runs) != len(answers):
+            reason = "unaligned"
+        elif truncated and k == len(answers) - 1:
+            reason = "truncated"
+        if reason is not None:
+            counts["answers_fallback_" + reason] += 1
+            counts["positions_fallback_" + reason] += len(answer.tokens)
+            continue
+        start, end = runs[k]
+        offsets, ids_k, lps_k, c = align_answer(np.asarray(ids[start:end]), answer, pieces)
+        for name, v in c.items():
+            counts[("positions_" if name in ("exact", "end_of_turn") else "positions_fallback_") + name] += v
+        if c.get("exact") == len(answer.tokens):
+            counts["answers_exact"] += 1
+        elif c.get("exact"):
+            counts["answers_partial"] += 1  # some positions fell back (counted by reason)
+        else:
+            counts["answers_fallback_" + next(r for r in FALLBACKS if r in c)] += 1
+        positions.append(offsets + start)
+        all_ids.append(ids_k)
+        all_lps.append(lps_k)
+    if not positions:
+        return None
+    k_max = max(a.k for a in answers if a is not None)
+    pad = lambda x, v: np.pad(x, ((0, 0), (0, k_max - x.shape[1])), constant_values=v)  # noqa: E731
+    return Targets(np.concatenate(positions).astype(np.int32),
+                   np.concatenate([pad(x, -1) for x in all_ids]).astype(np.int32),
+                   np.concatenate([pad(x, NEG_INF) for x in all_lps]).astype(np.float32))

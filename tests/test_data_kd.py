@@ -1,0 +1,271 @@
+"""`prepare` carries the teacher's stored top-K log-probabilities into the rows (issue 17, item 3,
+the same-tokenizer case): records whose teacher tokens are the student tokenizer's own pieces
+get exact sparse targets at every answer position, read back shifted by the packing offsets;
+anything else trains with cross entropy and is counted."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+
+from imitation_jax.data import teacher_logprobs as tl
+from imitation_jax.data.packing import FIELDS, TEACHER_FIELDS, assemble, packed_rows
+from imitation_jax.data.prepare import PrepareSettings, prepare, summary
+from imitation_jax.data.storage import PreparedSet, dataset_dir
+from imitation_jax.data.teacher_targets import Targets
+from imitation_jax.data.templates import Example
+
+K = 4
+SEQ_LEN = 256
+
+
+def _piece_bytes(sp, i: int) -> bytes:
+    piece = sp.id_to_piece(i)
+    if sp.is_byte(i):
+        return bytes([int(piece[3:5], 16)])
+    return piece.replace("\u2581", " ").encode()
+
+
+def _token(raw: bytes, logprob: float, top) -> tl.Token:
+    return tl.Token(raw.decode("utf-8", "backslashreplace"), raw, logprob, tuple(top))
+
+
+def _alt(raw: bytes, logprob: float) -> tl.Alternative:
+    return tl.Alternative(raw.decode("utf-8", "backslashreplace"), raw, logprob)
+
+
+def own_tokens(sp, answer: str, rng, bad_alt_at: int | None = None):
+    """The teacher record of `answer` in the student's own pieces, with hand-made top-K: as serve
+    writes it (the first piece without SentencePiece's dummy-prefix space). Returns the record
+    and, per token, the expected K student ids and logprobs (None where a fallback is expected)."""
+    ids = sp.encode(answer)
+    normal = [i for i in range(sp.get_piece_size())
+              if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i))]
+    spaced = [i for i in normal if sp.id_to_piece(i).startswith("\u2581") and len(sp.id_to_piece(i)) > 1]
+    tokens, expected = [], []
+    for n, i in enumerate(ids):
+        raw = _piece_bytes(sp, i)
+        pool = spaced if n == 0 else normal
+        alts = [int(a) for a in rng.choice(pool, K, replace=False)]
+        if n == 0:
+            raw = raw[1:]  # the dummy prefix is not in the answer's text
+        lps = np.sort(-rng.exponential(2.0, K)).astype(np.float32)[::-1].astype(float)
+        alt_bytes = [_piece_bytes(sp, a)[1:] if n == 0 else _piece_bytes(sp, a) for a in alts]
+        if n == bad_alt_at:
+            alt_bytes[1] = "\u2603qzx".encode()  # no student piece
+        tokens.append(_token(raw, float(-rng.exponential(1.0)), [_alt(b, lp) for b, lp in zip(alt_bytes, lps)]))
+        expected.append(None if n == bad_alt_at else (np.asarray(alts, np.int32), np.asarray(lps, np.float32)))
+    record = tl.TeacherLogprobs(K, tuple(tokens))
+    tl.validate(record, answer)
+    return record, expected
+
+
+def char_tokens(answer: str) -> tl.TeacherLogprobs:
+    """Another tokenizer's tokens: one per character."""
+    top = [_alt(c.encode(), -1.0 - j) for j, c in enumerate("abcd")]
+    record = tl.TeacherLogprobs(K, tuple(_token(c.encode(), -0.5, top) for c in answer))
+    tl.validate(record, answer)
+    return record
+
+
+@pytest.fixture(scope="module")
+def kd_inputs(tmp_path_factory, demo_conversations, tiny_tokenizer):
+    """Records: Q{i} identifies each. Kinds: "own" (exact), "multi" (two answers, the teacher's on
+    the last), "bad_alt" (one alternative is no student piece), "foreign" (per-character tokens),
+    "plain" (no teacher logprobs)."""
+    sp = tiny_tokenizer._sp
+    rng = np.random.default_rng(0)
+    records, expect, kinds = [], {}, {}
+    for i, conv in enumerate(demo_conversations[:40]):
+        msgs = conv["messages"]
+        user, answer = f"Q{i}: " + msgs[0]["content"], msgs[1]["content"].strip()
+        kind = ("foreign" if i == 3 else "bad_alt" if i == 5 else "plain" if i % 7 == 6
+                else "multi" if i % 4 == 1 and len(msgs) >= 4 else "own")
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+        if kind == "multi":
+            messages = [{"role": "user", "content": user},
+                        {"role": "assistant", "content": msgs[1]["content"].strip()},
+                        {"role": "user", "content": msgs[2]["content"]},
+                        {"role": "assistant", "content": msgs[3]["content"].strip()}]
+            answer = messages[-1]["content"]
+        if kind == "foreign":
+            messages[-1][tl.FIELD] = tl.encode(char_tokens(answer))
+        elif kind != "plain":
+            record, expected = own_tokens(sp, answer, rng, 2 if kind == "bad_alt" else None)
+            messages[-1][tl.FIELD] = tl.encode(record)
+            expect[i] = expected
+        kinds[i] = kind
+        records.append({"messages": messages})
+    d = tmp_path_factory.mktemp("kd_inputs")
+    kd = d / "kd.jsonl"
+    kd.write_text("".join(json.dumps(r) + "\n" for r in records))
+    sft = d / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"messages": [{k: v for k, v in m.items() if k != tl.FIELD}
+                                                     for m in r["messages"]]}) + "\n" for r in records))
+    return {"kd": str(kd), "sft": str(sft), "expect": expect, "kinds": kinds, "records": records}
+
+
+def _prepare(path, out, tokenizer, workers=1, **kw):
+    settings = PrepareSettings(tokenizer=tokenizer.path, seq_len=SEQ_LEN, diversity_sample=0, **kw)
+    return prepare([path], str(out), settings, workers=workers, progress=False)
+
+
+@pytest.fixture(scope="module")
+def kd_set(tmp_path_factory, kd_inputs, tiny_tokenizer):
+    out = tmp_path_factory.mktemp("kd") / "set"
+    stats = _prepare(kd_inputs["kd"], out, tiny_tokenizer)
+    return str(out), stats
+
+
+@pytest.fixture(scope="module")
+def sft_set(tmp_path_factory, kd_inputs, tiny_tokenizer):
+    out = tmp_path_factory.mktemp("sft") / "set"
+    stats = _prepare(kd_inputs["sft"], out, tiny_tokenizer)
+    return str(out), stats
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+
+
+def test_sparse_targets_read_back_exactly_across_packed_rows(kd_set, kd_inputs, tiny_tokenizer):
+    out, _ = kd_set
+    split = PreparedSet(out).split("train")
+    batch = split.take(np.arange(len(split)))
+    assert set(batch) == set(FIELDS) | set(TEACHER_FIELDS)
+    assert batch["teacher_ids"].shape == batch["targets"].shape + (K,)
+    assert batch["teacher_ids"].dtype == np.int32 and batch["teacher_logprobs"].dtype == np.float32
+    sp = tiny_tokenizer._sp
+    seen, offset_segments = set(), 0
+    for r in range(len(split)):
+        seg = batch["segment_ids"][r]
+        for s in range(1, seg.max() + 1):
+            at = np.flatnonzero(seg == s)
+            text = tiny_tokenizer.decode(batch["inputs"][r, at])
+            i = int(re.search(r"Q(\d+):", text).group(1))
+            seen.add(i)
+            offset_segments += at[0] > 0 and i in kd_inputs["expect"]
+            ids, lps = batch["teacher_ids"][r, at], batch["teacher_logprobs"][r, at]
+            targets, mask = batch["targets"][r, at], batch["loss_mask"][r, at] > 0
+            got = ids[:, 0] >= 0
+            assert not (got & ~mask).any()  # masked positions carry no sparse target
+            runs = _runs(mask)
+            kind = kd_inputs["kinds"][i]
+            if i not in kd_inputs["expect"]:
+                assert not got.any(), kind  # plain and foreign records: cross entropy only
+                continue
+            start, end = runs[-1]  # the teacher's answer is the last assistant turn
+            answer = kd_inputs["records"][i]["messages"][-1]["content"]
+            m = len(sp.encode(answer))
+            assert list(targets[start:start + m]) == sp.encode(answer)
+            assert end - start > m and not got[start + m:end].any()  # end of turn: no target
+            assert not got[:start].any()  # the earlier answer of a "multi" record has none
+            for n, exp in enumerate(kd_inputs["expect"][i]):
+                if exp is None:
+                    assert (ids[start + n] == -1).all()
+                else:
+                    np.testing.assert_array_equal(ids[start + n], exp[0])
+                    np.testing.assert_array_equal(lps[start + n], exp[1])
+    assert seen == set(kd_inputs["kinds"])
+    assert offset_segments > 0  # some teacher answers sit after another example in their row
+
+
+def test_fallbacks_are_counted(kd_set, kd_inputs, tiny_tokenizer):
+    out, stats = kd_set
+    kd = stats["teacher_logprobs"]
+    assert kd == json.load(open(os.path.join(out, "stats.json")))["teacher_logprobs"]
+    kinds = kd_inputs["kinds"]
+    own = [i for i, k in kinds.items() if k in ("own", "multi")]
+    foreign = kd_inputs["records"][3]["messages"][-1]["content"]
+    assert kd["k"] == K
+    assert kd["records"] == len(own) + 2
+    assert kd["answers"] == {"total": len(own) + 2, "exact": len(own), "partial": 1,
+                             "fallback": {"tokenization_mismatch": 1}}
+    assert kd["positions"]["fallback"] == {"tokenization_mismatch": len(foreign),
+                                           "alternative_not_a_student_token": 1}
+    exact = sum(len(e) for i, e in kd_inputs["expect"].items()) - 1
+    assert kd["positions"]["exact"] == exact
+    assert kd["positions"]["end_of_turn"] == len(own) + 1  # koala ends a turn with one </s>
+    text = summary(stats)
+    assert "teacher logprobs (top-4)" in text and "tokenization_mismatch" in text
+
+
+def test_sft_set_is_unchanged(kd_set, sft_set):
+    kd_out, _ = kd_set
+    sft_out, sft_stats = sft_set
+    assert "teacher_logprobs" not in sft_stats
+    features = json.load(open(os.path.join(dataset_dir(sft_out), "features.json")))
+    assert "teacher_ids" not in json.dumps(features)
+    assert "teacher_ids" in json.dumps(json.load(open(os.path.join(dataset_dir(kd_out), "features.json"))))
+    sft, kd = PreparedSet(sft_out).split("train"), PreparedSet(kd_out).split("train")
+    a, b = sft.take(np.arange(len(sft))), kd.take(np.arange(len(kd)))
+    assert set(a) == set(FIELDS)
+    for name in FIELDS:  # the teacher's logprobs change nothing else in the rows
+        np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_cleaning_changed_answer_falls_back(tmp_path, tiny_tokenizer, demo_conversations):
+    sp = tiny_tokenizer._sp
+    answer = demo_conversations[0]["messages"][1]["content"].strip()
+    record, _ = own_tokens(sp, answer, np.random.default_rng(1))
+    # the stored answer has a trailing space (its tokens too): cleaning strips it
+    spaced = tl.TeacherLogprobs(K, record.tokens + (_token(b" ", -0.1, record.tokens[1].top),))
+    tl.validate(spaced, answer + " ")
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps({"messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": answer + " ", tl.FIELD: tl.encode(spaced)}]}) + "\n")
+    stats = _prepare(str(path), tmp_path / "set", tiny_tokenizer)
+    kd = stats["teacher_logprobs"]
+    assert kd["answers"]["fallback"] == {"changed_by_cleaning": 1}
+    assert kd["positions"] == {"exact": 0, "end_of_turn": 0,
+                               "fallback": {"changed_by_cleaning": len(spaced.tokens)}}
+    batch = PreparedSet(str(tmp_path / "set")).split("train").take([0])
+    assert (batch["teacher_ids"] == -1).all()
+
+
+def test_bad_teacher_record_is_a_counted_skip(tmp_path, tiny_tokenizer):
+    path = tmp_path / "in.jsonl"
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello"}]}
+    bad = {"messages": [{"role": "user", "content": "hi"},
+                        {"role": "assistant", "content": "Hello there",
+                         tl.FIELD: {"version": 1, "k": 1, "tokens": [["Hello", -0.1, [["Hello", -0.1]]]]}}]}
+    path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    stats = _prepare(str(path), tmp_path / "set", tiny_tokenizer, skip_invalid=True)
+    assert stats["conversations"]["invalid"] == {"bad_logprobs": 1}
+    assert f"{path}:2: message 1: teacher_logprobs:" in stats["conversations"]["invalid_examples"][0]
+    assert "teacher_logprobs" not in stats  # no kept record carries them: an SFT set
+
+
+def test_assemble_shifts_targets_by_the_packing_offset():
+    # two examples in one row: ids positions 1..n-1 are targets 0..n-2, then the second example's
+    ex = [Example(np.arange(5, dtype=np.int32), np.ones(5, bool)),
+          Example(np.arange(10, 14, dtype=np.int32), np.ones(4, bool))]
+    t = [Targets(np.asarray([1, 4], np.int32), np.asarray([[7], [8]], np.int32), np.asarray([[-1.], [-2.]], np.float32)),
+         Targets(np.asarray([2], np.int32), np.asarray([[9]], np.int32), np.asarray([[-3.]], np.float32))]
+    rows = list(packed_rows(ex, [[0, 1]], t, 2))
+    out = assemble(rows + [None], 10, 0, teacher_k=2)
+    ids = out["teacher_ids"]
+    assert ids.shape == (2, 10, 2)
+    # example 0: ids 1 and 4 are targets 0 and 3; example 1 (row positions 4..6): id 2 is target 5
+    assert out["targets"][0, 0] == 1 and out["targets"][0, 3] == 4 and out["targets"][0, 5] == 12
+    np.testing.assert_array_equal(ids[0, [0, 3, 5], 0], [7, 8, 9])
+    assert (ids[0, [0, 3, 5], 1] == -1).all()  # K padded to teacher_k
+    np.testing.assert_array_equal(out["teacher_logprobs"][0, [0, 3, 5], 0], [-1, -2, -3])
+    assert (np.delete(ids[0, :, 0], [0, 3, 5]) == -1).all() and (ids[1] == -1).all()
+
+
+def test_worker_processes_give_the_same_rows(tmp_path, kd_set, kd_inputs, tiny_tokenizer):
+    out, stats = kd_set
+    again = _prepare(kd_inputs["kd"], tmp_path / "set", tiny_tokenizer, workers=2)
+    assert again["timing"]["workers"] == 2
+    assert again["fingerprint"] == stats["fingerprint"]  # covers the sparse targets
+    assert again["teacher_logprobs"] == stats["teacher_logprobs"]
+    a, b = PreparedSet(out).split("train"), PreparedSet(str(tmp_path / "set")).split("train")
+    for name, value in a.take(np.arange(len(a))).items():
+        np.testing.assert_array_equal(value, b.take(np.arange(len(b)))[name])
