@@ -89,3 +89,25 @@ def test_bad_kd_settings_are_one_line(small_overrides, override, named):
     extra = [] if override.startswith("train.objective") else ["train.objective=kd"]
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         load_config("configs/tiny.yaml", small_overrides + extra + [override])
+
+
+def test_kd_with_an_in_mesh_teacher_sharded_equals_one_device(small_overrides, tmp_path, teacher_run):
+    """The same 3 distillation steps on 1 device and on a (2, 2, 2) mesh of 8 simulated devices: the
+    teacher is placed by the same rules as the student, and the losses agree."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    base = [o for o in small_overrides if not o.startswith(("run_dir=", "train.steps="))]
+    base += ["train.steps=3", "train.objective=kd", "kd.source=teacher", f"kd.teacher={teacher_run}", "kd.alpha=0.2",
+             "logging.tensorboard=false"]
+    losses = {}
+    for name, devices, mesh in (("one", 1, []), ("eight", 8, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])):
+        done = subprocess.run([sys.executable, "-m", "imitation_jax.cli", "train", "configs/tiny.yaml", *base,
+                               f"run_dir={tmp_path / name}", *mesh], capture_output=True, text=True, cwd=root,
+                              timeout=600, env=dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"))
+        assert done.returncode == 0, done.stderr[-3000:]
+        losses[name] = [(r["loss"], r["kd"], r["ce"]) for r in _records(tmp_path / name)]
+    assert len(losses["one"]) == 3
+    np.testing.assert_allclose(losses["eight"], losses["one"], rtol=1e-5)
