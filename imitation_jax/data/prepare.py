@@ -155,10 +155,17 @@ class _Worker:
         self.phrases = normalized_phrases(spec.cleaning)
         self._pieces: PieceBytes | None = None  # built on the first record with teacher logprobs
 
-    def __call__(self, batch: list[tuple[Conversation, dict | None]]) -> list[tuple]:
+    def __call__(self, batch: list[tuple[Conversation, tuple | None]]) -> list[tuple]:
         out = []
         cfg = self.spec.cleaning
-        for conv, teacher in batch:
+        for conv, raw in batch:
+            teacher = None
+            if raw is not None:  # parsed here, in the worker: the records are large
+                try:
+                    teacher = teacher_logprobs.parse({"messages": raw[1]}, raw[0]) or None
+                except DataError as e:
+                    out.append((_INVALID, Counter(), str(e), e.kind))
+                    continue
             cleaned, counts = clean(conv, cfg, self.phrases)
             if isinstance(cleaned, str):
                 out.append((cleaned, counts))
@@ -222,6 +229,7 @@ def _cleaned_answers(conv: Conversation, teacher: dict, cleaned: Conversation, c
     return out
 
 
+_INVALID = "\0invalid"  # a worker's result for a record it found invalid: (_INVALID, {}, message, kind)
 _worker: _Worker | None = None
 
 
@@ -276,6 +284,9 @@ class _Collector:
 
     def results(self, source: int, split: str, results: list[tuple]) -> None:
         for result in results:
+            if result[0] == _INVALID:
+                self.invalid_record(source, DataError(result[2], result[3]))
+                continue
             self.read += 1
             self.sources[source]["read"] += 1
             reason, counts = result[0], result[1]
@@ -316,9 +327,9 @@ def _negate(rank: bytes) -> bytes:
 
 
 def _conversations(source: Source, progress, detected: dict[str, str]
-                   ) -> Iterator[tuple[Conversation, dict | None] | DataError]:
-    """readers.iter_conversations, each conversation with the teacher logprobs its record carries
-    ({message index: TeacherLogprobs}, or None); a malformed teacher record is a bad record."""
+                   ) -> Iterator[tuple[Conversation, tuple | None] | DataError]:
+    """readers.iter_conversations, each conversation with ("FILE:LINE", its record's messages)
+    when one of them carries teacher logprobs (None otherwise): the workers parse those."""
     fmt = None if source.format == "auto" else source.format
     for item in iter_records(source.path, progress):
         if isinstance(item, DataError):
@@ -334,16 +345,16 @@ def _conversations(source: Source, progress, detected: dict[str, str]
             teacher = None
             if isinstance(messages, list) and any(isinstance(m, dict) and teacher_logprobs.FIELD in m
                                                   for m in messages):
-                teacher = teacher_logprobs.parse(record, where) or None
+                teacher = (where, messages)
             yield conv, teacher
         except DataError as e:
             yield e
 
 
 def _batches(sources: list[tuple[int, str, Source]], collector: _Collector, progress
-             ) -> Iterator[tuple[int, str, list[tuple[Conversation, dict | None]]]]:
+             ) -> Iterator[tuple[int, str, list[tuple[Conversation, tuple | None]]]]:
     for index, split, source in sources:
-        batch: list[tuple[Conversation, dict | None]] = []
+        batch: list[tuple[Conversation, tuple | None]] = []
         for item in _conversations(source, progress, collector.formats):
             if isinstance(item, DataError):
                 collector.invalid_record(index, item)
