@@ -246,7 +246,8 @@ def test_assemble_shifts_targets_by_the_packing_offset():
     # two examples in one row: ids positions 1..n-1 are targets 0..n-2, then the second example's
     ex = [Example(np.arange(5, dtype=np.int32), np.ones(5, bool)),
           Example(np.arange(10, 14, dtype=np.int32), np.ones(4, bool))]
-    t = [Targets(np.asarray([1, 4], np.int32), np.asarray([[7], [8]], np.int32), np.asarray([[-1.], [-2.]], np.float32)),
+    t = [Targets(np.asarray([1, 4], np.int32), np.asarray([[7], [8]], np.int32),
+                 np.asarray([[-1.], [-2.]], np.float32)),
          Targets(np.asarray([2], np.int32), np.asarray([[9]], np.int32), np.asarray([[-3.]], np.float32))]
     rows = list(packed_rows(ex, [[0, 1]], t, 2))
     out = assemble(rows + [None], 10, 0, teacher_k=2)
@@ -269,3 +270,64 @@ def test_worker_processes_give_the_same_rows(tmp_path, kd_set, kd_inputs, tiny_t
     a, b = PreparedSet(out).split("train"), PreparedSet(str(tmp_path / "set")).split("train")
     for name, value in a.take(np.arange(len(a))).items():
         np.testing.assert_array_equal(value, b.take(np.arange(len(b)))[name])
+
+
+@pytest.mark.parametrize("template,exact", [("chatml", True), ("koala", False)])
+def test_byte_level_bpe_teacher(tmp_path, bpe_tokenizer, demo_conversations, template, exact):
+    """A byte-level BPE teacher's tokens (from the tokenizers library's own offsets): exact targets
+    with chatml, whose reply follows a newline; with koala the reply follows "GPT: ", whose space
+    the student's first token carries and the teacher's does not: every answer falls back."""
+    fast = bpe_tokenizer.hf.backend_tokenizer
+    vocab = {}
+    for i in range(bpe_tokenizer.base_vocab_size):
+        text = bpe_tokenizer.decode([i])
+        if text and "\ufffd" not in text and i not in bpe_tokenizer.hf.all_special_ids:
+            vocab.setdefault(text, []).append(i)
+    unique = sorted(ids[0] for ids in vocab.values() if len(ids) == 1)
+    rng = np.random.default_rng(2)
+    records, expected = [], {}
+    for i, conv in enumerate(demo_conversations[:12]):
+        answer = conv["messages"][1]["content"].strip()
+        enc = fast.encode(answer, add_special_tokens=False)
+        tokens, exp = [], []
+        for s, e in enc.offsets:
+            alts = [int(a) for a in rng.choice(unique, K, replace=False)]
+            lps = sorted((-rng.exponential(2.0) for _ in range(K)), reverse=True)
+            tokens.append(_token(answer[s:e].encode(), -0.3, [_alt(bpe_tokenizer.decode([a]).encode(), lp)
+                                                                 for a, lp in zip(alts, lps)]))
+            exp.append((alts, np.asarray(lps, np.float32)))
+        record = tl.TeacherLogprobs(K, tuple(tokens))
+        tl.validate(record, answer)
+        user = f"Q{i}: " + conv["messages"][0]["content"]
+        records.append({"messages": [{"role": "user", "content": user},
+                                     {"role": "assistant", "content": answer, tl.FIELD: tl.encode(record)}]})
+        expected[i] = (enc.ids, exp)
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    stats = prepare([str(path)], str(tmp_path / "set"), PrepareSettings(
+        tokenizer=bpe_tokenizer.path, template=template, seq_len=SEQ_LEN, diversity_sample=0),
+        workers=1, progress=False)
+    kd = stats["teacher_logprobs"]
+    n = sum(len(e[0]) for e in expected.values())
+    if not exact:
+        assert kd["answers"]["fallback"] == {"tokenization_mismatch": len(records)}
+        assert kd["positions"]["exact"] == 0
+        return
+    assert kd["answers"]["exact"] == len(records) and kd["positions"]["exact"] == n
+    split = PreparedSet(str(tmp_path / "set")).split("train")
+    batch = split.take(np.arange(len(split)))
+    tok = PreparedSet(str(tmp_path / "set")).tokenizer
+    found = 0
+    for r in range(len(split)):
+        seg = batch["segment_ids"][r]
+        for s in range(1, seg.max() + 1):
+            at = np.flatnonzero(seg == s)
+            i = int(re.search(r"Q(\d+):", tok.decode(batch["inputs"][r, at])).group(1))
+            ids, exp = expected[i]
+            start = _runs(batch["loss_mask"][r, at] > 0)[0][0]
+            assert list(batch["targets"][r, at][start:start + len(ids)]) == ids
+            for n_, (alts, lps) in enumerate(exp):
+                np.testing.assert_array_equal(batch["teacher_ids"][r, at][start + n_], alts)
+                np.testing.assert_array_equal(batch["teacher_logprobs"][r, at][start + n_], lps)
+            found += 1
+    assert found == len(records)
