@@ -57,6 +57,9 @@ def own_tokens(sp, answer: str, rng, bad_alt_at: int | None = None):
         alt_bytes = [_piece_bytes(sp, a)[1:] if n == 0 else _piece_bytes(sp, a) for a in alts]
         if n == bad_alt_at:
             alt_bytes[1] = "\u2603qzx".encode()  # no student piece
+        if n == len(ids) - 1 and sp.eos_id() not in alts:  # EOS is an alternative: stored by name
+            alts[-1] = sp.eos_id()
+            alt_bytes[-1] = sp.id_to_piece(sp.eos_id()).encode()
         tokens.append(_token(raw, float(-rng.exponential(1.0)), [_alt(b, lp) for b, lp in zip(alt_bytes, lps)]))
         expected.append(None if n == bad_alt_at else (np.asarray(alts, np.int32), np.asarray(lps, np.float32)))
     record = tl.TeacherLogprobs(K, tuple(tokens))

@@ -12,7 +12,9 @@ handled here yet: its answers fall back as `tokenization_mismatch`.
 SentencePiece's dummy prefix: the teacher's first token of an answer loses its leading space when
 decoding drops it (OpenAI's convention, as `serve` writes it), so the student's first token is
 compared the same way, and a first-position alternative's bytes B map to the piece " "+B when
-the student has one (the reading the sampled token was given), else to B.
+the student has one (the reading the sampled token was given), else to B. A special token among
+the alternatives (EOS, an end-of-turn token: no bytes in the text, so collect stores its name)
+maps to the student's special token of that name when its bytes are no piece.
 """
 
 from __future__ import annotations
@@ -63,6 +65,13 @@ class PieceBytes:
         for b, i in fallback.items():
             self.ids.setdefault(b, i)
         self._strip: dict[int, bool] = {}
+        self._special: dict[str, int | None] = {}
+
+    def special(self, text: str) -> int | None:
+        """The student's special token (its own or one prepare added) named `text`, if any."""
+        if text not in self._special:
+            self._special[text] = self.tokenizer.special_id(text)
+        return self._special[text]
 
     def _is_byte_piece(self, i: int) -> bool:
         sp = getattr(self.tokenizer, "_sp", None)
@@ -142,7 +151,11 @@ def align_answer(run: np.ndarray, teacher: TeacherLogprobs, pieces: PieceBytes
         row = []
         for alt in token.top:
             j = pieces.ids.get(b" " + alt.bytes) if i == 0 and stripped else None
-            row.append(j if j is not None else pieces.ids.get(alt.bytes))
+            if j is None:
+                j = pieces.ids.get(alt.bytes)
+            if j is None and alt.bytes == alt.text.encode("utf-8"):
+                j = pieces.special(alt.text)
+            row.append(j)
         if None in row or len(set(row)) != len(row):
             bad += 1
             continue
