@@ -493,3 +493,52 @@ def test_collect_top_logprobs_from_serve(server, tmp_path, monkeypatch, capsys):
             np.testing.assert_allclose(entry.logprob, row[token], atol=1e-4)
             _check_top([a.logprob for a in entry.top], row, 5)
         assert b"".join(t.bytes for t in teacher.tokens) == record["messages"][index]["content"].encode("utf-8")
+
+
+def test_serve_collect_top_logprobs_prepare_and_distill(tmp_path, monkeypatch, capsys, small_overrides):
+    """The whole stored-top-K pipeline on the CPU: train a tiny teacher briefly (a random model mostly
+    emits byte pieces that are not valid UTF-8, whose answers cannot be stored with logprobs), serve
+    it, `collect --top-logprobs 5`, `prepare` with the teacher's own tokenizer (exact sparse targets
+    at the answers' positions), then `train.objective=kd kd.source=stored` trains on them and its KL
+    term falls."""
+    from imitation_jax.cli import main
+    from imitation_jax.commands.train import run_training
+    from imitation_jax.convert.loading import load_model
+    from imitation_jax.generate import Generator
+    from imitation_jax.serving.app import create_app
+    from imitation_jax.train.config import load_config
+
+    base = [o for o in small_overrides if not o.startswith(("run_dir", "train.steps"))]
+    teacher = run_training(load_config("configs/tiny.yaml", base + [
+        f"run_dir={tmp_path / 'teacher'}", "train.steps=30", "optim.lr=3e-3", "logging.tensorboard=false"]))["run_dir"]
+    loaded = load_model(teacher)
+    gen = Generator(loaded, max_batch=8, buckets=(64, MAX_LEN))
+    with open(KOALA, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    chosen = [r for r in records if len(gen.encode_chat([{"role": "user", "content": r["prompt"]}])) < MAX_LEN - 24][:16]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in chosen), encoding="utf-8")
+    out = tmp_path / "collected.jsonl"
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    with serve_in_thread(create_app(gen, "teacher", api_key=KEY, max_batch=8, batch_wait_ms=20)) as url:
+        main(["collect", "--prompts", str(prompts), "--base-url", url + "/v1", "--model", "teacher", "--out", str(out),
+              "--max-tokens", "16", "--temperature", "0", "--top-logprobs", "5", "--concurrency", "4", "--quiet"])
+    assert len(out.read_text(encoding="utf-8").splitlines()) >= 8, capsys.readouterr().out
+
+    prepared = tmp_path / "prepared"
+    capsys.readouterr()
+    assert main(["prepare", str(out), "--tokenizer", f"{teacher}/tokenizer", "--template", "koala", "--seq-len", "128",
+                 "--out", str(prepared), "--quiet", "--truncate-long-turns"]) == 0
+    assert "teacher logprobs (top-5)" in capsys.readouterr().out
+    kd_stats = json.loads((prepared / "stats.json").read_text())["teacher_logprobs"]
+    assert kd_stats["k"] == 5 and kd_stats["answers"]["exact"] > 0 and kd_stats["positions"]["exact"] > 0, kd_stats
+
+    overrides = [o for o in base if not o.startswith(("data.train_files", "data.eval_files", "data.tokenizer",
+                                                      "data.seq_len"))]
+    run = tmp_path / "kd"
+    overrides += [f"data.path={prepared}", "data.seq_len=128", "data.train_files=[]", "data.eval_files=[]",
+                  "data.tokenizer=null", "train.steps=6", "train.batch_size=2", "optim.lr=3e-3", f"run_dir={run}",
+                  "train.objective=kd", "kd.source=stored", "kd.alpha=0.1", "logging.tensorboard=false"]
+    assert main(["train", "configs/tiny.yaml", *overrides]) == 0
+    kd = [json.loads(line)["kd"] for line in open(run / "metrics.jsonl") if '"kd"' in line]
+    assert len(kd) == 6 and kd[-1] < kd[0], kd
