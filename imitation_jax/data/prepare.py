@@ -36,10 +36,10 @@ import numpy as np
 from imitation_jax.data import storage, teacher_logprobs
 from imitation_jax.data.cleaning import CleaningConfig, clean, content_hash, normalized_phrases
 from imitation_jax.data.examples import conversation_examples
-from imitation_jax.data.formats import FORMATS, Conversation, detect_format, parse_record
+from imitation_jax.data.formats import FORMATS, Conversation
 from imitation_jax.errors import DataError
 from imitation_jax.data.packing import PACKING, pack, packed_rows
-from imitation_jax.data.readers import Source, check_readable, iter_records
+from imitation_jax.data.readers import Source, check_readable, iter_parsed
 from imitation_jax.data.stats import format_summary, length_histogram, query_diversity
 from imitation_jax.data.teacher_targets import FALLBACKS, PieceBytes, example_targets
 from imitation_jax.data.templates import TEMPLATE_NAMES, Example, get_template
@@ -330,25 +330,17 @@ def _conversations(source: Source, progress, detected: dict[str, str]
                    ) -> Iterator[tuple[Conversation, tuple | None] | DataError]:
     """readers.iter_conversations, each conversation with ("FILE:LINE", its record's messages)
     when one of them carries teacher logprobs (None otherwise): the workers parse those."""
-    fmt = None if source.format == "auto" else source.format
-    for item in iter_records(source.path, progress):
+    for item in iter_parsed(source, progress, detected):
         if isinstance(item, DataError):
             yield item
             continue
-        where, record = item
-        try:
-            if fmt is None:
-                fmt = detect_format(record, where)
-                detected[source.path] = fmt
-            conv = parse_record(record, fmt, where)
-            messages = record.get("messages") if fmt == "openai" else None
-            teacher = None
-            if isinstance(messages, list) and any(isinstance(m, dict) and teacher_logprobs.FIELD in m
-                                                  for m in messages):
-                teacher = (where, messages)
-            yield conv, teacher
-        except DataError as e:
-            yield e
+        conv, where, fmt, record = item
+        messages = record.get("messages") if fmt == "openai" else None
+        teacher = None
+        if isinstance(messages, list) and any(isinstance(m, dict) and teacher_logprobs.FIELD in m
+                                              for m in messages):
+            teacher = (where, messages)
+        yield conv, teacher
 
 
 def _batches(sources: list[tuple[int, str, Source]], collector: _Collector, progress

@@ -294,11 +294,11 @@ def _truncated(path: str, complete: int, line: int) -> DataError:
                      "truncated_file")
 
 
-def iter_conversations(source: Source, progress: Progress | None = None,
-                       detected: dict[str, str] | None = None) -> Iterator[Conversation | DataError]:
-    """The conversations of one input, or the DataError of each bad record (yielded, not raised).
-
-    `detected[source.path]` is set to the format in use once it is known."""
+def iter_parsed(source: Source, progress: Progress | None = None, detected: dict[str, str] | None = None
+                ) -> Iterator[tuple[Conversation, str, str, Any] | DataError]:
+    """(conversation, "FILE:LINE", format, raw record) for each record of one input, or the
+    DataError of each bad record (yielded, not raised). `detected[source.path]` is set to the format
+    in use once it is known."""
     fmt = None if source.format == "auto" else source.format
     for item in iter_records(source.path, progress):
         if isinstance(item, DataError):
@@ -310,9 +310,18 @@ def iter_conversations(source: Source, progress: Progress | None = None,
                 fmt = detect_format(record, where)
                 if detected is not None:
                     detected[source.path] = fmt
-            yield parse_record(record, fmt, where)
+            yield parse_record(record, fmt, where), where, fmt, record
         except DataError as e:
             yield e
+
+
+def iter_conversations(source: Source, progress: Progress | None = None,
+                       detected: dict[str, str] | None = None) -> Iterator[Conversation | DataError]:
+    """The conversations of one input, or the DataError of each bad record (yielded, not raised).
+
+    `detected[source.path]` is set to the format in use once it is known."""
+    for item in iter_parsed(source, progress, detected):
+        yield item if isinstance(item, DataError) else item[0]
 
 
 def read_conversations(paths, fmt: str = "auto") -> Iterator[Conversation]:
@@ -329,5 +338,5 @@ def read_messages_jsonl(path: str | os.PathLike[str]) -> Iterator[Conversation]:
     return read_conversations(path, "openai")
 
 
-__all__ = ["Source", "check_readable", "file_kind", "iter_conversations", "iter_records",
+__all__ = ["Source", "check_readable", "file_kind", "iter_conversations", "iter_parsed", "iter_records",
            "read_conversations", "read_messages_jsonl", "text_document"]
