@@ -46,6 +46,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from imitation_jax.errors import ConfigError
+from imitation_jax.train.loss import cross_entropy_terms
 
 LOSSES = ("forward_kl", "reverse_kl", "jsd")
 
@@ -185,19 +186,6 @@ class _Dense:
         return jnp.sum(div * m), g * (m[:, None] / temperature)
 
 
-def _cross_entropy(logits, y, m, with_grads: bool):
-    """Masked next-token cross entropy of (rows, V) logits: loss sum, correct sum [, dlogits]."""
-    top = jnp.max(logits, axis=-1, keepdims=True)
-    lse = top + jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1, keepdims=True))
-    target = jnp.take_along_axis(logits, y[:, None], axis=-1)
-    loss = jnp.sum((lse - target)[:, 0] * m)
-    correct = jnp.sum((target >= top)[:, 0].astype(jnp.float32) * m)  # the target logit is a maximum
-    if not with_grads:
-        return loss, correct, None
-    onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == y[:, None]
-    return loss, correct, jnp.exp(logits - lse) * m[:, None] - jnp.where(onehot, m[:, None], 0.0)
-
-
 def _chunk_terms(kind, tail, params, xs, kernel, const, tchunk, m, with_grads: bool):
     """One chunk: xs (B, C, ...) student tail inputs, tchunk (the teacher's chunk, targets (B, C) or
     None), m (B*C,) fp32 -> sums (loss, kd, ce, correct) [, d(tail params), d(xs), dkernel fp32]."""
@@ -215,7 +203,7 @@ def _chunk_terms(kind, tail, params, xs, kernel, const, tchunk, m, with_grads: b
     if with_grads:
         dlogits = kind.kd_weight * dlogits
     if y is not None:  # the student's cross entropy on the same logits, weighted in
-        ce, correct, dce = _cross_entropy(logits, y.reshape(-1), m, with_grads)
+        ce, correct, dce = cross_entropy_terms(logits, y.reshape(-1), m, with_grads)
         loss = loss + kind.ce_weight * ce
         if with_grads:
             dlogits = dlogits + kind.ce_weight * dce

@@ -23,6 +23,22 @@ def _identity(params, h):
     return h
 
 
+def cross_entropy_terms(logits, y, m, with_grads: bool):
+    """Masked cross entropy of (rows, V) fp32 logits: loss sum, correct sum, dlogits (None without
+    grads). Few passes over the logits: the max fuses into the matmul, the log-sum-exp is a reduction
+    that writes nothing, and the softmax is recomputed from it inside the one pass that writes
+    dlogits (faster than materialising exp(logits - max); docs/benchmarks.md)."""
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    lse = top + jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1, keepdims=True))
+    target = jnp.take_along_axis(logits, y[:, None], axis=-1)
+    loss = jnp.sum((lse - target)[:, 0] * m)
+    correct = jnp.sum((target >= top)[:, 0].astype(jnp.float32) * m)  # the target logit is a maximum
+    if not with_grads:
+        return loss, correct, None
+    onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == y[:, None]
+    return loss, correct, jnp.exp(logits - lse) * m[:, None] - jnp.where(onehot, m[:, None], 0.0)
+
+
 def _chunk_terms(tail, params, xs, kernel, y, m, with_grads: bool):
     """One chunk: xs (B, C, ...) tail inputs, y (B*C,), m (B*C,) fp32 -> loss sum, correct sum
     [, d(tail params), d(xs), dkernel (D, V) fp32]."""
@@ -32,18 +48,10 @@ def _chunk_terms(tail, params, xs, kernel, y, m, with_grads: bool):
         hidden = tail(params, *xs)
     h = hidden.reshape(-1, hidden.shape[-1])
     logits = jnp.dot(h, kernel, preferred_element_type=jnp.float32)
-    # Few passes over the (rows, vocab) fp32 logits: the max fuses into the matmul, the log-sum-exp
-    # is a reduction that writes nothing, and the softmax is recomputed from it inside the one pass
-    # that writes dlogits (faster than materialising exp(logits - max); docs/benchmarks.md).
-    top = jnp.max(logits, axis=-1, keepdims=True)
-    lse = top + jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1, keepdims=True))
-    target = jnp.take_along_axis(logits, y[:, None], axis=-1)
-    loss = jnp.sum((lse - target)[:, 0] * m)
-    correct = jnp.sum((target >= top)[:, 0].astype(jnp.float32) * m)  # the target logit is a maximum
+    loss, correct, dlogits = cross_entropy_terms(logits, y, m, with_grads)
     if not with_grads:
         return loss, correct
-    onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == y[:, None]
-    dlogits = (jnp.exp(logits - lse) * m[:, None] - jnp.where(onehot, m[:, None], 0.0)).astype(h.dtype)
+    dlogits = dlogits.astype(h.dtype)
     dh = jnp.dot(dlogits, kernel.T, preferred_element_type=jnp.float32)
     dk = jnp.dot(h.T, dlogits, preferred_element_type=jnp.float32)
     dparams, *dxs = tail_vjp(dh.astype(hidden.dtype).reshape(hidden.shape))
