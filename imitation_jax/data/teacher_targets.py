@@ -20,12 +20,11 @@ maps to the student's special token of that name when its bytes are no piece.
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import numpy as np
 
 from imitation_jax.data.teacher_logprobs import NEG_INF, TeacherLogprobs
-from imitation_jax.data.tokenizer import Tokenizer
+from imitation_jax.data.tokenizer import Tokenizer, byte_level_chars
 
 # Reasons a trained answer position gets no sparse target (counted in stats.json).
 FALLBACKS = ("tokenization_mismatch",  # the student's tokens of the answer are not the teacher's
@@ -33,20 +32,6 @@ FALLBACKS = ("tokenization_mismatch",  # the student's tokens of the answer are 
              "changed_by_cleaning",  # cleaning changed the answer's text (strip, html, merge)
              "unaligned",  # the example's trained spans do not match its assistant turns
              "truncated")  # the answer was cut at the row's end
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character map of byte-level BPE vocabularies."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 class PieceBytes:
@@ -89,10 +74,7 @@ class PieceBytes:
             return piece.replace("\u2581", " ").encode("utf-8")
         hf = tok.hf
         if not hasattr(self, "_byte_level"):
-            backend = getattr(hf, "backend_tokenizer", None)
-            decoder = json.loads(backend.to_str()).get("decoder") if backend is not None else None
-            self._byte_level = ({c: b for b, c in _bytes_to_unicode().items()}
-                                if "ByteLevel" in json.dumps(decoder) else None)
+            self._byte_level = byte_level_chars(hf)
             self._specials = set(hf.all_special_ids)
         if i in self._specials:
             return None

@@ -293,3 +293,23 @@ def train_sentencepiece(texts: Iterable[str], out_prefix: str | os.PathLike[str]
         shuffle_input_sentence=False, max_sentence_length=1 << 20, hard_vocab_limit=False,
         minloglevel=2)
     return prefix + ".model"
+
+
+def byte_level_chars(hf) -> dict[str, int] | None:
+    """For an HF tokenizer whose decoder is byte-level BPE (GPT-2 style pieces), the map from a
+    piece's printable characters back to the bytes they stand for; None for any other tokenizer."""
+    import json
+
+    backend = getattr(hf, "backend_tokenizer", None)
+    decoder = json.loads(backend.to_str()).get("decoder") if backend is not None else None
+    if "ByteLevel" not in json.dumps(decoder):
+        return None
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+            *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    chars, n = list(keep), 0
+    for b in range(256):  # GPT-2's byte -> printable character table
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(keep, chars)}

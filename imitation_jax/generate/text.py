@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from imitation_jax.data.tokenizer import Tokenizer
+from imitation_jax.data.tokenizer import Tokenizer, byte_level_chars
 
 _INCOMPLETE = "\ufffd"
 
@@ -86,12 +86,7 @@ class TokenStrings:
         self._byte_level = None
         hf = getattr(tokenizer, "hf", None)
         if hf is not None:
-            import json
-
-            backend = getattr(hf, "backend_tokenizer", None)
-            decoder = json.loads(backend.to_str()).get("decoder") if backend is not None else None
-            if "ByteLevel" in json.dumps(decoder):
-                self._byte_level = {c: b for b, c in _bytes_to_unicode().items()}
+            self._byte_level = byte_level_chars(hf)
 
     def __call__(self, token: int) -> tuple[str, bytes | None]:
         token = int(token)
@@ -139,15 +134,3 @@ class TokenStrings:
                 out[i] = b[1:]
             break
         return out
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table of byte-level BPE vocabularies."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, n = list(keep), 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + n)
-            n += 1
-    return dict(zip(keep, map(chr, chars)))
