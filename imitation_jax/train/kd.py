@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from imitation_jax.errors import ConfigError
-from imitation_jax.train.loss import cross_entropy_terms
+from imitation_jax.train.loss import cross_entropy_terms, output_layer
 
 LOSSES = ("forward_kl", "reverse_kl", "jsd")
 
@@ -189,12 +189,7 @@ class _Dense:
 def _chunk_terms(kind, tail, params, xs, kernel, const, tchunk, m, with_grads: bool):
     """One chunk: xs (B, C, ...) student tail inputs, tchunk (the teacher's chunk, targets (B, C) or
     None), m (B*C,) fp32 -> sums (loss, kd, ce, correct) [, d(tail params), d(xs), dkernel fp32]."""
-    if with_grads:
-        hidden, tail_vjp = jax.vjp(tail, params, *xs)
-    else:
-        hidden = tail(params, *xs)
-    h = hidden.reshape(-1, hidden.shape[-1])
-    logits = jnp.dot(h, kernel, preferred_element_type=jnp.float32)
+    logits, backward = output_layer(tail, params, xs, kernel, with_grads)
     teacher_chunk, y = tchunk
     out = kind.loss_and_grad(logits, kind.teacher(const, teacher_chunk), m, with_grads)
     kd, dlogits = out if with_grads else (out, None)
@@ -210,11 +205,7 @@ def _chunk_terms(kind, tail, params, xs, kernel, const, tchunk, m, with_grads: b
     sums = (loss, kd, ce, correct)
     if not with_grads:
         return sums
-    dlogits = dlogits.astype(h.dtype)
-    dh = jnp.dot(dlogits, kernel.T, preferred_element_type=jnp.float32)
-    dk = jnp.dot(h.T, dlogits, preferred_element_type=jnp.float32)
-    dparams, *dxs = tail_vjp(dh.astype(hidden.dtype).reshape(hidden.shape))
-    return sums, dparams, tuple(dxs), dk
+    return (sums, *backward(dlogits))
 
 
 def _over_chunks(kind, tail, params, xs, kernel, const, tchunks, m, live, with_grads: bool):

@@ -39,23 +39,36 @@ def cross_entropy_terms(logits, y, m, with_grads: bool):
     return loss, correct, jnp.exp(logits - lse) * m[:, None] - jnp.where(onehot, m[:, None], 0.0)
 
 
-def _chunk_terms(tail, params, xs, kernel, y, m, with_grads: bool):
-    """One chunk: xs (B, C, ...) tail inputs, y (B*C,), m (B*C,) fp32 -> loss sum, correct sum
-    [, d(tail params), d(xs), dkernel (D, V) fp32]."""
+def output_layer(tail, params, xs, kernel, with_grads: bool):
+    """One chunk's logits: xs (B, C, ...) tail inputs -> (rows, V) fp32 logits and, with grads, a
+    function taking d(loss)/d(logits) to (d(tail params), d(xs), dkernel (D, V) fp32)."""
     if with_grads:
         hidden, tail_vjp = jax.vjp(tail, params, *xs)
     else:
         hidden = tail(params, *xs)
     h = hidden.reshape(-1, hidden.shape[-1])
     logits = jnp.dot(h, kernel, preferred_element_type=jnp.float32)
+    if not with_grads:
+        return logits, None
+
+    def backward(dlogits):
+        dlogits = dlogits.astype(h.dtype)
+        dh = jnp.dot(dlogits, kernel.T, preferred_element_type=jnp.float32)
+        dk = jnp.dot(h.T, dlogits, preferred_element_type=jnp.float32)
+        dparams, *dxs = tail_vjp(dh.astype(hidden.dtype).reshape(hidden.shape))
+        return dparams, tuple(dxs), dk
+
+    return logits, backward
+
+
+def _chunk_terms(tail, params, xs, kernel, y, m, with_grads: bool):
+    """One chunk: xs (B, C, ...) tail inputs, y (B*C,), m (B*C,) fp32 -> loss sum, correct sum
+    [, d(tail params), d(xs), dkernel (D, V) fp32]."""
+    logits, backward = output_layer(tail, params, xs, kernel, with_grads)
     loss, correct, dlogits = cross_entropy_terms(logits, y, m, with_grads)
     if not with_grads:
         return loss, correct
-    dlogits = dlogits.astype(h.dtype)
-    dh = jnp.dot(dlogits, kernel.T, preferred_element_type=jnp.float32)
-    dk = jnp.dot(h.T, dlogits, preferred_element_type=jnp.float32)
-    dparams, *dxs = tail_vjp(dh.astype(hidden.dtype).reshape(hidden.shape))
-    return loss, correct, dparams, tuple(dxs), dk
+    return (loss, correct, *backward(dlogits))
 
 
 def _over_chunks(tail, params, xs, kernel, y, m, live, with_grads: bool):
