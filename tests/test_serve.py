@@ -113,6 +113,19 @@ def check_text(text: str, tokenizer, ref: list[int]) -> None:
         assert text == expected
 
 
+def koala_prompts(gen, margin: int) -> tuple[list[dict], list[dict]]:
+    """(all Koala records, those whose chat prompt leaves `margin` tokens of this model's context)."""
+    with open(KOALA, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    fits = [r for r in records if len(gen.encode_chat([{"role": "user", "content": r["prompt"]}])) < MAX_LEN - margin]
+    return records, fits
+
+
+def write_prompts(path, records: list[dict]):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
 MESSAGES = [{"role": "system", "content": "You are helpful."},
             {"role": "user", "content": "What is the capital of France? Answer in one word, s'il vous plaît ✓"}]
 
@@ -253,15 +266,12 @@ def test_collect_from_serve_then_prepare_and_train(server, tmp_path, monkeypatch
                                                    small_overrides, capsys):
     from imitation_jax.cli import main
 
-    with open(KOALA, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
     # the first prompts that fit this tiny model's context, and the longest one (which does not)
     gen = server["generator"]
-    fits = [r for r in records if len(gen.encode_chat([{"role": "user", "content": r["prompt"]}])) < MAX_LEN - 16]
+    records, fits = koala_prompts(gen, 16)
     longest = max(records, key=lambda r: len(r["prompt"]))
     chosen = fits[:10] + [longest]
-    prompts = tmp_path / "koala.jsonl"
-    prompts.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in chosen), encoding="utf-8")
+    prompts = write_prompts(tmp_path / "koala.jsonl", chosen)
     out = tmp_path / "collected.jsonl"
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     rc = main(["collect", "--prompts", str(prompts), "--base-url", server["base_url"], "--model", "tiny",
@@ -456,12 +466,9 @@ def test_collect_top_logprobs_from_serve(server, tmp_path, monkeypatch, capsys):
     from imitation_jax.cli import main
     from imitation_jax.data.teacher_logprobs import parse
 
-    with open(KOALA, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
     gen, loaded = server["generator"], server["loaded"]
-    chosen = [r for r in records if len(gen.encode_chat([{"role": "user", "content": r["prompt"]}])) < MAX_LEN - 16][:10]
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in chosen), encoding="utf-8")
+    chosen = koala_prompts(gen, 16)[1][:10]
+    prompts = write_prompts(tmp_path / "prompts.jsonl", chosen)
     out = tmp_path / "collected.jsonl"
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     rc = main(["collect", "--prompts", str(prompts), "--base-url", server["base_url"], "--model", "tiny",
@@ -513,11 +520,7 @@ def test_serve_collect_top_logprobs_prepare_and_distill(tmp_path, monkeypatch, c
         f"run_dir={tmp_path / 'teacher'}", "train.steps=30", "optim.lr=3e-3", "logging.tensorboard=false"]))["run_dir"]
     loaded = load_model(teacher)
     gen = Generator(loaded, max_batch=8, buckets=(64, MAX_LEN))
-    with open(KOALA, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    chosen = [r for r in records if len(gen.encode_chat([{"role": "user", "content": r["prompt"]}])) < MAX_LEN - 24][:16]
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in chosen), encoding="utf-8")
+    prompts = write_prompts(tmp_path / "prompts.jsonl", koala_prompts(gen, 24)[1][:16])
     out = tmp_path / "collected.jsonl"
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     with serve_in_thread(create_app(gen, "teacher", api_key=KEY, max_batch=8, batch_wait_ms=20)) as url:
