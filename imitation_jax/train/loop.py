@@ -87,7 +87,7 @@ def train(cfg: Config, restart: bool = False, *, init: InitParams | None = None,
     t = cfg.train
     micro = micro_batch(cfg, mesh, jax.process_count())
     loader, eval_loader = _loaders(cfg, data, mesh, micro)
-    if cfg.train.objective == "kd" and cfg.kd.source == "stored" and "teacher_ids" not in loader.batch_at(0):
+    if cfg.train.objective == "kd" and cfg.kd.source == "stored" and not data.prepared.teacher_k:
         raise ConfigError(f"kd.source=stored: {data.path} holds no teacher log-probabilities (collect with "
                           "--top-logprobs K, then prepare), or use kd.source=teacher")
     total_steps = t.steps if t.steps is not None else max(1, math.ceil(t.epochs * loader.batches_per_epoch))
