@@ -1,6 +1,8 @@
-"""`prepare` carries the teacher's stored top-K log-probabilities into the rows (issue 17, item 3,
-the same-tokenizer case): records whose teacher tokens are the student tokenizer's own pieces
-get exact sparse targets at every answer position, read back shifted by the packing offsets;
+"""`prepare` carries the teacher's stored top-K log-probabilities into the rows (issue 17, item 3):
+records whose teacher tokens are the student tokenizer's own pieces get exact sparse targets at
+every answer position, read back shifted by the packing offsets; another tokenizer's records get
+targets where a student token's byte span is exactly one teacher token's (alternatives mapped to
+student ids by SentencePiece's own piece lookup, duplicates merged, the rest left to the tail);
 anything else trains with cross entropy and is counted."""
 
 from __future__ import annotations
@@ -75,6 +77,74 @@ def char_tokens(answer: str) -> tl.TeacherLogprobs:
     return record
 
 
+def _sp_piece_id(sp, text: str) -> int | None:
+    """SentencePiece's own lookup of the piece spelling `text` (spaces as U+2581), None if none;
+    a control piece counts only under its own name (a special-token alternative stored by name)."""
+    piece = text.replace(" ", "\u2581")
+    i = sp.piece_to_id(piece)
+    if sp.id_to_piece(i) != piece or sp.is_unknown(i) or sp.is_byte(i):
+        raw = text.encode()  # a single byte with no piece of its own: its byte-fallback piece
+        i = sp.piece_to_id(f"<0x{raw[0]:02X}>") if len(raw) == 1 else sp.unk_id()
+        return i if sp.is_byte(i) else None
+    return i
+
+
+def _spans(pieces: list[bytes]) -> list[tuple[int, int]]:
+    ends = np.cumsum([len(p) for p in pieces]).tolist()
+    return list(zip([0, *ends[:-1]], ends))
+
+
+def student_spans(sp, answer: str) -> list[tuple[int, int]]:
+    """[start, end) in the answer's UTF-8 of each of the student's pieces of `answer` (ASCII)."""
+    pieces = [sp.id_to_piece(i) for i in sp.encode(answer)]
+    assert pieces[0].startswith("\u2581")  # SentencePiece's dummy prefix, dropped in the text
+    texts = [p.replace("\u2581", " ") for p in pieces]
+    texts[0] = texts[0][1:]
+    assert "".join(texts) == answer
+    return _spans([t.encode() for t in texts])
+
+
+def _student_id(sp, text: str, first: bool) -> int | None:
+    """The student id an alternative maps to: at an answer's first position (whose piece carries
+    the dummy prefix) the piece " "+text when there is one."""
+    sid = _sp_piece_id(sp, " " + text) if first else None
+    return sid if sid is not None else _sp_piece_id(sp, text)
+
+
+def reference_alignment(sp, answer: str, record: tl.TeacherLogprobs):
+    """What aligning another tokenizer's `record` with the student's pieces of `answer` must give,
+    worked out from the pieces' text: per student token, None (no target) or (ids, logprobs)
+    padded to K, most probable first; and the counts."""
+    student = student_spans(sp, answer)
+    teacher = {span: i for i, span in enumerate(_spans([t.bytes for t in record.tokens]))}
+    out, counts = [], dict.fromkeys(("aligned", "span_not_one_teacher_token", "no_alternative_a_student_token",
+                                     "folded_into_tail", "merged"), 0)
+    for j, span in enumerate(student):
+        if span not in teacher:
+            counts["span_not_one_teacher_token"] += 1
+            out.append(None)
+            continue
+        mass: dict[int, float] = {}
+        for alt in record.tokens[teacher[span]].top:
+            sid = _student_id(sp, alt.bytes.decode(), first=j == 0)
+            if sid is None:
+                counts["folded_into_tail"] += 1
+            elif sid in mass:
+                counts["merged"] += 1
+                mass[sid] = float(np.logaddexp(mass[sid], alt.logprob))
+            else:
+                mass[sid] = alt.logprob
+        if not mass:
+            counts["no_alternative_a_student_token"] += 1
+            out.append(None)
+            continue
+        counts["aligned"] += 1
+        order = sorted(mass, key=lambda i: -mass[i])
+        out.append((np.asarray(order + [-1] * (K - len(order)), np.int32),
+                    np.asarray([mass[i] for i in order] + [tl.NEG_INF] * (K - len(order)), np.float32)))
+    return out, counts
+
+
 @pytest.fixture(scope="module")
 def kd_inputs(tmp_path_factory, demo_conversations, tiny_tokenizer):
     """Records: Q{i} identifies each. Kinds: "own" (exact), "multi" (two answers, the teacher's on
@@ -96,7 +166,9 @@ def kd_inputs(tmp_path_factory, demo_conversations, tiny_tokenizer):
                         {"role": "assistant", "content": msgs[3]["content"].strip()}]
             answer = messages[-1]["content"]
         if kind == "foreign":
-            messages[-1][tl.FIELD] = tl.encode(char_tokens(answer))
+            record = char_tokens(answer)
+            messages[-1][tl.FIELD] = tl.encode(record)
+            expect[i] = reference_alignment(sp, answer, record)[0]
         elif kind != "plain":
             record, expected = own_tokens(sp, answer, rng, 2 if kind == "bad_alt" else None)
             messages[-1][tl.FIELD] = tl.encode(record)
@@ -160,7 +232,7 @@ def test_sparse_targets_read_back_exactly_across_packed_rows(kd_set, kd_inputs, 
             runs = _runs(mask)
             kind = kd_inputs["kinds"][i]
             if i not in kd_inputs["expect"]:
-                assert not got.any(), kind  # plain and foreign records: cross entropy only
+                assert not got.any(), kind  # plain records: cross entropy only
                 continue
             start, end = runs[-1]  # the teacher's answer is the last assistant turn
             answer = kd_inputs["records"][i]["messages"][-1]["content"]
@@ -185,17 +257,22 @@ def test_fallbacks_are_counted(kd_set, kd_inputs, tiny_tokenizer):
     kinds = kd_inputs["kinds"]
     own = [i for i, k in kinds.items() if k in ("own", "multi")]
     foreign = kd_inputs["records"][3]["messages"][-1]["content"]
+    _, ref = reference_alignment(tiny_tokenizer._sp, foreign, char_tokens(foreign))
+    # the per-character record aligns where a student piece is one character, not elsewhere
+    assert ref["aligned"] > 0 and ref["span_not_one_teacher_token"] > 0
     assert kd["k"] == K
     assert kd["records"] == len(own) + 2
-    assert kd["answers"] == {"total": len(own) + 2, "exact": len(own), "partial": 1,
-                             "fallback": {"tokenization_mismatch": 1}}
-    assert kd["positions"]["fallback"] == {"tokenization_mismatch": len(foreign),
-                                           "alternative_not_a_student_token": 1}
-    exact = sum(len(e) for i, e in kd_inputs["expect"].items()) - 1
+    assert kd["answers"] == {"total": len(own) + 2, "exact": len(own), "aligned": 0, "partial": 2,
+                             "fallback": {}}
+    assert kd["positions"]["fallback"] == {"alternative_not_a_student_token": 1,
+                                           "span_not_one_teacher_token": ref["span_not_one_teacher_token"]}
+    exact = sum(len(e) for i, e in kd_inputs["expect"].items() if i != 3) - 1
     assert kd["positions"]["exact"] == exact
-    assert kd["positions"]["end_of_turn"] == len(own) + 1  # koala ends a turn with one </s>
+    assert kd["positions"]["aligned"] == ref["aligned"]
+    assert kd["positions"]["end_of_turn"] == len(own) + 2  # koala ends a turn with one </s>
+    assert kd["alternatives"] == {"folded_into_tail": ref["folded_into_tail"], "merged": 0}
     text = summary(stats)
-    assert "teacher logprobs (top-4)" in text and "tokenization_mismatch" in text
+    assert "teacher logprobs (top-4)" in text and "span_not_one_teacher_token" in text
 
 
 def test_sft_set_is_unchanged(kd_set, sft_set):
@@ -226,7 +303,7 @@ def test_cleaning_changed_answer_falls_back(tmp_path, tiny_tokenizer, demo_conve
     stats = _prepare(str(path), tmp_path / "set", tiny_tokenizer)
     kd = stats["teacher_logprobs"]
     assert kd["answers"]["fallback"] == {"changed_by_cleaning": 1}
-    assert kd["positions"] == {"exact": 0, "end_of_turn": 0,
+    assert kd["positions"] == {"exact": 0, "aligned": 0, "end_of_turn": 0,
                                "fallback": {"changed_by_cleaning": len(spaced.tokens)}}
     batch = PreparedSet(str(tmp_path / "set")).split("train").take([0])
     assert (batch["teacher_ids"] == -1).all()
@@ -334,3 +411,147 @@ def test_byte_level_bpe_teacher(tmp_path, bpe_tokenizer, demo_conversations, tem
                 np.testing.assert_array_equal(batch["teacher_logprobs"][r, at][start + n_], lps)
             found += 1
     assert found == len(records)
+
+
+
+NO_PIECE = ["qz\u2603", "\u2603zq", "zzqq\u2603", "xq\u2603q"]  # no student piece spells these
+
+
+@pytest.fixture(scope="module")
+def bpe_teacher_set(tmp_path_factory, bpe_tokenizer, tiny_tokenizer, demo_conversations):
+    """Records of a byte-level BPE teacher (600 ids, trained on half the conversations; its tokens
+    from the tokenizers library's own offsets) prepared for the 512-piece SentencePiece student
+    (koala). Each teacher token's K alternatives: its own text, texts of other teacher tokens and
+    a text that is no student piece. At an aligned position (a teacher token whose span is one
+    student piece's), record 0 lists the token's own text twice (merged), record 1 lists only
+    texts that are no student piece (no target), record 2 lists EOS by name. Probabilities come
+    from a Dirichlet over K + 1 outcomes, the last being the teacher's unlisted mass (`rest`)."""
+    sp = tiny_tokenizer._sp
+    fast = bpe_tokenizer.hf.backend_tokenizer
+    assert all(_student_id(sp, t, first) is None for t in NO_PIECE for first in (False, True))
+    words = sorted({bpe_tokenizer.decode([i]) for i in range(bpe_tokenizer.base_vocab_size)
+                    if i not in bpe_tokenizer.hf.all_special_ids} - {""})
+    words = [w for w in words if w.isascii()]
+    rng = np.random.default_rng(3)
+    records, info = [], {}
+    short = [c for c in demo_conversations[40:] if len(sp.encode(c["messages"][1]["content"])) < SEQ_LEN // 2]
+    for n, conv in enumerate(short[:16]):  # each fits a row
+        answer = conv["messages"][1]["content"].strip()
+        assert answer.isascii()
+        raw = [answer[a:b].encode() for a, b in fast.encode(answer, add_special_tokens=False).offsets]
+        spans = _spans(raw)
+        special = [span for span in spans[1:] if span in student_spans(sp, answer)][0]  # aligned, not first
+        tokens, rest = [], {}
+        for span, b in zip(spans, raw):
+            p = rng.dirichlet(np.ones(K + 1))
+            lps = np.sort(np.log(p[:K]))[::-1].tolist()
+            texts = [b.decode(), *rng.choice(words, K - 2, replace=False).tolist(), NO_PIECE[0]]
+            texts = [texts[j] for j in rng.permutation(K)]
+            if span == special:
+                texts = {0: [b.decode(), b.decode(), *texts[2:]], 1: NO_PIECE[:K],
+                         2: [*texts[:-1], "</s>"]}.get(n, texts)
+            tokens.append(_token(b, -0.2, [_alt(t.encode(), lp) for t, lp in zip(texts, lps)]))
+            rest[span] = p[K]
+        record = tl.TeacherLogprobs(K, tuple(tokens))
+        tl.validate(record, answer)
+        records.append({"messages": [{"role": "user", "content": f"Q{n}: " + conv["messages"][0]["content"]},
+                                     {"role": "assistant", "content": answer, tl.FIELD: tl.encode(record)}]})
+        info[n] = {"answer": answer, "record": record, "rest": rest, "special": special}
+    d = tmp_path_factory.mktemp("bpe_teacher")
+    (d / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    stats = _prepare(str(d / "in.jsonl"), d / "set", tiny_tokenizer)
+    return str(d / "set"), stats, info
+
+
+def test_another_tokenizer_aligns_by_byte_offsets(bpe_teacher_set, tiny_tokenizer):
+    """The targets land exactly at the student tokens whose byte span is one teacher token's, with
+    the alternatives mapped to student ids (duplicates merged, EOS by name), and the teacher's tail
+    bucket, as the sparse loss forms it, holds its unlisted mass plus the unmapped alternatives'."""
+    import jax.numpy as jnp
+
+    from imitation_jax.train.kd import _sparse_buckets
+
+    out, _, info = bpe_teacher_set
+    sp = tiny_tokenizer._sp
+    split = PreparedSet(out).split("train")
+    batch = split.take(np.arange(len(split)))
+    seen, tails = set(), []
+    for r in range(len(split)):
+        seg = batch["segment_ids"][r]
+        for s in range(1, seg.max() + 1):
+            at = np.flatnonzero(seg == s)
+            n = int(re.search(r"Q(\d+):", tiny_tokenizer.decode(batch["inputs"][r, at])).group(1))
+            seen.add(n)
+            answer, record = info[n]["answer"], info[n]["record"]
+            expected, _ = reference_alignment(sp, answer, record)
+            ids, lps = batch["teacher_ids"][r, at], batch["teacher_logprobs"][r, at]
+            (start, end), = _runs(batch["loss_mask"][r, at] > 0)
+            m = len(sp.encode(answer))
+            assert list(batch["targets"][r, at][start:start + m]) == sp.encode(answer)
+            got = ids[:, 0] >= 0
+            assert not got[:start].any() and not got[start + m:].any()  # end of turn: no target
+            assert np.flatnonzero(got[start:start + m]).tolist() == [j for j, e in enumerate(expected) if e]
+            spans, t_spans = student_spans(sp, answer), _spans([t.bytes for t in record.tokens])
+            for j, e in enumerate(expected):
+                if e is not None:
+                    np.testing.assert_array_equal(ids[start + j], e[0])
+                    np.testing.assert_allclose(lps[start + j], e[1], rtol=1e-6)
+                    top = record.tokens[t_spans.index(spans[j])].top
+                    unmapped = sum(np.exp(a.logprob) for a in top if _student_id(sp, a.text, j == 0) is None)
+                    tails.append((ids[start + j], lps[start + j], info[n]["rest"][spans[j]], unmapped))
+            j = spans.index(info[n]["special"])
+            top = record.tokens[t_spans.index(spans[j])].top
+            if n == 0:  # the token's own text listed twice: its student id once, probabilities added
+                own = batch["targets"][r, at][start + j]
+                assert list(ids[start + j]).count(own) == 1
+                np.testing.assert_allclose(lps[start + j][list(ids[start + j]).index(own)],
+                                           np.logaddexp(top[0].logprob, top[1].logprob), rtol=1e-6)
+            if n == 1:  # no alternative is a student piece: no target
+                assert expected[j] is None and (ids[start + j] == -1).all()
+            if n == 2:  # EOS, stored by name, is the student's EOS
+                assert sp.eos_id() in ids[start + j]
+    assert seen == set(info) and len(tails) > 50
+    ids, lps, rest, unmapped = (np.stack(x) for x in zip(*tails))
+    assert (unmapped > 0).sum() > 10  # many positions have alternatives folded into the tail
+    teacher, _, _ = _sparse_buckets(jnp.zeros((len(ids), tiny_tokenizer.vocab_size)), jnp.asarray(ids),
+                                    jnp.asarray(lps), 1.0, 1e-6)
+    np.testing.assert_allclose(np.exp(np.asarray(teacher[:, -1], np.float64)), rest + unmapped, rtol=1e-4, atol=1e-6)
+
+
+def test_another_tokenizer_counts(bpe_teacher_set, tiny_tokenizer):
+    """stats.json and the summary count the aligned positions, each fallback and the folded and
+    merged alternatives, as the reference alignment gives them."""
+    out, stats, info = bpe_teacher_set
+    kd = stats["teacher_logprobs"]
+    assert kd == json.load(open(os.path.join(out, "stats.json")))["teacher_logprobs"]
+    refs = {n: reference_alignment(tiny_tokenizer._sp, v["answer"], v["record"]) for n, v in info.items()}
+    total = lambda name: sum(c[name] for _, c in refs.values())  # noqa: E731
+    full = sum(c["aligned"] == len(e) for e, c in refs.values())
+    assert kd["answers"] == {"total": len(info), "exact": 0, "aligned": full, "partial": len(info) - full,
+                             "fallback": {}}
+    assert kd["positions"] == {"exact": 0, "aligned": total("aligned"), "end_of_turn": len(info),
+                               "fallback": {"span_not_one_teacher_token": total("span_not_one_teacher_token"),
+                                            "no_alternative_a_student_token": 1}}
+    assert total("no_alternative_a_student_token") == 1 and total("merged") >= 1
+    assert kd["alternatives"] == {"folded_into_tail": total("folded_into_tail"), "merged": total("merged")}
+    assert total("aligned") > total("span_not_one_teacher_token") > 0  # both kinds of position, many
+    text = summary(stats)
+    assert "span_not_one_teacher_token" in text and "no_alternative_a_student_token" in text
+
+
+def test_another_tokenizers_set_trains_with_stored_kd(bpe_teacher_set, tmp_path):
+    """Two steps of `train.objective=kd kd.source=stored` on the aligned set: finite losses."""
+    from conftest import SMALL_MODEL
+
+    from imitation_jax.commands.train import run_training
+    from imitation_jax.train.config import load_config
+
+    out, _, _ = bpe_teacher_set
+    cfg = load_config("configs/tiny.yaml", SMALL_MODEL + [
+        f"data.path={out}", f"data.seq_len={SEQ_LEN}", "data.train_files=[]", "data.eval_files=[]",
+        "data.tokenizer=null", "train.steps=2", "train.batch_size=2", "train.log_every=1", "eval.every_steps=0",
+        "logging.progress=false", "logging.tensorboard=false", f"run_dir={tmp_path / 'run'}",
+        "train.objective=kd", "kd.source=stored"])
+    run_training(cfg)
+    records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl") if '"kd"' in line]
+    assert len(records) == 2 and all(np.isfinite(r["loss"]) and r["kd"] > 0 for r in records), records

@@ -11,9 +11,10 @@ sample by keyed hash too; pieces of a split conversation stay in one split. Ever
 accounted for: read = kept + dropped (by reason, "invalid" included), and stats.json lists them.
 
 Records collected with `collect --top-logprobs K` carry the teacher's per-token log-probabilities
-(data/teacher_logprobs.py); where the teacher's tokens are the student tokenizer's own, their
-top-K become sparse targets in the rows (data/teacher_targets.py), every other trained position
-of such a set trains with cross entropy, and each fallback is counted in stats.json
+(data/teacher_logprobs.py); their top-K become sparse targets in the rows (data/teacher_targets.py)
+where the teacher's tokens are the student tokenizer's own (exact) or, with another tokenizer, where
+a student token's bytes are exactly one teacher token's (aligned); every other trained position of
+such a set trains with cross entropy, and each fallback is counted in stats.json
 (`teacher_logprobs`) and the summary.
 """
 
@@ -41,7 +42,7 @@ from imitation_jax.errors import DataError
 from imitation_jax.data.packing import PACKING, pack, packed_rows
 from imitation_jax.data.readers import Source, check_readable, iter_parsed
 from imitation_jax.data.stats import format_summary, length_histogram, query_diversity
-from imitation_jax.data.teacher_targets import FALLBACKS, PieceBytes, example_targets
+from imitation_jax.data.teacher_targets import ALTERNATIVES, FALLBACKS, PieceBytes, example_targets
 from imitation_jax.data.templates import TEMPLATE_NAMES, Example, get_template
 from imitation_jax.data.tokenizer import Tokenizer, load_tokenizer
 
@@ -579,16 +580,21 @@ def prepare(inputs: Sequence[str | Source], out: str, settings: PrepareSettings,
 
 def _teacher_stats(counts: Counter, k: int) -> dict:
     """stats.json's `teacher_logprobs`: K, and how the kept conversations' recorded answers and
-    their positions were used (exact sparse targets, or cross entropy by fallback reason).
-    Counted per kept conversation read (not per use in the rows)."""
+    their positions were used (exact sparse targets, targets aligned by byte offsets from another
+    tokenizer, or cross entropy by fallback reason), and how many alternatives at aligned positions
+    were folded into the tail or merged. Positions are the student's tokens of an answer, except
+    for an answer that falls back whole (tokenization_mismatch, changed_by_cleaning, unaligned,
+    truncated): the teacher's. Counted per kept conversation read (not per use in the rows)."""
     def by_reason(prefix: str) -> dict:
         return {r: counts[f"{prefix}_fallback_{r}"] for r in FALLBACKS if counts[f"{prefix}_fallback_{r}"]}
 
     return {"k": k, "records": counts["records"],
             "answers": {"total": counts["answers"], "exact": counts["answers_exact"],
-                        "partial": counts["answers_partial"], "fallback": by_reason("answers")},
-            "positions": {"exact": counts["positions_exact"], "end_of_turn": counts["positions_end_of_turn"],
-                          "fallback": by_reason("positions")}}
+                        "aligned": counts["answers_aligned"], "partial": counts["answers_partial"],
+                        "fallback": by_reason("answers")},
+            "positions": {"exact": counts["positions_exact"], "aligned": counts["positions_aligned"],
+                          "end_of_turn": counts["positions_end_of_turn"], "fallback": by_reason("positions")},
+            "alternatives": {a: counts["alternatives_" + a] for a in ALTERNATIVES}}
 
 
 def _hashed(rows, hasher):
