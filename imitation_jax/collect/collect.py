@@ -14,7 +14,9 @@ Output, one line per answer, appended and fsynced as soon as the answer arrives:
                     "usage": {prompt_tokens, completion_tokens, ...}}}
 
 which `prepare` reads as it is (it uses "id" and "messages"). A re-run reads the ids already in
-OUT and asks only for the rest; a line torn by a crash mid-write is cut off first.
+OUT and asks only for the rest; a line torn by a crash mid-write is cut off first. One process
+writes OUT at a time (`output_lock`: a second one on the same OUT stops with an error naming the
+holder), so two runs never answer the same prompts twice.
 
 With `top_logprobs` K (1-20) each request also asks for `logprobs=true, top_logprobs=K`, and the
 assistant message carries the teacher's tokens with their top-K alternatives under
@@ -39,6 +41,7 @@ import time
 from collections.abc import Sequence
 
 from imitation_jax.collect.client import HttpStats, bounded_map, describe_error, is_fatal, make_client
+from imitation_jax.collect.output_lock import hold_output
 from imitation_jax.data import teacher_logprobs as tlp
 from imitation_jax.data.readers import jsonl_records
 from imitation_jax.errors import ConfigError, DataError
@@ -353,13 +356,14 @@ def collect(prompts: list[Prompt], out: str, *, model: str, base_url: str, sampl
     if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or not 0 <= top_logprobs <= tlp.MAX_K:
         raise ConfigError(f"--top-logprobs must be an integer from 0 (off) to {tlp.MAX_K}, got {top_logprobs!r}")
     start = time.monotonic()
-    done = answered_ids(out, top_logprobs)
-    summary = Summary(prompts=len(prompts), top_logprobs=top_logprobs)
-    pending = [p for p in prompts if p.id not in done]
-    summary.skipped = len(prompts) - len(pending)
-    try:
-        asyncio.run(_collect(pending, out, model, base_url, sampling, concurrency, timeout,
-                             max_retries, progress, summary, top_logprobs))
-    finally:
-        summary.seconds = time.monotonic() - start
+    with hold_output(out, "collect"):  # one writer: a second run would append the same answers
+        done = answered_ids(out, top_logprobs)
+        summary = Summary(prompts=len(prompts), top_logprobs=top_logprobs)
+        pending = [p for p in prompts if p.id not in done]
+        summary.skipped = len(prompts) - len(pending)
+        try:
+            asyncio.run(_collect(pending, out, model, base_url, sampling, concurrency, timeout,
+                                 max_retries, progress, summary, top_logprobs))
+        finally:
+            summary.seconds = time.monotonic() - start
     return summary

@@ -13,7 +13,8 @@ def register(sub) -> None:
         description="Matches the answers of A and B by id and asks JUDGE, through an "
         "OpenAI-compatible API, which is better, once in each order (position bias cancels); "
         "prints win/tie/loss rates of A with 95%% confidence intervals and writes them, with every "
-        "verdict, to --out. The API key is read from OPENAI_API_KEY.")
+        "verdict, to --out (one judge at a time per --out: a second exits 2 naming the first). "
+        "The API key is read from OPENAI_API_KEY.")
     p.add_argument("--a", required=True, help="answers of system A (JSONL from collect or generate)")
     p.add_argument("--b", required=True, help="answers of system B")
     p.add_argument("--base-url", required=True, help="judge API base URL")
@@ -29,14 +30,16 @@ def register(sub) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from imitation_jax.collect.judge import describe, judge
+    from imitation_jax.collect.output_lock import hold_output
 
-    report = judge(args.a, args.b, model=args.model, base_url=args.base_url,
-                   concurrency=args.concurrency, max_tokens=args.max_tokens, timeout=args.timeout,
-                   max_retries=args.max_retries, progress=not args.quiet)
     out = args.out or (f"{os.path.splitext(os.path.basename(args.a))[0]}_vs_"
                        f"{os.path.splitext(os.path.basename(args.b))[0]}.judge.json")
-    with open(out, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1, ensure_ascii=False)
+    with hold_output(out, "judge"):  # before any request: a second judge of OUT would pay twice
+        report = judge(args.a, args.b, model=args.model, base_url=args.base_url,
+                       concurrency=args.concurrency, max_tokens=args.max_tokens, timeout=args.timeout,
+                       max_retries=args.max_retries, progress=not args.quiet)
+        with open(out, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1, ensure_ascii=False)
     print(describe(report))
     print(f"report: {out}")
     return 0
