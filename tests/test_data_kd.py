@@ -555,3 +555,54 @@ def test_another_tokenizers_set_trains_with_stored_kd(bpe_teacher_set, tmp_path)
     run_training(cfg)
     records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl") if '"kd"' in line]
     assert len(records) == 2 and all(np.isfinite(r["loss"]) and r["kd"] > 0 for r in records), records
+
+
+@pytest.mark.parametrize("which", ["sentencepiece", "hf_sentencepiece", "bpe"])
+def test_token_bytes_of_every_id_are_what_decoding_adds(which, tmp_path, tiny_tokenizer, bpe_tokenizer):
+    """`Tokenizer.token_bytes(i)`, which prepare's PieceBytes and generate's TokenStrings both use:
+    after another token, every id adds exactly its bytes to the decoded text (a partial UTF-8
+    character decodes to U+FFFD), and the ids with no bytes (special, control, unknown, added)
+    are the tokenizer's own special ones."""
+    import shutil
+
+    from imitation_jax.data.teacher_targets import PieceBytes
+    from imitation_jax.data.tokenizer import load_tokenizer
+    from imitation_jax.generate.text import TokenStrings
+
+    if which == "hf_sentencepiece":  # the same model through transformers
+        shutil.copy(tiny_tokenizer.path, tmp_path / "tokenizer.model")
+        tok = load_tokenizer(tmp_path)
+    elif which == "bpe":  # with added tokens that are not special: decoded through the byte table
+        from tokenizers import AddedToken                  # when all of their characters are in it
+        from tokenizers import Tokenizer as Backend
+
+        backend = Backend.from_file(os.path.join(bpe_tokenizer.path, "tokenizer.json"))
+        backend.add_tokens([AddedToken(t, special=False) for t in ("caf\u00e9s", "\u0120x y", "\u2603!")])
+        shutil.copytree(bpe_tokenizer.path, tmp_path / "bpe")
+        backend.save(str(tmp_path / "bpe" / "tokenizer.json"))
+        tok = load_tokenizer(tmp_path / "bpe")
+        assert tok.base_vocab_size == bpe_tokenizer.base_vocab_size + 3
+    else:
+        tok = load_tokenizer(tiny_tokenizer.path)
+    tok.add_special_tokens(["<|turn|>"])
+    anchor = tok.encode("hello")[-1:]
+    base = tok.decode(anchor).encode()
+    sp = getattr(tok, "_sp", None)
+    special = ({i for i in range(tok.base_vocab_size) if sp.is_control(i) or sp.is_unknown(i)} if sp is not None
+               else {i for i, a in tok.hf.added_tokens_decoder.items() if a.special})
+    special |= set(tok.added_tokens.values())
+    partial = 0
+    for i in range(tok.vocab_size):
+        b = tok.token_bytes(i)
+        if b is None:
+            assert i in special, (i, tok.piece(i))
+            continue
+        assert i not in special
+        partial += "\ufffd" in b.decode("utf-8", "replace")
+        assert (base + b).decode("utf-8", "replace") == tok.decode(anchor + [i]), (i, tok.piece(i), b)
+    assert partial > 0  # byte pieces / split characters are their raw bytes
+    assert tok.piece(tok.added_tokens["<|turn|>"]) == "<|turn|>" and tok.piece(tok.vocab_size) == f"<{tok.vocab_size}>"
+    pieces, strings = PieceBytes(tok), TokenStrings(tok)
+    assert pieces.bytes == [tok.token_bytes(i) for i in range(tok.vocab_size)]
+    assert all(strings(i)[1] == pieces.bytes[i] for i in range(tok.vocab_size))
+    assert strings(tok.eos_id) == (tok.piece(tok.eos_id), None)

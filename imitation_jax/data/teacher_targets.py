@@ -35,7 +35,7 @@ import math
 import numpy as np
 
 from imitation_jax.data.teacher_logprobs import NEG_INF, TeacherLogprobs
-from imitation_jax.data.tokenizer import Tokenizer, byte_level_chars
+from imitation_jax.data.tokenizer import Tokenizer
 
 # Reasons a trained answer position gets no sparse target (counted in stats.json).
 FALLBACKS = ("tokenization_mismatch",  # the student's tokens of the answer do not spell the teacher's bytes
@@ -55,8 +55,7 @@ class PieceBytes:
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
-        self.bytes: list[bytes | None] = [self._raw(i) for i in range(tokenizer.base_vocab_size)]
-        self.bytes += [None] * len(tokenizer.added_tokens)
+        self.bytes: list[bytes | None] = [tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)]
         self.ids: dict[bytes, int] = {}
         fallback: dict[bytes, int] = {}  # byte-fallback pieces (<0xNN>), used only if nothing else
         for i, b in enumerate(self.bytes):
@@ -77,29 +76,6 @@ class PieceBytes:
     def _is_byte_piece(self, i: int) -> bool:
         sp = getattr(self.tokenizer, "_sp", None)
         return bool(sp.is_byte(i)) if sp is not None else False
-
-    def _raw(self, i: int) -> bytes | None:
-        tok = self.tokenizer
-        sp = getattr(tok, "_sp", None)
-        if sp is not None:
-            if sp.is_control(i) or sp.is_unknown(i):
-                return None
-            piece = sp.id_to_piece(i)
-            if sp.is_byte(i):
-                return bytes([int(piece[3:5], 16)])
-            return piece.replace("\u2581", " ").encode("utf-8")
-        hf = tok.hf
-        if not hasattr(self, "_byte_level"):
-            self._byte_level = byte_level_chars(hf)
-            self._specials = set(hf.all_special_ids)
-        if i in self._specials:
-            return None
-        piece = hf.convert_ids_to_tokens(i)
-        if self._byte_level is not None and all(c in self._byte_level for c in piece):
-            return bytes(self._byte_level[c] for c in piece)
-        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-            return bytes([int(piece[3:5], 16)])
-        return piece.replace("\u2581", " ").encode("utf-8")
 
     def first(self, i: int) -> tuple[bytes | None, bool]:
         """The bytes of id i as the first token of a decoded text, and whether a leading space

@@ -61,6 +61,35 @@ class Tokenizer(abc.ABC):
     def _files(self) -> list[str]:
         """The files that define the tokenizer (copied by `save`, hashed by `fingerprint`)."""
 
+    def token_bytes(self, i: int) -> bytes | None:
+        """The bytes id `i` stands for inside a decoded text: a SentencePiece piece "▁x" is b" x", a
+        byte-fallback piece <0xE2> the byte b"\\xe2", a byte-level BPE piece "Ġx" b" x". None for a
+        token that adds nothing to the text: special, control and unknown ones, and those
+        `add_special_tokens` added. The space decoding drops from a text's first piece
+        (SentencePiece's dummy prefix) is kept: callers drop it where decoding does."""
+        i = int(i)
+        if not 0 <= i < self.base_vocab_size:
+            return None
+        cache = self.__dict__.setdefault("_bytes_cache", {})
+        if i not in cache:
+            cache[i] = self._token_bytes(i)
+        return cache[i]
+
+    def piece(self, i: int) -> str:
+        """Id `i`'s own string: the tokenizer's piece, an added token's name ("<I>" for no id)."""
+        i = int(i)
+        if 0 <= i < self.base_vocab_size:
+            return self._piece(i)
+        return next((t for t, j in self.added_tokens.items() if j == i), f"<{i}>")
+
+    @abc.abstractmethod
+    def _token_bytes(self, i: int) -> bytes | None:
+        """`token_bytes` of one of the tokenizer's own ids."""
+
+    @abc.abstractmethod
+    def _piece(self, i: int) -> str:
+        """`piece` of one of the tokenizer's own ids."""
+
     def special_id(self, token: str) -> int | None:
         """Id of a special token string (its own, or one added), None if it has none."""
         if token in self.added_tokens:
@@ -161,6 +190,18 @@ class SentencePieceTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids if int(i) < self.base_vocab_size])
 
+    def _token_bytes(self, i: int) -> bytes | None:
+        sp = self._sp
+        if sp.is_control(i) or sp.is_unknown(i):
+            return None
+        piece = sp.id_to_piece(i)
+        if sp.is_byte(i):
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode("utf-8")
+
+    def _piece(self, i: int) -> str:
+        return self._sp.id_to_piece(i)
+
     def _own_special_id(self, token: str) -> int | None:
         i = self._sp.piece_to_id(token)
         return i if i != self._sp.unk_id() and self._sp.id_to_piece(i) == token else None
@@ -220,6 +261,27 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids if int(i) < self.base_vocab_size],
                                 skip_special_tokens=True)
+
+    def _token_bytes(self, i: int) -> bytes | None:
+        if not hasattr(self, "_byte_table"):
+            self._byte_table = byte_level_chars(self._tok)
+            # What decode(skip_special_tokens=True) drops: the named ones and every added token
+            # flagged special (LLaMA-3's <|eot_id|> is one, not always in all_special_ids).
+            self._special_ids = set(self._tok.all_special_ids) | {
+                int(i) for i, added in self._tok.added_tokens_decoder.items() if added.special}
+        piece = self._tok.convert_ids_to_tokens(i)
+        if i in self._special_ids or piece is None:
+            return None
+        table = self._byte_table
+        if table is not None:  # GPT-2 style pieces; an added token not in its alphabet is as written
+            return bytes(table[c] for c in piece) if all(c in table for c in piece) else piece.encode("utf-8")
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # byte fallback
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode("utf-8")
+
+    def _piece(self, i: int) -> str:
+        piece = self._tok.convert_ids_to_tokens(i)
+        return piece if piece is not None else f"<{i}>"
 
     def _own_special_id(self, token: str) -> int | None:
         return next((int(i) for i, added in self._tok.added_tokens_decoder.items()

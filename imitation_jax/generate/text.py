@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from imitation_jax.data.tokenizer import Tokenizer, byte_level_chars
+from imitation_jax.data.tokenizer import Tokenizer
 
 _INCOMPLETE = "\ufffd"
 
@@ -82,45 +82,14 @@ class TokenStrings:
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         self._cache: dict[int, tuple[str, bytes | None]] = {}
-        self._added = {i: t for t, i in tokenizer.added_tokens.items()}
-        self._byte_level = None
-        hf = getattr(tokenizer, "hf", None)
-        if hf is not None:
-            self._byte_level = byte_level_chars(hf)
 
     def __call__(self, token: int) -> tuple[str, bytes | None]:
         token = int(token)
         if token not in self._cache:
-            raw = self._raw(token)
-            if raw[1] is None:
-                self._cache[token] = raw
-            else:
-                self._cache[token] = (raw[1].decode("utf-8", errors="backslashreplace"), raw[1])
+            raw = self.tokenizer.token_bytes(token)
+            self._cache[token] = ((self.tokenizer.piece(token), None) if raw is None
+                                  else (raw.decode("utf-8", errors="backslashreplace"), raw))
         return self._cache[token]
-
-    def _raw(self, token: int) -> tuple[str, bytes | None]:
-        tok = self.tokenizer
-        if token in self._added or token >= tok.base_vocab_size:
-            return self._added.get(token, f"<{token}>"), None
-        sp = getattr(tok, "_sp", None)
-        if sp is not None:
-            piece = sp.id_to_piece(token)
-            if sp.is_control(token) or sp.is_unknown(token):
-                return piece, None
-            if sp.is_byte(token):
-                return piece, bytes([int(piece[3:5], 16)])
-            return piece, piece.replace("\u2581", " ").encode("utf-8")
-        hf = tok.hf
-        piece = hf.convert_ids_to_tokens(token)
-        if token in hf.all_special_ids:
-            return piece, None
-        if self._byte_level is not None:
-            if all(c in self._byte_level for c in piece):
-                return piece, bytes(self._byte_level[c] for c in piece)
-            return piece, piece.encode("utf-8")  # an added token kept as written
-        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-            return piece, bytes([int(piece[3:5], 16)])
-        return piece, piece.replace("\u2581", " ").encode("utf-8")
 
     def sequence_bytes(self, ids: Sequence[int]) -> list[bytes | None]:
         """Each token's bytes within `tokenizer.decode(ids)`: as `__call__`, except that the first
