@@ -315,20 +315,22 @@ def _reference_ce(h, k, targets, mask):
 
 @pytest.mark.parametrize("source", ["sparse", "dense"])
 @pytest.mark.parametrize("chunk", [0, 3])
-def test_cross_entropy_weighted_in_from_the_same_logits(source, chunk):
+@pytest.mark.parametrize("loss,temp", [("reverse_kl", 1.5), ("forward_kl", 1.0), ("forward_kl", 2.0)])
+def test_cross_entropy_weighted_in_from_the_same_logits(source, chunk, loss, temp):
     """With targets: loss = kd_weight * kd + ce_weight * ce, its gradient that of the textbook mix;
-    the parts equal the divergence alone and `masked_cross_entropy`."""
+    the parts equal the divergence alone and `masked_cross_entropy` (dense forward KL at T = 1
+    shares the student's softmax between the two: its own code path)."""
     hidden, kernel, th, tk, mask = _inputs(18)
     ids, lp = _top_k(th, tk)
     targets = jax.random.randint(jax.random.key(19), (B, T), 0, V)
     targets = jnp.where(jnp.arange(T) % 2 == 0, jnp.argmax(hidden @ kernel, -1), targets)  # some correct
-    kw = dict(loss="reverse_kl", temperature=1.5, chunk=chunk)
+    kw = dict(loss=loss, temperature=temp, chunk=chunk)
     if source == "sparse":
         f = lambda h, k, **w: sparse_kd_loss(h, k, ids, lp, mask, **kw, **w)  # noqa: E731
-        kd_ref = lambda h, k: _reference_sparse(h, k, ids, lp, mask, "reverse_kl", 0.5, 1.5)[0]  # noqa: E731
+        kd_ref = lambda h, k: _reference_sparse(h, k, ids, lp, mask, loss, 0.5, temp)[0]  # noqa: E731
     else:
         f = lambda h, k, **w: dense_kd_loss(h, k, th, tk, mask, **kw, **w)  # noqa: E731
-        kd_ref = lambda h, k: _reference_dense(h, k, th, tk, mask, "reverse_kl", 0.5, 1.5)[0]  # noqa: E731
+        kd_ref = lambda h, k: _reference_dense(h, k, th, tk, mask, loss, 0.5, temp)[0]  # noqa: E731
     ours = lambda h, k: f(h, k, targets=targets, kd_weight=0.4, ce_weight=0.6)[:2]  # noqa: E731
     ref = lambda h, k: (0.4 * kd_ref(h, k) + 0.6 * _reference_ce(h, k, targets, mask), jnp.sum(mask))  # noqa: E731
     _assert_loss_and_grads(ours, ref, (hidden, kernel))

@@ -101,6 +101,8 @@ def main(argv=None) -> int:
             batch = {k: jax.device_put(v[None], accum_batch_sharding(mesh)) for k, v in host_batch.items()}
             compiled = step.lower(state, batch, *extra).compile()
             mem = compiled.memory_analysis()
+            cost = compiled.cost_analysis()
+            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
             box = {"state": state}
 
             def run(compiled=compiled, box=box, batch=batch, extra=extra):
@@ -108,7 +110,8 @@ def main(argv=None) -> int:
                 jax.block_until_ready((box["state"], metrics))
 
             run()  # warm-up
-            results[name] = {"run": run, "times": [], "mem": mem.temp_size_in_bytes + mem.argument_size_in_bytes}
+            results[name] = {"run": run, "times": [], "mem": mem.temp_size_in_bytes + mem.argument_size_in_bytes,
+                             "flops": cost.get("flops", 0.0), "exps": cost.get("transcendentals", 0.0)}
         for _ in range(args.rounds):
             for name, r in results.items():
                 times = []
@@ -124,10 +127,11 @@ def main(argv=None) -> int:
     sft = min(results["sft"]["times"])
     print(f"student {student.num_params() / 1e6:.1f}M, teacher {teacher.num_params() / 1e6:.1f}M ({t_layers} layers), "
           f"seq {args.seq}, batch {args.batch}, vocab {args.vocab}, top-{args.top_k}, {dtype} on {platform}")
-    print(f"{'variant':10} {'best ms':>9} {'vs sft':>7} {'peak MiB':>9}")
+    print(f"{'variant':10} {'best ms':>9} {'vs sft':>7} {'peak MiB':>9} {'GFLOP':>7} {'G transc.':>9}")
     for name, r in results.items():
         best = min(r["times"])
-        print(f"{name:10} {best * 1e3:9.1f} {best / sft:7.2f} {r['mem'] / 2**20:9.1f}")
+        print(f"{name:10} {best * 1e3:9.1f} {best / sft:7.2f} {r['mem'] / 2**20:9.1f} {r['flops'] / 1e9:7.1f} "
+              f"{r['exps'] / 1e9:9.3f}")
     stored, teach = min(results["stored"]["times"]) / sft, min(results["teacher"]["times"]) / sft
     print(f"stored_vs_sft={stored:.2f} teacher_vs_sft={teach:.2f} teacher_goal={goal:.2f}")
     return 0

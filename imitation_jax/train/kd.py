@@ -140,14 +140,17 @@ class _Sparse:
         ids, logprobs = chunk
         return ids.reshape(-1, ids.shape[-1]), logprobs.reshape(-1, logprobs.shape[-1])
 
-    def loss_and_grad(self, logits, signal, m, with_grads: bool):
-        """Masked divergence sum [and its gradient w.r.t. the (rows, V) logits]."""
+    def terms(self, logits, signal, y, m, with_grads: bool):
+        return _with_cross_entropy(self, *self._divergence(logits, signal, m, with_grads), logits, y, m, with_grads)
+
+    def _divergence(self, logits, signal, m, with_grads: bool):
+        """Masked divergence sum and its gradient w.r.t. the (rows, V) logits (None without grads)."""
         loss, beta, temperature, tail_floor = self.loss, self.beta, self.temperature, self.tail_floor
         ids, _ = signal
         log_p, log_q, rest = _sparse_buckets(logits, *signal, temperature, tail_floor)
         div, g = _divergence_and_grad(log_p, log_q, loss, beta)
         if not with_grads:
-            return jnp.sum(div * m)
+            return jnp.sum(div * m), None
         # g: the gradient w.r.t. the tempered buckets' logits (bucket log-probabilities / T). A listed
         # id's logit moves its bucket alone; an unlisted one moves the tail's log-sum-exp by its
         # share of the tail. The log-sum-exp over the whole vocabulary shifts every bucket alike,
@@ -163,7 +166,7 @@ class _Sparse:
 
 @dataclass(frozen=True)
 class _Dense:
-    """Teacher signal per chunk: its tail inputs (B, C, ...) -> its tempered log-probabilities."""
+    """Teacher signal per chunk: its tail inputs (B, C, ...) -> its tempered logits (rows, V)."""
     loss: str
     beta: float
     temperature: float
@@ -175,15 +178,59 @@ class _Dense:
         params, kernel = const
         hidden = self.teacher_call(params, *chunk)
         logits = jnp.dot(hidden.reshape(-1, hidden.shape[-1]), kernel, preferred_element_type=jnp.float32)
-        return jax.lax.stop_gradient(jax.nn.log_softmax(logits / self.temperature, axis=-1))
+        return jax.lax.stop_gradient(logits / self.temperature)
 
-    def loss_and_grad(self, logits, log_p, m, with_grads: bool):
-        """Masked divergence sum [and its gradient w.r.t. the (rows, V) logits]."""
-        loss, beta, temperature = self.loss, self.beta, self.temperature
-        div, g = _divergence_and_grad(log_p, jax.nn.log_softmax(logits / temperature, axis=-1), loss, beta)
-        if not with_grads:
-            return jnp.sum(div * m)
-        return jnp.sum(div * m), g * (m[:, None] / temperature)
+    def terms(self, logits, tt, y, m, with_grads: bool):
+        """Written so that XLA computes few exponentials over the (rows, V) arrays: each side's
+        log-sum-exp is a reduction that writes nothing, the log-probabilities are recomputed from
+        it where used, and at T = 1 the cross entropy shares the student's (docs/benchmarks.md)."""
+        loss, temperature = self.loss, self.temperature
+        st = logits / temperature
+        (ls, _), (lt, _) = _lse(st), _lse(tt)
+        mm = m[:, None]
+        if loss == "jsd" and 0.0 < self.beta < 1.0:
+            div, g = _divergence_and_grad(tt - lt, st - ls, loss, self.beta)
+            dkd = g * (mm / temperature) if with_grads else None
+        elif loss == "forward_kl" or loss == "jsd" and self.beta == 0.0:  # sum p (log p - log q)
+            div = jnp.sum(jnp.exp(tt - lt) * (tt - st), axis=-1) + (ls - lt)[:, 0]
+            dkd = None
+        else:  # reverse KL: sum q (log q - log p)
+            div = jnp.sum(jnp.exp(st - ls) * (st - tt), axis=-1) + (lt - ls)[:, 0]
+            dkd = (jnp.exp(st - ls) * ((st - ls) - (tt - lt) - div[:, None])) * (mm / temperature) if with_grads else None
+        kd = jnp.sum(div * m)
+        if dkd is not None or not with_grads:
+            return _with_cross_entropy(self, kd, dkd, logits, y, m, with_grads)
+        # Forward KL: d/du = (q - p) / T; at T = 1 the cross entropy's softmax is the same q.
+        q, p = jnp.exp(st - ls), jnp.exp(tt - lt)
+        w = self.kd_weight / temperature
+        if y is None or temperature != 1.0:
+            return _with_cross_entropy(self, kd, (q - p) * (mm / temperature), logits, y, m, with_grads)
+        target = jnp.take_along_axis(logits, y[:, None], axis=-1)
+        ce = jnp.sum((ls - target)[:, 0] * m)
+        correct = jnp.sum((target >= jnp.max(logits, axis=-1, keepdims=True))[:, 0].astype(jnp.float32) * m)
+        onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == y[:, None]
+        dlogits = ((w + self.ce_weight) * mm) * q - (w * mm) * p - jnp.where(onehot, self.ce_weight * mm, 0.0)
+        return self.kd_weight * kd + self.ce_weight * ce, kd, ce, correct, dlogits
+
+
+def _lse(x):
+    """(log-sum-exp, max) over the last axis, keepdims."""
+    top = jnp.max(x, axis=-1, keepdims=True)
+    return top + jnp.log(jnp.sum(jnp.exp(x - top), axis=-1, keepdims=True)), top
+
+
+def _with_cross_entropy(kind, kd, dkd, logits, y, m, with_grads: bool):
+    """(loss, kd, ce, correct, dlogits): the divergence sum kd (gradient dkd) weighted, plus the
+    student's cross entropy on y from the same logits when y is given."""
+    ce = correct = jnp.zeros((), jnp.float32)
+    loss = kind.kd_weight * kd
+    dlogits = kind.kd_weight * dkd if with_grads else None
+    if y is not None:
+        ce, correct, dce = cross_entropy_terms(logits, y.reshape(-1), m, with_grads)
+        loss = loss + kind.ce_weight * ce
+        if with_grads:
+            dlogits = dlogits + kind.ce_weight * dce
+    return loss, kd, ce, correct, dlogits
 
 
 def _chunk_terms(kind, tail, params, xs, kernel, const, tchunk, m, with_grads: bool):
@@ -191,17 +238,8 @@ def _chunk_terms(kind, tail, params, xs, kernel, const, tchunk, m, with_grads: b
     None), m (B*C,) fp32 -> sums (loss, kd, ce, correct) [, d(tail params), d(xs), dkernel fp32]."""
     logits, backward = output_layer(tail, params, xs, kernel, with_grads)
     teacher_chunk, y = tchunk
-    out = kind.loss_and_grad(logits, kind.teacher(const, teacher_chunk), m, with_grads)
-    kd, dlogits = out if with_grads else (out, None)
-    ce = correct = jnp.zeros((), jnp.float32)
-    loss = kind.kd_weight * kd
-    if with_grads:
-        dlogits = kind.kd_weight * dlogits
-    if y is not None:  # the student's cross entropy on the same logits, weighted in
-        ce, correct, dce = cross_entropy_terms(logits, y.reshape(-1), m, with_grads)
-        loss = loss + kind.ce_weight * ce
-        if with_grads:
-            dlogits = dlogits + kind.ce_weight * dce
+    y = y.reshape(-1) if y is not None else None
+    loss, kd, ce, correct, dlogits = kind.terms(logits, kind.teacher(const, teacher_chunk), y, m, with_grads)
     sums = (loss, kd, ce, correct)
     if not with_grads:
         return sums
