@@ -33,22 +33,20 @@ def hf_tokenizer(directory: str):
 def hf_template(tokenizer) -> Any:
     """The built-in template whose HF rendering is the tokenizer's chat_template (what export-hf
     writes), else the chat_template itself ('hf'), else koala."""
-    from imitation_jax.errors import DataError
-    from imitation_jax.data.templates import TEMPLATES, HFChatTemplate, get_template
+    from imitation_jax.data.templates import TEMPLATES, get_template
 
     name_turns = template_of(tokenizer)
     if name_turns is not None:
         return get_template(name_turns[0], tokenizer, turn_tokens=name_turns[1])
-    source = getattr(getattr(tokenizer, "hf", None), "chat_template", None)
-    if isinstance(source, str) and source.strip():
-        try:
-            return get_template("hf", tokenizer)
-        except DataError:
-            # No {% generation %} markers: fine for prompting (only training needs the mask).
-            template = HFChatTemplate.__new__(HFChatTemplate)
-            template.tokenizer = tokenizer
-            return template
+    if has_chat_template(tokenizer):
+        # With or without {% generation %} markers: only a training mask needs them.
+        return get_template("hf", tokenizer)
     return TEMPLATES["koala"]
+
+
+def has_chat_template(tokenizer) -> bool:
+    source = getattr(getattr(tokenizer, "hf", None), "chat_template", None)
+    return isinstance(source, str) and bool(source.strip())
 
 
 def template_of(tokenizer) -> Optional[tuple[str, bool]]:
@@ -210,7 +208,7 @@ def import_hf(directory: str, out: str, *, dtype: str = "float32", allow_pickle:
         tokenizer.save(os.path.join(out, params_dir.TOKENIZER_DIR))
         found = template_of(tokenizer)
         template = {"name": found[0], "turn_tokens": found[1]} if found else (
-            {"name": "hf", "turn_tokens": False} if getattr(tokenizer.hf, "chat_template", None) else None)
+            {"name": "hf", "turn_tokens": False} if has_chat_template(tokenizer) else None)
     params_dir.write_meta(out, cfg, template, directory)
     return {"out": out, "config": cfg, "tokenizer": tokenizer is not None}
 

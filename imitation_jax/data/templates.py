@@ -17,8 +17,9 @@ Built-in templates (EOS shown as </s>, BOS as <s>):
   llama3       <|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\n{user}<|eot_id|>
                <|start_header_id|>assistant<|end_header_id|>\\n\\n{reply}<|eot_id|>...
   chatml       <|im_start|>user\\n{user}<|im_end|>\\n<|im_start|>assistant\\n{reply}<|im_end|>\\n...
-  hf           the tokenizer's own `chat_template`, which must mark the assistant's text with
-               `{% generation %}` ... `{% endgeneration %}` (refused otherwise)
+  hf           the tokenizer's own `chat_template`; to build a training mask it must mark the
+               assistant's text with `{% generation %}` ... `{% endgeneration %}` (refused
+               otherwise); prompting (generate, chat, serve, export) works without them
 
 `template.with_turn_tokens()` puts the special tokens `<|user|>` / `<|assistant|>` right before
 the content of every user and model turn (the reference study marked turns this way).
@@ -249,19 +250,25 @@ class HFChatTemplate:
         if not isinstance(template, str) or not template.strip():
             raise DataError(f"{tokenizer.path}: the tokenizer has no chat_template; pick a "
                             f"built-in template ({', '.join(TEMPLATES)})", "bad_template")
-        if not _GENERATION.search(template):
-            raise DataError(f"{tokenizer.path}: the tokenizer's chat_template has no "
+        self.tokenizer = tokenizer
+        # Prompting (generate, chat, serve, eval, export) needs no markers; only a mask does.
+        self.has_markers = bool(_GENERATION.search(template))
+
+    def require_markers(self) -> None:
+        """Refuse to build a training mask from a chat_template without generation markers."""
+        if not self.has_markers:
+            raise DataError(f"{self.tokenizer.path}: the tokenizer's chat_template has no "
                             "{% generation %} markers, so the assistant's tokens cannot be told "
                             "apart (training on every token would be wrong); add them around "
                             "each assistant reply or pick a built-in template "
                             f"({', '.join(TEMPLATES)})", "bad_template")
-        self.tokenizer = tokenizer
 
     @staticmethod
     def _dicts(messages: Sequence[Message]) -> list[dict[str, str]]:
         return [{"role": m.role, "content": m.content} for m in messages]
 
     def encode(self, tokenizer: Tokenizer, messages: Sequence[Message]) -> Example:
+        self.require_markers()
         out = self.tokenizer.hf.apply_chat_template(
             self._dicts(messages), tokenize=True, return_dict=True,
             return_assistant_tokens_mask=True)
