@@ -18,6 +18,8 @@
 #   PYTHON       interpreter on the workers for the venv, 3.11 or newer (default: python3)
 #   LOG_DIR      local directory for the gathered logs (default: tpu-logs/TPU_NAME)
 #   DETACH=1     `run` starts the workers and returns at once
+#   DRY_RUN=1    print the gcloud commands (one a line, shell-quoted) instead of running them;
+#                WORKERS (default 1) stands in for the slice's worker count, nothing is packed
 # The config's run_dir and data paths must name the same files on every worker: a gcsfuse-mounted
 # bucket or an NFS (Filestore) mount at the same path; every process writes its checkpoint shards.
 set -euo pipefail
@@ -32,22 +34,39 @@ remote_dir=${REMOTE_DIR:-imitation_jax}
 log_dir=${LOG_DIR:-tpu-logs/$tpu}
 gcloud_args=(--zone "$zone")
 [ -n "${PROJECT:-}" ] && gcloud_args+=(--project "$PROJECT")
+dry=${DRY_RUN:-0}
+exec 3>&1  # dry-run lines go to the real stdout, also from inside $(...)
+
+gc() {  # gcloud ARGS..., or with DRY_RUN=1 the command line it would be
+  if [ "$dry" = 1 ]; then
+    local line
+    line=$(printf '%q ' gcloud "$@")
+    echo "${line% }" >&3
+  else
+    gcloud "$@"
+  fi
+}
 
 on_workers() {  # on_workers WORKER COMMAND: run a shell command on one worker or on all of them
-  gcloud compute tpus tpu-vm ssh "$tpu" "${gcloud_args[@]}" --worker="$1" --command "$2"
+  gc compute tpus tpu-vm ssh "$tpu" "${gcloud_args[@]}" --worker="$1" --command "$2"
 }
 
 num_workers() {
+  if [ "$dry" = 1 ]; then
+    gc compute tpus tpu-vm describe "$tpu" "${gcloud_args[@]}" --format=json
+    echo "${WORKERS:-1}"
+    return
+  fi
   gcloud compute tpus tpu-vm describe "$tpu" "${gcloud_args[@]}" --format=json \
     | python3 -c 'import json, sys; print(len(json.load(sys.stdin)["networkEndpoints"]))'
 }
 
 gather_logs() {
-  mkdir -p "$log_dir"
+  [ "$dry" = 1 ] || mkdir -p "$log_dir"
   local n i
   n=$(num_workers)
   for ((i = 0; i < n; i++)); do
-    gcloud compute tpus tpu-vm scp "${gcloud_args[@]}" --worker="$i" \
+    gc compute tpus tpu-vm scp "${gcloud_args[@]}" --worker="$i" \
       "$tpu:$remote_dir/logs/train.log" "$log_dir/worker-$i.log" >/dev/null 2>&1 \
       || echo "tpu_pod.sh: no log on worker $i yet" >&2
   done
@@ -57,11 +76,15 @@ gather_logs() {
 case "$action" in
   setup)
     here=$(cd "$(dirname "$0")/.." && pwd)
-    tarball=$(mktemp -t imitation_jax.XXXXXX.tar.gz)
-    trap 'rm -f "$tarball"' EXIT
-    # Tracked and untracked-but-not-ignored files: what you see in `git status`, no venvs or runs.
-    (cd "$here" && git ls-files -z -co --exclude-standard | tar --null -T - -czf "$tarball")
-    gcloud compute tpus tpu-vm scp "${gcloud_args[@]}" --worker=all "$tarball" "$tpu:imitation_jax.tar.gz"
+    if [ "$dry" = 1 ]; then
+      tarball=imitation_jax.tar.gz
+    else
+      tarball=$(mktemp -t imitation_jax.XXXXXX.tar.gz)
+      trap 'rm -f "$tarball"' EXIT
+      # Tracked and untracked-but-not-ignored files: what you see in `git status`, no venvs or runs.
+      (cd "$here" && git ls-files -z -co --exclude-standard | tar --null -T - -czf "$tarball")
+    fi
+    gc compute tpus tpu-vm scp "${gcloud_args[@]}" --worker=all "$tarball" "$tpu:imitation_jax.tar.gz"
     on_workers all "set -e; mkdir -p $remote_dir && tar -xzf imitation_jax.tar.gz -C $remote_dir && cd $remote_dir \
       && (test -x .venv/bin/python || ${PYTHON:-python3} -m venv .venv) \
       && .venv/bin/pip install -q --upgrade pip && .venv/bin/pip install -q -e '.[tpu]' \
@@ -90,7 +113,9 @@ sleep 1; echo \"\$(hostname): started pid \$(cat logs/train.pid)\""
     echo "tpu_pod.sh: following worker 0 (Ctrl-C stops following, not training)"
     on_workers 0 "cd $remote_dir && tail -n +1 -f --pid=\$(cat logs/train.pid) logs/train.log; sleep 2" || true
     gather_logs
-    code=$(on_workers 0 "cat $remote_dir/logs/train.exit 2>/dev/null || echo running" | tail -n 1)
+    read_exit="cat $remote_dir/logs/train.exit 2>/dev/null || echo running"
+    if [ "$dry" = 1 ]; then on_workers 0 "$read_exit"; exit 0; fi
+    code=$(on_workers 0 "$read_exit" | tail -n 1)
     echo "tpu_pod.sh: worker 0 exit: $code"
     [ "$code" = 0 ]
     ;;
