@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from imitation_jax.errors import ConfigError
-from imitation_jax.train.loss import cross_entropy_terms, output_layer
+from imitation_jax.train.loss import cross_entropy_rows, output_layer
 
 LOSSES = ("forward_kl", "reverse_kl", "jsd")
 
@@ -141,7 +141,10 @@ class _Sparse:
         return ids.reshape(-1, ids.shape[-1]), logprobs.reshape(-1, logprobs.shape[-1])
 
     def terms(self, logits, signal, y, m, with_grads: bool):
-        return _with_cross_entropy(self, *self._divergence(logits, signal, m, with_grads), logits, y, m, with_grads)
+        ids = signal[0]
+        plain = jnp.all((ids < 0) | (ids >= logits.shape[-1]), axis=-1).astype(jnp.float32)  # no target here
+        return _with_cross_entropy(self, *self._divergence(logits, signal, m, with_grads), logits, y, m, with_grads,
+                                   plain)
 
     def _divergence(self, logits, signal, m, with_grads: bool):
         """Masked divergence sum and its gradient w.r.t. the (rows, V) logits (None without grads)."""
@@ -185,8 +188,8 @@ class _Dense:
         log-sum-exp is a reduction that writes nothing, the log-probabilities are recomputed from
         it where used, and at T = 1 the cross entropy shares the student's (docs/benchmarks.md)."""
         loss, temperature = self.loss, self.temperature
-        st = logits / temperature
-        (ls, _), (lt, _) = _lse(st), _lse(tt)
+        st = logits if temperature == 1.0 else logits / temperature
+        (ls, top), (lt, _) = _lse(st), _lse(tt)
         mm = m[:, None]
         if loss == "jsd" and 0.0 < self.beta < 1.0:
             div, g = _divergence_and_grad(tt - lt, st - ls, loss, self.beta)
@@ -207,7 +210,7 @@ class _Dense:
             return _with_cross_entropy(self, kd, (q - p) * (mm / temperature), logits, y, m, with_grads)
         target = jnp.take_along_axis(logits, y[:, None], axis=-1)
         ce = jnp.sum((ls - target)[:, 0] * m)
-        correct = jnp.sum((target >= jnp.max(logits, axis=-1, keepdims=True))[:, 0].astype(jnp.float32) * m)
+        correct = jnp.sum((target >= top)[:, 0].astype(jnp.float32) * m)
         onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == y[:, None]
         dlogits = ((w + self.ce_weight) * mm) * q - (w * mm) * p - jnp.where(onehot, self.ce_weight * mm, 0.0)
         return self.kd_weight * kd + self.ce_weight * ce, kd, ce, correct, dlogits
@@ -219,17 +222,21 @@ def _lse(x):
     return top + jnp.log(jnp.sum(jnp.exp(x - top), axis=-1, keepdims=True)), top
 
 
-def _with_cross_entropy(kind, kd, dkd, logits, y, m, with_grads: bool):
+def _with_cross_entropy(kind, kd, dkd, logits, y, m, with_grads: bool, plain=None):
     """(loss, kd, ce, correct, dlogits): the divergence sum kd (gradient dkd) weighted, plus the
-    student's cross entropy on y from the same logits when y is given."""
+    student's cross entropy on y from the same logits when y is given. plain (rows,) {0, 1}: rows
+    with no teacher signal, whose cross entropy also takes the divergence's weight (they train with
+    plain cross entropy)."""
     ce = correct = jnp.zeros((), jnp.float32)
     loss = kind.kd_weight * kd
     dlogits = kind.kd_weight * dkd if with_grads else None
     if y is not None:
-        ce, correct, dce = cross_entropy_terms(logits, y.reshape(-1), m, with_grads)
-        loss = loss + kind.ce_weight * ce
+        ce_rows, correct_rows, grad = cross_entropy_rows(logits, y)
+        w = kind.ce_weight * m if plain is None else (kind.ce_weight + kind.kd_weight * plain) * m
+        ce, correct = jnp.sum(ce_rows * m), jnp.sum(correct_rows * m)
+        loss = loss + jnp.sum(ce_rows * w)
         if with_grads:
-            dlogits = dlogits + kind.ce_weight * dce
+            dlogits = dlogits + grad(w)
     return loss, kd, ce, correct, dlogits
 
 
@@ -374,7 +381,10 @@ def sparse_kd_loss(hidden, kernel: jax.Array, teacher_ids: jax.Array, teacher_lo
     With `targets` (B, T) int, the student's cross entropy on them is computed from the same chunk
     logits (one output layer for both) and the loss is kd_weight * kd + ce_weight * ce; the return
     is then (loss sum, trained tokens, {"kd": divergence sum, "ce": cross-entropy sum, "correct":
-    correct predictions}), the dict's sums being metrics (not differentiated). The train step will
+    correct predictions}), the dict's sums being metrics (not differentiated). A trained position
+    with no teacher target (every slot padded: prepare found none there, e.g. an end-of-turn token
+    or an alignment fallback) then trains with plain cross entropy: weight kd_weight + ce_weight.
+    The train step will
     call it in `loss_sums` with batch["teacher_ids"], batch["teacher_logprobs"], batch["loss_mask"]
     (and batch["targets"] for `kd.alpha`), dividing every sum by the global trained-token count.
     """

@@ -23,20 +23,29 @@ def _identity(params, h):
     return h
 
 
-def cross_entropy_terms(logits, y, m, with_grads: bool):
-    """Masked cross entropy of (rows, V) fp32 logits: loss sum, correct sum, dlogits (None without
-    grads). Few passes over the logits: the max fuses into the matmul, the log-sum-exp is a reduction
-    that writes nothing, and the softmax is recomputed from it inside the one pass that writes
-    dlogits (faster than materialising exp(logits - max); docs/benchmarks.md)."""
+def cross_entropy_rows(logits, y):
+    """Cross entropy of (rows, V) fp32 logits per row: (loss (rows,), correct (rows,) {0, 1}, grad)
+    where grad(w) is d(sum w * loss)/d(logits) for row weights w (rows,). Few passes over the
+    logits: the max fuses into the matmul, the log-sum-exp is a reduction that writes nothing, and
+    the softmax is recomputed from it inside the one pass that writes the gradient (faster than
+    materialising exp(logits - max); docs/benchmarks.md)."""
     top = jnp.max(logits, axis=-1, keepdims=True)
     lse = top + jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1, keepdims=True))
     target = jnp.take_along_axis(logits, y[:, None], axis=-1)
-    loss = jnp.sum((lse - target)[:, 0] * m)
-    correct = jnp.sum((target >= top)[:, 0].astype(jnp.float32) * m)  # the target logit is a maximum
-    if not with_grads:
-        return loss, correct, None
-    onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == y[:, None]
-    return loss, correct, jnp.exp(logits - lse) * m[:, None] - jnp.where(onehot, m[:, None], 0.0)
+    correct = (target >= top)[:, 0].astype(jnp.float32)  # the target logit is a maximum
+
+    def grad(w):
+        onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == y[:, None]
+        return jnp.exp(logits - lse) * w[:, None] - jnp.where(onehot, w[:, None], 0.0)
+
+    return (lse - target)[:, 0], correct, grad
+
+
+def cross_entropy_terms(logits, y, m, with_grads: bool):
+    """Masked cross entropy of (rows, V) fp32 logits: loss sum, correct sum, dlogits (None without
+    grads)."""
+    loss, correct, grad = cross_entropy_rows(logits, y)
+    return jnp.sum(loss * m), jnp.sum(correct * m), grad(m) if with_grads else None
 
 
 def output_layer(tail, params, xs, kernel, with_grads: bool):
