@@ -442,7 +442,7 @@ def test_hf_chat_template_path(tmp_path, demo_conversations, tiny_tokenizer):
     plain = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
     tok = load_tokenizer(build_bpe_tokenizer(tmp_path / "plain", texts, plain))
     with pytest.raises(DataError, match=r"chat_template has no \{% generation %\} markers") as err:
-        get_template("hf", tok)
+        encode_conversation(tok, CONVERSATION, get_template("hf", tok))
     assert "\n" not in str(err.value)
     with pytest.raises(DataError, match="needs a Hugging Face tokenizer"):
         get_template("hf", tiny_tokenizer)

@@ -483,6 +483,8 @@ def prepare(inputs: Sequence[str | Source], out: str, settings: PrepareSettings,
     tokenizer = load_tokenizer(settings.tokenizer)
     source_fingerprint = tokenizer.fingerprint()
     template = get_template(settings.template, tokenizer, turn_tokens=settings.turn_tokens)
+    if hasattr(template, "require_markers"):  # a chat_template must mark the replies to build masks from
+        template.require_markers()
     added = tokenizer.add_special_tokens(template.special_tokens)
     spec = _WorkerSpec(settings.tokenizer, tuple(added), settings.template, settings.turn_tokens,
                        settings.seq_len, settings.cleaning)

@@ -110,11 +110,16 @@ def format_summary(stats: dict) -> str:
         a, p = kd["answers"], kd["positions"]
         fallback = sum(p["fallback"].values())
         lines.append(f"teacher logprobs (top-{kd['k']}): {_n(kd['records'])} records, {_n(a['total'])} answers: "
-                     f"{_n(a['exact'])} exact, {_n(a['partial'])} partly, "
+                     f"{_n(a['exact'])} exact, {_n(a.get('aligned', 0))} aligned from another tokenizer, "
+                     f"{_n(a['partial'])} partly, "
                      f"{_n(sum(a['fallback'].values()))} cross entropy only ({_reasons(a['fallback'])})")
-        lines.append(f"  answer positions: {_n(p['exact'])} with sparse targets, {_n(fallback)} cross "
-                     f"entropy ({_reasons(p['fallback'])}); {_n(p['end_of_turn'])} end-of-turn "
-                     f"positions train with cross entropy")
+        lines.append(f"  answer positions: {_n(p['exact'])} exact and {_n(p.get('aligned', 0))} aligned sparse "
+                     f"targets, {_n(fallback)} cross entropy ({_reasons(p['fallback'])}); "
+                     f"{_n(p['end_of_turn'])} end-of-turn positions train with cross entropy")
+        alt = kd.get("alternatives") or {}
+        if any(alt.values()):
+            lines.append(f"  alternatives at aligned positions: {_n(alt['folded_into_tail'])} folded into the tail "
+                         f"(no single student token), {_n(alt['merged'])} merged (the same student id)")
     div = stats.get("diversity") or {}
     if div.get("mean_max_bleu") is not None:
         lines.append(f"diversity: mean BLEU of a user query to its most similar other query "
