@@ -9,8 +9,10 @@ apt-get) or cannot start here."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -23,8 +25,7 @@ from imitation_jax.train.preemption import EXIT_PREEMPTED
 sys.path.insert(0, os.path.dirname(__file__))
 from slurm_cluster import SlurmUnavailable, _free_ports, start_cluster  # noqa: E402
 
-# One xdist worker runs them all (pytest.ini: --dist loadgroup): one cluster, one reference run.
-pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]
+pytestmark = pytest.mark.slurm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -33,8 +34,11 @@ STEPS = 40
 DEVICES = 2  # in total: one process with 2 CPU devices, or two processes with 1 each
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cluster(tmp_path_factory):
+    # Session-wide: a module fixture would be torn down and restarted whenever xdist hands this
+    # worker another module's test in between. Under `-n 2` each worker that gets a Slurm test
+    # starts its own cluster (ports and directories of its own; a few seconds).
     try:
         c = start_cluster(tmp_path_factory.mktemp("slurm"))
     except SlurmUnavailable as e:
@@ -43,27 +47,52 @@ def cluster(tmp_path_factory):
     c.stop()
 
 
-@pytest.fixture(scope="module")
-def overrides(demo_dir) -> list[str]:
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory) -> tuple[str, str]:
+    """(demo data dir, run dir of the direct `imitation-jax train` run: one process, DEVICES CPU
+    devices), made once for all xdist workers under a lock and shared by them."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    root = root / "slurm-reference"
+    root.mkdir(exist_ok=True)
+    data, run = root / "demo", root / "direct"
+    with open(root / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "done").exists():
+            shutil.rmtree(data, ignore_errors=True)
+            shutil.rmtree(run, ignore_errors=True)
+            made = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_demo_data.py"), "--out", str(data),
+                                   "--num-conversations", "600", "--vocab-size", "512", "--eval-fraction", "0.1"],
+                                  capture_output=True, text=True, cwd=ROOT, timeout=300)
+            assert made.returncode == 0, made.stderr[-3000:]
+            env = dict(os.environ, JAX_PLATFORMS="cpu",
+                       XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES} {os.environ.get('XLA_FLAGS', '')}")
+            done = subprocess.run([os.path.join(sys.prefix, "bin", "imitation-jax"), "train", TINY,
+                                   *small_config(data), f"run_dir={run}"],
+                                  capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+            assert done.returncode == 0, done.stderr[-3000:]
+            (root / "done").write_text("")
+    return str(data), str(run)
+
+
+def small_config(data) -> list[str]:
     # ~70 ms a step on 2 cores: long enough to land a SIGTERM mid-run, short enough for the suite.
     return ["model.hidden_size=128", "model.intermediate_size=320", "model.num_layers=2", "model.num_heads=4",
-            "model.num_kv_heads=2", f"data.train_files=[{demo_dir}/train.jsonl]",
-            f"data.eval_files=[{demo_dir}/eval.jsonl]", f"data.tokenizer={demo_dir}/tokenizer.model",
-            "data.seq_len=128", "train.batch_size=8", f"train.steps={STEPS}", "train.log_every=1",
-            "train.peak_flops=1e12", "optim.warmup_steps=2", "eval.every_steps=0", "eval.max_batches=2",
-            "logging.progress=false", "checkpoint.every_steps=0"]
+            "model.num_kv_heads=2", f"data.train_files=[{data}/train.jsonl]", f"data.eval_files=[{data}/eval.jsonl]",
+            f"data.tokenizer={data}/tokenizer.model", "data.seq_len=128", "train.batch_size=8",
+            f"train.steps={STEPS}", "train.log_every=1", "train.peak_flops=1e12", "optim.warmup_steps=2",
+            "eval.every_steps=0", "eval.max_batches=2", "logging.progress=false", "checkpoint.every_steps=0"]
 
 
-@pytest.fixture(scope="module")
-def direct(tmp_path_factory, overrides):
-    """The reference: `imitation-jax train` run directly, one process with DEVICES CPU devices."""
-    run = tmp_path_factory.mktemp("direct") / "run"
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES} {os.environ.get('XLA_FLAGS', '')}")
-    done = subprocess.run([os.path.join(sys.prefix, "bin", "imitation-jax"), "train", TINY, *overrides,
-                           f"run_dir={run}"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return run
+@pytest.fixture
+def overrides(reference) -> list[str]:
+    return small_config(reference[0])
+
+
+@pytest.fixture
+def direct(reference) -> str:
+    return reference[1]
 
 
 def submit(cluster, run, overrides, *, nodes=1, **env) -> tuple[str, str]:
