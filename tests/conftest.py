@@ -114,3 +114,26 @@ def small_overrides(demo_dir, tmp_path) -> list[str]:
         "data.seq_len=128", "train.batch_size=8", "train.steps=5", "train.log_every=1", "train.peak_flops=1e12",
         "optim.warmup_steps=2", "eval.every_steps=0", "eval.max_batches=2", "logging.progress=false",
     ]
+
+
+def small_run_overrides(demo_dir: str, run_dir) -> list[str]:
+    """`small_overrides` for any run dir, for fixtures wider than one test (same list)."""
+    return SMALL_MODEL + [
+        f"run_dir={run_dir}", f"data.train_files=[{demo_dir}/train.jsonl]",
+        f"data.eval_files=[{demo_dir}/eval.jsonl]", f"data.tokenizer={demo_dir}/tokenizer.model",
+        "data.seq_len=128", "train.batch_size=8", "train.steps=5", "train.log_every=1", "train.peak_flops=1e12",
+        "optim.warmup_steps=2", "eval.every_steps=0", "eval.max_batches=2", "logging.progress=false",
+    ]
+
+
+@pytest.fixture(scope="session")
+def kd_teacher(demo_dir, tmp_path_factory) -> str:
+    """Run dir of a distillation teacher trained once per session (test_kd_train's `teacher_run`:
+    the small model, 8 steps at lr 3e-3). Shared: copy it before changing it."""
+    from imitation_jax.commands.train import run_training
+    from imitation_jax.train.config import load_config
+
+    run_dir = tmp_path_factory.mktemp("kd_teacher") / "teacher"
+    cfg = load_config("configs/tiny.yaml", small_run_overrides(demo_dir, run_dir) + [
+        "train.steps=8", "optim.lr=3e-3", "logging.tensorboard=false"])
+    return run_training(cfg)["run_dir"]
