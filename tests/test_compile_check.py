@@ -126,6 +126,23 @@ def test_compile_check_does_not_fit_exits_1():
     assert _gib(out, "arguments") == pytest.approx(6_738_415_616 * 12 / 4 / GiB, rel=0.02)
 
 
+KD_SLICE = "v5e-16"
+
+
+@pytest.mark.slow
+@needs_libtpu
+def test_compile_check_llama7b_with_an_in_mesh_llama13b_teacher():
+    # configs/README.md: the smallest v5e slice a bf16 LLaMA-13B teacher and a LLaMA-7B student fit.
+    code, out = _compile_check("configs/kd_llama7b_from_13b_tpu_v5e.yaml", KD_SLICE, "--teacher-model", "llama-13b")
+    assert code == 0, out
+    assert "6.74B params" in out and "in-mesh teacher: 13.02B params (bfloat16)" in out
+    # The student's 12 bytes/param and the teacher's 2 bytes/param, sharded over every chip, plus the batch.
+    devices = parse_topology(KD_SLICE).chips
+    expected = (6_738_415_616 * 12 + 13_015_864_320 * 2 + 5 * 4 * 32 * 2048) / devices / GiB
+    assert _gib(out, "arguments") == pytest.approx(expected, rel=0.02), out
+    assert "teacher params)" in out and "fits: yes" in out
+
+
 def _tiny_cfg(tmp_path, *extra):
     from imitation_jax.train.config import load_config
 
@@ -166,3 +183,113 @@ def test_the_train_step_checked_for_a_tpu_has_no_cpu_path(tmp_path):
 
     low = lower_train_step(_tiny_cfg(tmp_path, "model.attention=auto"), parse_topology("v5e-4"))
     assert _conditionals(low.lowered.as_text()) == 0
+
+
+# --------------------------------------------------------------------- train.objective=kd
+
+def _kd_arguments(cfg, teacher, batch_rows: int, seq_len: int, k: int) -> tuple[int, int]:
+    """(stored, teacher) argument bytes on one device from the model configs' parameter counts: fp32
+    params + two fp32 AdamW moments (12 bytes/param), the teacher's params in its dtype, the batch's
+    5 (grad_accum, micro, T) int32/fp32 arrays, stored top-K's ids (int32) and logprobs (fp32)."""
+    import numpy as np
+
+    student = cfg.model.num_params() * 12 + 5 * 4 * batch_rows * seq_len
+    return (student + batch_rows * seq_len * k * (4 + 4),
+            student + teacher.num_params() * np.dtype(teacher.param_dtype).itemsize)
+
+
+def _kd_cfg(tmp_path, *extra):
+    return _tiny_cfg(tmp_path, "train.objective=kd", "data.seq_len=64", *extra)
+
+
+def _teacher_yaml(tmp_path) -> str:
+    """A tiny teacher twice the student's depth and wider, described by a config's model: section."""
+    path = tmp_path / "teacher.yaml"
+    path.write_text("model:\n  preset: tiny\n  vocab_size: 512\n  hidden_size: 96\n  intermediate_size: 256\n"
+                    "  num_layers: 4\n  num_heads: 4\n  num_kv_heads: 2\n")
+    return str(path)
+
+
+def test_compile_check_kd_counts_the_teacher_in_the_arguments(tmp_path):
+    """Both kd sources lowered and compiled (for this machine's CPU device, so without libtpu): stored
+    top-K batches carry their (grad_accum, micro, T, K) arrays, an in-mesh teacher its parameters.
+    (Per-device division over a slice: test_compile_check_llama7b_with_an_in_mesh_llama13b_teacher;
+    XLA:CPU's memory analysis of a multi-device program is not per device, and tiny arrays on a TPU
+    are mostly tile padding.)"""
+    import jax
+
+    from imitation_jax.commands.compile_check import teacher_model
+    from imitation_jax.train.compile_check import compile_check
+
+    topo, devices, lines = parse_topology("v5e-1"), jax.devices("cpu")[:1], []
+    stored = compile_check(_kd_cfg(tmp_path, "kd.source=stored"), topo, out=lines.append,
+                           teacher_k=3, devices=devices)
+    assert "objective: kd (forward_kl) from stored top-3 teacher log-probabilities in the batch" in lines
+    cfg = _kd_cfg(tmp_path, "kd.source=teacher", "kd.teacher_dtype=bfloat16", f"kd.teacher={_teacher_yaml(tmp_path)}")
+    teacher = teacher_model(cfg)  # kd.teacher: a config's model: section, in kd.teacher_dtype
+    assert (teacher.hidden_size, teacher.num_layers, teacher.param_dtype, teacher.dtype) == (96, 4, "bfloat16",
+                                                                                             "bfloat16")
+    lines.clear()
+    in_mesh = compile_check(cfg, topo, out=lines.append, teacher=teacher, devices=devices)
+    assert any("from an in-mesh teacher" in line and "(bfloat16), frozen" in line for line in lines), lines
+    assert "arguments" in lines[-6] and "teacher params" in lines[-6], lines
+    want_stored, want_teacher = _kd_arguments(cfg, teacher, 8, 64, 3)
+    # Beyond the arrays counted: the step and AdamW's count, scalars.
+    assert 0 <= stored.arguments - want_stored <= 64, (stored.arguments, want_stored)
+    assert 0 <= in_mesh.arguments - want_teacher <= 64, (in_mesh.arguments, want_teacher)
+    assert in_mesh.fits and stored.fits
+
+
+def test_teacher_model_from_a_preset_and_an_hf_dir(tmp_path):
+    import json
+
+    from imitation_jax.commands.compile_check import teacher_model
+    from imitation_jax.model.presets import preset
+
+    cfg = _kd_cfg(tmp_path, "kd.source=teacher", "kd.teacher=llama-13b")
+    assert teacher_model(cfg) == preset("llama-13b")  # no kd.teacher_dtype: as described (fp32)
+    assert teacher_model(cfg).num_params() == 13_015_864_320
+    # An HF dir: its config.json only (no weights there to read); --teacher-model wins over kd.teacher.
+    hf = tmp_path / "llama-13b-hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000, "hidden_size": 5120,
+        "intermediate_size": 13824, "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 40,
+        "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "torch_dtype": "float16"}))
+    cfg = _kd_cfg(tmp_path, "kd.source=teacher", "kd.teacher=/nowhere", "kd.teacher_dtype=bfloat16")
+    got = teacher_model(cfg, str(hf))
+    assert got.num_params() == 13_015_864_320 and (got.param_dtype, got.dtype) == ("bfloat16", "bfloat16")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["kd.teacher=/nowhere/llama-13b"], "kd.teacher=/nowhere/llama-13b: no such preset, file or directory"),
+    (["kd.teacher=llama-13b", "--teacher-model", "llama-99b"], "--teacher-model llama-99b: no such preset"),
+    (["kd.teacher=CONFIG"], "not a teacher model config (it has no model: section)"),
+    (["kd.teacher=llama-13b", "--teacher-k", "5"], "--teacher-k applies to train.objective=kd with kd.source=stored"),
+    (["kd.teacher=EMPTY_DIR"], "neither a run dir (config.yaml), an import-hf checkpoint"),
+])
+def test_bad_teacher_settings_are_one_line_errors(tmp_path, capsys, args, message):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_model = tmp_path / "no_model.yaml"
+    no_model.write_text("train:\n  steps: 3\n")
+    args = [a.replace("CONFIG", str(no_model)).replace("EMPTY_DIR", str(empty)) for a in args]
+    assert main(["compile-check", str(ROOT / "configs/tiny.yaml"), "--topology", "v5e-4", f"run_dir={tmp_path}",
+                 "train.objective=kd", "kd.source=teacher", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_teacher_with_another_vocabulary_is_a_config_error(tmp_path):
+    import dataclasses
+
+    import jax
+
+    from imitation_jax.errors import ConfigError
+    from imitation_jax.model.presets import preset
+    from imitation_jax.train.compile_check import lower_train_step
+
+    cfg = _kd_cfg(tmp_path, "kd.source=teacher", "kd.teacher=llama-13b")
+    teacher = dataclasses.replace(preset("tiny"), vocab_size=1024)
+    with pytest.raises(ConfigError, match="its vocabulary has 1024 ids but the student's has 512"):
+        lower_train_step(cfg, parse_topology("v5e-1"), teacher=teacher, devices=jax.devices("cpu")[:1])

@@ -2,7 +2,8 @@
 and a mesh. The model config (vocabulary, platform), the optimizer and its schedule, the abstract
 training state with its target shardings (what a checkpoint restores into, what compile-check
 lowers against) and the jitted train/eval steps. `train` adds data and real arrays; compile-check
-lowers `program.train_step` against `program.abstract_step_state()` for a TPU topology."""
+lowers `program.train_step` against `program.abstract_step_state()`, `program.abstract_batch()`
+and, for kd.source=teacher, an `abstract_teacher` for a TPU topology."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from imitation_jax.data.packing import TEACHER_FIELDS
 from imitation_jax.errors import ConfigError
 from imitation_jax.model.config import ModelConfig, with_platform
 from imitation_jax.model.params import abstract_params, model_graph
@@ -88,11 +90,19 @@ class Program:
         return {"params": self.abstract["params"], "opt_state": self.abstract["opt_state"],
                 "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(self.mesh))}
 
-    def abstract_batch(self, seq_len: int) -> dict:
+    def abstract_batch(self, seq_len: int, teacher_k: int = 0) -> dict:
+        """A train batch as abstract arrays, (grad_accum, micro, T); `teacher_k` > 0 adds the sparse
+        targets kd.source=stored batches carry (data.packing.TEACHER_FIELDS: teacher_ids int32 and
+        teacher_logprobs float32, (grad_accum, micro, T, K))."""
         t = self.cfg.train
         rows = (t.grad_accum, t.batch_size // t.grad_accum, seq_len)
-        return {k: jax.ShapeDtypeStruct(rows, np.float32 if k == "loss_mask" else np.int32,
-                                        sharding=self.batch_sharding) for k in BATCH_KEYS}
+        batch = {k: jax.ShapeDtypeStruct(rows, np.float32 if k == "loss_mask" else np.int32,
+                                         sharding=self.batch_sharding) for k in BATCH_KEYS}
+        if teacher_k:
+            ids, logprobs = TEACHER_FIELDS
+            batch[ids] = jax.ShapeDtypeStruct((*rows, teacher_k), np.int32, sharding=self.batch_sharding)
+            batch[logprobs] = jax.ShapeDtypeStruct((*rows, teacher_k), np.float32, sharding=self.batch_sharding)
+        return batch
 
 
 def build_program(cfg: Config, mesh: Mesh, model: ModelConfig, total_steps: int, teacher: Any = None) -> Program:
@@ -116,6 +126,28 @@ def build_program(cfg: Config, mesh: Mesh, model: ModelConfig, total_steps: int,
                                  loss_fn, teacher_sh)
     eval_step = make_eval_step(graphdef, mesh, state_sh["params"], t.loss_chunk, t.fuse_last_layer, model.platform)
     return Program(cfg, mesh, model, graphdef, optimizer, schedule, total_steps, abstract, train_step, eval_step)
+
+
+@dataclasses.dataclass
+class AbstractTeacher:
+    """The in-mesh teacher of kd.source=teacher without its weights (compile-check): the same fields
+    `build_program` and `check_teacher` read from a loaded one, its params ShapeDtypeStructs."""
+
+    config: ModelConfig
+    graphdef: Any
+    params: Any  # ShapeDtypeStructs, sharded by the same rules as the student's
+    source: str
+
+
+def abstract_teacher(model: ModelConfig, mesh: Mesh, source: str) -> AbstractTeacher:
+    """`model` (in the teacher's own dtype) as a frozen teacher on `mesh`: its platform is the mesh's,
+    as for a loaded teacher, and it has no optimizer state."""
+    model = with_platform(dataclasses.replace(model, platform=None), mesh)
+    try:
+        model.validate()
+    except ValueError as exc:
+        raise ConfigError(f"kd.teacher ({source}): {exc}") from None
+    return AbstractTeacher(model, model_graph(model)[0], abstract_params(model, mesh), source)
 
 
 def check_teacher(teacher: Any, student: ModelConfig) -> None:

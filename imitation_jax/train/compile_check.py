@@ -123,6 +123,7 @@ class MemoryReport:
     generated_code: int
     hbm: int
     compiler_error: str | None = None  # the TPU compiler's own "ran out of HBM" verdict
+    contents: str = "params, optimizer state, batch"  # what the arguments are
 
     @property
     def total(self) -> int:
@@ -133,19 +134,19 @@ class MemoryReport:
         return self.compiler_error is None and self.total <= self.hbm
 
     @classmethod
-    def from_compiled(cls, stats: Any, hbm: int) -> "MemoryReport":
+    def from_compiled(cls, stats: Any, hbm: int, contents: str = "params, optimizer state, batch") -> "MemoryReport":
         return cls(stats.argument_size_in_bytes, stats.output_size_in_bytes, stats.alias_size_in_bytes,
-                   stats.temp_size_in_bytes, stats.generated_code_size_in_bytes, hbm)
+                   stats.temp_size_in_bytes, stats.generated_code_size_in_bytes, hbm, contents=contents)
 
     def lines(self) -> list[str]:
         g = lambda b: f"{b / GiB:8.2f} GiB"  # noqa: E731
         if self.compiler_error is not None:
             return ["per-device memory: the TPU compiler ran out of HBM",
-                    f"  arguments       {g(self.arguments)}  (params, optimizer state, batch)",
+                    f"  arguments       {g(self.arguments)}  ({self.contents})",
                     f"  compiler        {self.compiler_error}",
                     "fits: NO"]
         return ["per-device memory:",
-                f"  arguments       {g(self.arguments)}  (params, optimizer state, batch)",
+                f"  arguments       {g(self.arguments)}  ({self.contents})",
                 f"  outputs         {g(self.outputs)}  ({self.aliased / GiB:.2f} GiB of it in donated arguments)",
                 f"  temporaries     {g(self.temporaries)}  (activations, gradients, collectives)",
                 f"  generated code  {g(self.generated_code)}",
@@ -174,25 +175,43 @@ def topology_devices(topo: Topology) -> list:
     return list(desc.devices)
 
 
+DEFAULT_TEACHER_K = 20  # kd.source=stored: top-K slots per position (OpenAI's top_logprobs maximum)
+
+
 @dataclasses.dataclass
 class Lowered:
     """The train step of a config lowered for a topology, not yet compiled."""
 
     lowered: Any  # jax.stages.Lowered
-    state: Any  # the abstract arguments it was lowered against
-    batch: Any
+    args: tuple  # the abstract arguments it was lowered against: state, batch[, teacher params]
     lines: list[str]  # what is being checked, for the report
+    contents: str = "params, optimizer state, batch"  # what the arguments are
 
 
-def lower_train_step(cfg, topo: Topology, vocab_size: int | None = None) -> Lowered:
+def shard_bytes(tree: Any) -> int:
+    """Bytes of `tree`'s abstract arrays held by one device (each leaf's shard shape x itemsize)."""
+    import jax
+
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def lower_train_step(cfg, topo: Topology, vocab_size: int | None = None, *, teacher=None,
+                     teacher_k: int = DEFAULT_TEACHER_K, devices: list | None = None) -> Lowered:
     """`cfg`'s train step as `train` builds it (train.builder), for the topology's compile-only
-    devices: the platform comes from them, so no CPU-only path is lowered."""
+    devices: the platform comes from them, so no CPU-only path is lowered.
+
+    train.objective=kd: kd.source=stored batches carry `teacher_k` top-K slots per position (no data
+    is read, so K is given); kd.source=teacher needs `teacher`, the teacher's ModelConfig in its own
+    dtype (commands.compile_check reads it from kd.teacher or --teacher-model, never its weights),
+    whose abstract params, sharded by the student's rules, are the step's third argument.
+    `devices`: instead of the topology's (tests lower for CPU devices without libtpu)."""
     import jax
     from jax.sharding import AxisType
 
     from imitation_jax.errors import ConfigError
     from imitation_jax.sharding import MESH_AXES, mesh_shape
-    from imitation_jax.train.builder import build_program, micro_batch, resolve_model
+    from imitation_jax.train.builder import (abstract_teacher, build_program, check_teacher, micro_batch,
+                                             resolve_model)
 
     try:
         jax.config.update("jax_platforms", "cpu")  # the local accelerator, if any, is not needed
@@ -207,7 +226,13 @@ def lower_train_step(cfg, topo: Topology, vocab_size: int | None = None) -> Lowe
     if not seq_len:
         raise ConfigError("compile-check reads no data: set data.seq_len")
     t = cfg.train
-    devices = topology_devices(topo)
+    kd_source = cfg.kd.source if t.objective == "kd" else None
+    if kd_source == "teacher" and teacher is None:
+        raise ConfigError("kd.source=teacher: compile-check needs the teacher's model config "
+                          "(kd.teacher or --teacher-model)")
+    if kd_source == "stored" and teacher_k < 1:
+        raise ConfigError(f"kd.source=stored: --teacher-k={teacher_k} must be at least 1")
+    devices = list(devices) if devices is not None else topology_devices(topo)
     try:
         shape = mesh_shape(cfg.mesh, len(devices))
     except ValueError as exc:
@@ -220,18 +245,35 @@ def lower_train_step(cfg, topo: Topology, vocab_size: int | None = None) -> Lowe
              f"model: {model.num_params() / 1e9:.2f}B params ({model.param_dtype} params, {model.dtype} compute, "
              f"remat {model.remat}); mesh data={shape[0]} fsdp={shape[1]} tensor={shape[2]}; batch {t.batch_size} x "
              f"{seq_len} tokens in {t.grad_accum} micro-batch(es) of {micro // (shape[0] * shape[1])} row(s) per device"]
+    contents = "params, optimizer state, batch"
+    if kd_source == "stored":
+        lines.append(f"objective: kd ({cfg.kd.loss}) from stored top-{teacher_k} teacher log-probabilities "
+                     "in the batch")
     with jax.set_mesh(mesh):
-        program = build_program(cfg, mesh, model, t.steps or 1000)
-        state, batch = program.abstract_step_state(), program.abstract_batch(seq_len)
-        return Lowered(program.train_step.lower(state, batch), state, batch, lines)
+        frozen = None
+        if kd_source == "teacher":
+            if not teacher.vocab_size:  # e.g. the tiny preset: an in-mesh teacher shares the tokenizer
+                teacher = dataclasses.replace(teacher, vocab_size=model.vocab_size)
+            frozen = abstract_teacher(teacher, mesh, cfg.kd.teacher or "--teacher-model")
+            check_teacher(frozen, model)
+            lines.append(f"objective: kd ({cfg.kd.loss}) from an in-mesh teacher: "
+                         f"{frozen.config.num_params() / 1e9:.2f}B params ({frozen.config.param_dtype}), frozen, "
+                         f"sharded like the student, {shard_bytes(frozen.params) / GiB:.2f} GiB per device")
+            contents = "params, optimizer state, batch, teacher params"
+        program = build_program(cfg, mesh, model, t.steps or 1000, frozen)
+        args = (program.abstract_step_state(),
+                program.abstract_batch(seq_len, teacher_k if kd_source == "stored" else 0))
+        if frozen is not None:
+            args += (frozen.params,)
+        return Lowered(program.train_step.lower(*args), args, lines, contents)
 
 
-def compile_check(cfg, topo: Topology, vocab_size: int | None = None, out=print) -> MemoryReport:
-    """Lower and compile `cfg`'s train step for `topo`; print and return the per-device memory."""
-    import jax
-
+def compile_check(cfg, topo: Topology, vocab_size: int | None = None, out=print, *, teacher=None,
+                  teacher_k: int = DEFAULT_TEACHER_K, devices: list | None = None) -> MemoryReport:
+    """Lower and compile `cfg`'s train step for `topo`; print and return the per-device memory.
+    `teacher`, `teacher_k`, `devices`: as in `lower_train_step`."""
     start = time.perf_counter()
-    low = lower_train_step(cfg, topo, vocab_size)
+    low = lower_train_step(cfg, topo, vocab_size, teacher=teacher, teacher_k=teacher_k, devices=devices)
     for line in low.lines:
         out(line)
     try:
@@ -244,11 +286,10 @@ def compile_check(cfg, topo: Topology, vocab_size: int | None = None, out=print)
         error = match.group(1).strip()
     out(f"{'compiled' if compiled is not None else 'compiler gave up'} in {time.perf_counter() - start:.1f} s")
     if compiled is None:
-        arguments = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-                        for x in jax.tree.leaves((low.state, low.batch)))
-        report = MemoryReport(arguments, 0, 0, 0, 0, topo.hbm_bytes, compiler_error=error)
+        report = MemoryReport(shard_bytes(low.args), 0, 0, 0, 0, topo.hbm_bytes, compiler_error=error,
+                              contents=low.contents)
     else:
-        report = MemoryReport.from_compiled(compiled.memory_analysis(), topo.hbm_bytes)
+        report = MemoryReport.from_compiled(compiled.memory_analysis(), topo.hbm_bytes, low.contents)
     for line in report.lines():
         out(line)
     return report
