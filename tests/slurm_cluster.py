@@ -64,7 +64,7 @@ def _which(tool: str) -> str:
     return shutil.which(tool) or f"/usr/sbin/{tool}"
 
 
-def _free_ports(n: int) -> list[int]:
+def free_ports(n: int) -> list[int]:
     socks = []
     try:
         for _ in range(n):
@@ -79,6 +79,14 @@ def _free_ports(n: int) -> list[int]:
 
 def _plugin(name: str) -> bool:
     return any(os.path.exists(os.path.join(d, f"{name}.so")) for d in PLUGIN_DIRS)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the process that started it dies, even by SIGKILL
+    (Linux PR_SET_PDEATHSIG), so a killed test run leaves no daemon behind."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def _memory_mb() -> int:
@@ -105,7 +113,7 @@ class SlurmCluster:
         r = self.root
         for d in ("state", "log", *(f"spool-{n}" for n in self.nodes)):
             (r / d).mkdir(parents=True, exist_ok=True)
-        ctld_port, *node_ports = _free_ports(1 + len(self.nodes))
+        ctld_port, *node_ports = free_ports(1 + len(self.nodes))
         cpus = os.cpu_count() or 1
         auth = ["AuthType=auth/none", "CredType=cred/none"] if self.auth == "none" else \
             ["AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={r / 'munge.socket'},cred_expire=5"]
@@ -144,7 +152,7 @@ class SlurmCluster:
     def _spawn(self, name: str, cmd: list[str]) -> None:
         log = open(self.root / "log" / f"{name}.out", "w")
         self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env=self.env, start_new_session=True)
+                                            env=self.env, start_new_session=True, preexec_fn=_die_with_parent)
         log.close()
 
     def _start_munge(self) -> None:

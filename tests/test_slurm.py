@@ -22,8 +22,7 @@ import pytest
 
 from imitation_jax.train.preemption import EXIT_PREEMPTED
 
-sys.path.insert(0, os.path.dirname(__file__))
-from slurm_cluster import SlurmUnavailable, _free_ports, start_cluster  # noqa: E402
+from slurm_cluster import SlurmUnavailable, free_ports, start_cluster
 
 pytestmark = pytest.mark.slurm
 
@@ -99,7 +98,7 @@ def submit(cluster, run, overrides, *, nodes=1, **env) -> tuple[str, str]:
     """sbatch launch/slurm.sbatch on CPU devices; returns (job id, path of its output)."""
     out = str(run) + "-%j.out"
     env = dict(cluster.env, IMITATION_CPU="1", DEVICES_PER_NODE=str(DEVICES // nodes), VENV=sys.prefix,
-               PORT=str(_free_ports(1)[0]), **env)
+               PORT=str(free_ports(1)[0]), **env)
     job = cluster.sbatch(f"--nodes={nodes}", "--gpus-per-node=0", "--cpus-per-task=1", f"--output={out}",
                          SBATCH, TINY, *overrides, f"run_dir={run}", env=env, cwd=ROOT)
     return job, out.replace("%j", job)
