@@ -48,12 +48,13 @@ def task_eval_hook(program, tokenizer):
 
 
 def run_training(cfg, restart: bool = False) -> dict:
-    """`train` with what the command layer adds: the init source, the task-eval hook and the
-    in-mesh teacher."""
+    """`train` with what the command layer adds: the init source, the task-eval hook, the
+    in-mesh teacher and kd.on_policy's rollout (commands.on_policy)."""
+    from imitation_jax.commands.on_policy import on_policy_source
     from imitation_jax.train.loop import train
 
     return train(cfg, restart=restart, init=init_source(cfg), hooks=(task_eval_hook,),
-                 teacher=teacher_source(cfg))
+                 teacher=teacher_source(cfg), batch_transform=on_policy_source(cfg))
 
 
 def run(args: argparse.Namespace) -> int:

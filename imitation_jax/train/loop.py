@@ -37,6 +37,11 @@ InitParams = Callable[[Program, int], Any]
 HookFactory = Callable[[Program, Any], "Hook | None"]
 # mesh -> the frozen teacher of kd.source=teacher (.config, .graphdef, .params placed on the mesh)
 TeacherSource = Callable[[Any], Any]
+# (step, live params, device batch) -> (the batch the step trains on, extra metrics of the step),
+# run before each step (e.g. on-policy rows sampled with the live params); made by a factory
+# (program, tokenizer) -> transform, or None
+BatchTransform = Callable[[int, Any, dict], tuple[dict, dict]]
+BatchTransformFactory = Callable[[Program, Any], "BatchTransform | None"]
 
 
 def _global_batch(local: dict[str, np.ndarray], grad_accum: int, sharding) -> dict[str, jax.Array]:
@@ -63,11 +68,13 @@ def evaluate(eval_step, params, loader: BatchLoader, sharding, max_batches: int 
 
 
 def train(cfg: Config, restart: bool = False, *, init: InitParams | None = None,
-          hooks: Sequence[HookFactory] = (), teacher: TeacherSource | None = None) -> dict[str, Any]:
+          hooks: Sequence[HookFactory] = (), teacher: TeacherSource | None = None,
+          batch_transform: BatchTransformFactory | None = None) -> dict[str, Any]:
     """Run training, resuming from the newest complete checkpoint in `cfg.run_dir` if there is one
     (`restart=True` sets earlier checkpoints aside instead). `init` makes the first parameters when
     cfg.init.* is set (commands.train.init_source); `hooks` add periodic work; `teacher` loads the
-    frozen teacher of kd.source=teacher onto the mesh (commands.train.teacher_source). Returns a summary:
+    frozen teacher of kd.source=teacher onto the mesh (commands.train.teacher_source); `batch_transform`
+    rewrites each step's batch from the live parameters before the step (commands.on_policy). Returns a summary:
     run dir, steps, first/last loss, eval metrics, checkpoint path, and `preempted` when a signal
     stopped it."""
     if (cfg.init.checkpoint or cfg.init.hf) and init is None:
@@ -139,7 +146,7 @@ def train(cfg: Config, restart: bool = False, *, init: InitParams | None = None,
         rng = state.pop("rng")
         state["step"] = step_scalar(start_step, mesh)
         summary = _run_loop(cfg, program, data, loader, eval_loader, ckpt, state, rng, start_step,
-                            config_dict, hooks, () if frozen is None else (frozen.params,))
+                            config_dict, hooks, () if frozen is None else (frozen.params,), batch_transform)
     final = start_step if not ckpt.steps() else ckpt.steps()[-1]
     return {"run_dir": run_dir, "steps": total_steps, "start_step": start_step, **summary,
             "checkpoint": f"{ckpt.directory}/{final}"}
@@ -165,8 +172,8 @@ def _loaders(cfg: Config, data: TrainingData, mesh, micro: int) -> tuple[BatchLo
 
 def _run_loop(cfg: Config, program: Program, data: TrainingData, loader: BatchLoader,
               eval_loader: BatchLoader | None, ckpt: Checkpointer, state: dict, rng, start_step: int,
-              config_dict: dict, hook_factories: Sequence[HookFactory], teacher_params: tuple = ()
-              ) -> dict[str, Any]:
+              config_dict: dict, hook_factories: Sequence[HookFactory], teacher_params: tuple = (),
+              transform_factory: BatchTransformFactory | None = None) -> dict[str, Any]:
     t, total_steps, run_dir = cfg.train, program.total_steps, os.path.abspath(cfg.run_dir)
     logger = MetricsLogger(run_dir, cfg.logging.tensorboard, cfg.logging.wandb_project, config=config_dict)
     bar = tqdm(total=total_steps, initial=start_step, desc="train",
@@ -187,6 +194,7 @@ def _run_loop(cfg: Config, program: Program, data: TrainingData, loader: BatchLo
     if eval_fn is not None:
         hooks.append(HeldOutEval(eval_fn, cfg.eval.every_steps))
     hooks += [h for h in (make(program, data.tokenizer) for make in hook_factories) if h is not None]
+    transform = transform_factory(program, data.tokenizer) if transform_factory is not None else None
 
     def save(step: int, state: dict) -> None:
         ckpt.save(step, {**state, "rng": rng}, dict(loader.state(step), epoch=step / loader.batches_per_epoch),
@@ -197,7 +205,12 @@ def _run_loop(cfg: Config, program: Program, data: TrainingData, loader: BatchLo
     hooks.append(checkpointing)  # last: it saves what the other hooks saw
     try:
         for step in range(start_step, total_steps):
-            state, metrics = program.train_step(state, next(batches), *teacher_params)
+            batch, extra = next(batches), None
+            if transform is not None:
+                batch, extra = transform(step, state["params"], batch)
+            state, metrics = program.train_step(state, batch, *teacher_params)
+            if extra:
+                metrics = {**metrics, **extra}
             clock.steps += 1
             done = step + 1
             info = StepInfo(done, total_steps, start_step, state, metrics,

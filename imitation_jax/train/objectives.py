@@ -26,6 +26,16 @@ SOURCES = ("stored", "teacher")
 
 
 @dataclasses.dataclass
+class OnPolicyConfig:
+    """GKD's on-policy term (kd.source=teacher): part of each batch's rows replaced by the student's
+    own samples (commands/on_policy.py), which the teacher then scores like any other row."""
+
+    fraction: float = 0.0  # share of each global batch's rows made on-policy (0 = off)
+    max_new_tokens: int = 128  # sampled tokens per row at most (the row's seq_len also bounds it)
+    temperature: float = 1.0  # the student's sampling temperature (0 = greedy)
+
+
+@dataclasses.dataclass
 class KDConfig:
     source: str = "stored"  # stored: the top-K in the prepared rows | teacher: a model in the same mesh
     teacher: Optional[str] = None  # kd.source=teacher: a run dir, import-hf dir or HF dir, loaded frozen
@@ -34,12 +44,16 @@ class KDConfig:
     beta: float = 0.5  # jsd only: 0 is forward KL, 1 reverse KL
     temperature: float = 1.0  # both distributions tempered (train.kd's docstring says how)
     alpha: float = 0.0  # weight of cross entropy on the teacher's text; the divergence gets 1 - alpha
+    on_policy: OnPolicyConfig = dataclasses.field(default_factory=OnPolicyConfig)
 
 
 def validate(objective: str, kd: KDConfig) -> None:
     if objective not in OBJECTIVES:
         raise ConfigError(f"config: train.objective={objective!r} is not one of {', '.join(OBJECTIVES)}")
     if objective != "kd":
+        if kd.on_policy.fraction:
+            raise ConfigError(f"config: kd.on_policy.fraction={kd.on_policy.fraction} needs train.objective=kd "
+                              "and kd.source=teacher")
         return
     if kd.source not in SOURCES:
         raise ConfigError(f"config: kd.source={kd.source!r} is not one of {', '.join(SOURCES)}")
@@ -53,6 +67,25 @@ def validate(objective: str, kd: KDConfig) -> None:
         check_divergence(kd.loss, kd.beta, kd.temperature)
     except ConfigError as exc:
         raise ConfigError(f"config: {exc}") from None
+    _validate_on_policy(kd)
+
+
+def _validate_on_policy(kd: KDConfig) -> None:
+    op = kd.on_policy
+    if not 0.0 <= op.fraction <= 1.0:
+        raise ConfigError(f"config: kd.on_policy.fraction={op.fraction} must be in [0, 1]")
+    if op.max_new_tokens < 1:
+        raise ConfigError(f"config: kd.on_policy.max_new_tokens={op.max_new_tokens} must be >= 1")
+    if op.temperature < 0:
+        raise ConfigError(f"config: kd.on_policy.temperature={op.temperature} must be >= 0 (0 = greedy)")
+    if op.fraction == 0:
+        return
+    if kd.source != "teacher":
+        raise ConfigError(f"config: kd.on_policy needs kd.source=teacher (an in-mesh teacher scores the samples); "
+                          f"kd.source={kd.source} has no teacher to score them")
+    if kd.alpha != 0:
+        raise ConfigError(f"config: kd.on_policy needs kd.alpha=0 (kd.alpha={kd.alpha} would add cross entropy on "
+                          "the student's own samples)")
 
 
 def _student(graphdef, params, batch, fuse_last_layer: bool):

@@ -1,0 +1,166 @@
+"""On-policy distillation (GKD, Agarwal et al. 2023) for `kd.source=teacher`: before each step a
+share of the batch's rows is replaced by the student's own samples, which the in-mesh teacher then
+scores in the ordinary kd step (its divergence on the sampled tokens is GKD's on-policy term; the
+other rows stay the teacher's text, the off-policy term).
+
+For `kd.on_policy.fraction` of each global batch's rows (round(fraction x rows), at least one;
+which rows is drawn from the run seed and the step) the row's prompt is its FIRST example's tokens
+up to its first trained target (the rest of a packed row is dropped). The student samples up to
+`max_new_tokens` tokens after it with the KV-cache Generator on the live training parameters (on
+the training mesh; compiled once per generator bucket, not per step), each row with a seed drawn
+from (run seed, step, row), so a resumed run samples the same tokens. The new row is the single
+example prompt + samples (+ the stop id when one was sampled), assembled as the data pipeline
+assembles rows (data.packing.assemble), trained on the sampled tokens incl. the stop id. A row
+whose first example has no trained target stays as it was.
+
+The batch goes through the host: every process gathers the global batch, all generate the same
+samples (the computation is SPMD over the global parameters) and each rebuilds its shards. Tested
+on one process (any mesh), not on several.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Optional
+
+import jax
+import numpy as np
+
+_ROWS, _SAMPLES = 0x6F6E70, 0x73616D  # salts: the row choice and the sampling seeds are separate streams
+
+
+def on_policy_source(cfg):
+    """The loop's `batch_transform` factory for kd.on_policy (None when it is off)."""
+    op = cfg.kd.on_policy
+    if not (cfg.train.objective == "kd" and cfg.kd.source == "teacher" and op.fraction > 0):
+        return None
+    return lambda program, tokenizer: OnPolicyRollout(program, tokenizer)
+
+
+def on_policy_rows(batch_size: int, fraction: float, seed: int, step: int) -> np.ndarray:
+    """The global rows (sorted) that step `step` makes on-policy."""
+    if fraction <= 0:
+        return np.zeros((0,), np.int64)
+    n = min(batch_size, max(1, math.floor(fraction * batch_size + 0.5)))
+    rng = np.random.default_rng([seed, step, _ROWS])
+    return np.sort(rng.choice(batch_size, n, replace=False))
+
+
+def sampling_seed(seed: int, step: int, row: int) -> int:
+    """The generator seed of global row `row` at step `step` (a uint32)."""
+    return int(np.random.SeedSequence([seed, step, row, _SAMPLES]).generate_state(1)[0])
+
+
+def first_prompt(inputs: np.ndarray, loss_mask: np.ndarray, segment_ids: np.ndarray) -> Optional[list[int]]:
+    """One row's prompt: its first example's ids up to and including the input whose target is the
+    example's first trained token (None if that example trains nothing)."""
+    trained = np.flatnonzero((segment_ids == 1) & (loss_mask > 0))
+    if not len(trained):
+        return None
+    return [int(t) for t in inputs[:trained[0] + 1]]
+
+
+def on_policy_row(prompt: list[int], sampled: list[int], stop_id: Optional[int]):
+    """The compact row (tokens, loss_mask, lengths) of one example: prompt, then the sampled tokens
+    and the stop id that ended them, if any, trained."""
+    tokens = np.asarray(prompt + sampled + ([] if stop_id is None else [stop_id]), np.int32)
+    mask = np.zeros(len(tokens), np.bool_)
+    mask[len(prompt):] = True
+    return tokens, mask, np.asarray([len(tokens)], np.int32)
+
+
+class OnPolicyRollout:
+    """transform(step, params, batch) -> (batch with on-policy rows, metrics), for train()'s loop.
+
+    Metrics: on_policy_rows, on_policy_tokens (sampled tokens incl. stop ids), on_policy_gen_s (the
+    generation's wall time) and on_policy_train_s (from the end of the generation until the logger
+    reads the step's metrics: the train step, measured where it is logged)."""
+
+    def __init__(self, program, tokenizer):
+        from imitation_jax.convert.loading import LoadedModel
+        from imitation_jax.data.prepare import DEFAULT_TEMPLATE
+        from imitation_jax.data.templates import get_template
+
+        cfg = program.cfg
+        self.op, self.seed, self.batch_size = cfg.kd.on_policy, cfg.train.seed, cfg.train.batch_size
+        self.seq_len, self.pad_id = cfg.data.seq_len, tokenizer.pad_id
+        template = get_template(cfg.data.template or DEFAULT_TEMPLATE, tokenizer, turn_tokens=cfg.data.turn_tokens)
+        self.loaded = LoadedModel(program.model, program.graphdef, None, tokenizer, template, "live parameters")
+        rows = len(on_policy_rows(self.batch_size, self.op.fraction, 0, 0))
+        # prompt + samples fill at most seq_len + 1 ids (seq_len positions once shifted)
+        self.generator = make_generator(self.loaded, max_batch=1 << (rows - 1).bit_length(),
+                                        max_len=self.seq_len + 1, mesh=program.mesh)
+
+    def sample(self, params, step: int, rows: np.ndarray, prompts: list[list[int]]):
+        """The student's completions of `prompts` (global rows `rows` of step `step`)."""
+        from imitation_jax.generate import SamplingParams
+
+        self.generator.loaded = dataclasses.replace(self.loaded, params=params)
+        sampling = [SamplingParams(max_new_tokens=self.op.max_new_tokens, temperature=self.op.temperature,
+                                   seed=sampling_seed(self.seed, step, int(r))) for r in rows]
+        return self.generator.generate(prompts, sampling)
+
+    def __call__(self, step: int, params, batch: dict) -> tuple[dict, dict]:
+        from imitation_jax.data.packing import assemble
+
+        host = {k: _gather(v) for k, v in batch.items()}
+        shape = host["inputs"].shape  # (grad_accum, micro, T)
+        flat = {k: v.reshape(-1, *v.shape[2:]) for k, v in host.items()}
+        chosen = on_policy_rows(self.batch_size, self.op.fraction, self.seed, step)
+        prompts = {int(r): first_prompt(flat["inputs"][r], flat["loss_mask"][r], flat["segment_ids"][r])
+                   for r in chosen}
+        rows = np.asarray([r for r, p in prompts.items() if p is not None], np.int64)
+        start = time.perf_counter()
+        done = self.sample(params, step, rows, [prompts[int(r)] for r in rows]) if len(rows) else []
+        gen_s = time.perf_counter() - start
+        sampled = 0
+        if len(rows):
+            new = assemble([on_policy_row(prompts[int(r)], c.tokens, getattr(c, "stop_id", None))
+                            for r, c in zip(rows, done)], self.seq_len, self.pad_id)
+            for k, v in new.items():
+                flat[k][rows] = v
+            sampled = int(new["loss_mask"].sum())
+        out = {k: _scatter(flat[k].reshape(shape[:2] + flat[k].shape[1:]), batch[k]) for k in batch}
+        metrics = {"on_policy_rows": float(len(rows)), "on_policy_tokens": float(sampled),
+                   "on_policy_gen_s": gen_s, "on_policy_train_s": _Since(time.perf_counter())}
+        return out, metrics
+
+
+def make_generator(loaded, **kwargs):
+    """A Generator that also records, on each completion, the stop id that ended it (`stop_id`)."""
+    from imitation_jax.generate.engine import Generator
+
+    class _Recording(Generator):
+        def _accept(self, r, token, completion, *args, **kw):
+            if token in self.stop_ids:
+                completion.stop_id = token
+            return super()._accept(r, token, completion, *args, **kw)
+
+    return _Recording(loaded, **kwargs)
+
+
+class _Since:
+    """Seconds from `start` until it is read as a float (the logger reads a step's metrics once the
+    step has finished)."""
+
+    def __init__(self, start: float):
+        self.start = start
+
+    def __float__(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def _gather(array: jax.Array) -> np.ndarray:
+    """The whole global array on this host."""
+    if array.is_fully_addressable:
+        return np.array(array)
+    from jax.experimental import multihost_utils
+
+    return np.array(multihost_utils.process_allgather(array, tiled=True))
+
+
+def _scatter(full: np.ndarray, like: jax.Array) -> jax.Array:
+    """`full` as a global array sharded like `like` (each process places its own shards)."""
+    return jax.make_array_from_callback(full.shape, like.sharding, lambda index: full[index])

@@ -1,0 +1,202 @@
+"""On-policy distillation (`kd.on_policy`, commands/on_policy.py): the rows a step trains on hold the
+student's own samples, which are the KV-cache Generator's for the same seed; the step's `kd` metric
+equals KL(teacher || student) computed by hand from both models' logits on those rows; a run killed
+mid-way resumes to the same parameters; fraction 0 is today's kd.source=teacher bit for bit; bad
+settings are one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import SMALL_MODEL
+from imitation_jax.commands.on_policy import (first_prompt, on_policy_row, on_policy_rows, on_policy_source,
+                                              sampling_seed)
+from imitation_jax.commands.train import init_source, run_training, teacher_source
+from imitation_jax.errors import ConfigError
+from imitation_jax.train.config import load_config
+from imitation_jax.train.loop import train
+
+ON_POLICY = ["train.objective=kd", "kd.source=teacher", "kd.on_policy.max_new_tokens=16",
+             "kd.on_policy.temperature=1.0"]
+
+
+def _base(demo_dir) -> list[str]:
+    return SMALL_MODEL + [
+        f"data.train_files=[{demo_dir}/train.jsonl]", f"data.tokenizer={demo_dir}/tokenizer.model", "data.eval_files=[]",
+        "data.seq_len=64", "train.batch_size=4", "train.log_every=1", "train.peak_flops=1e12", "optim.warmup_steps=1",
+        "eval.every_steps=0", "logging.progress=false", "logging.tensorboard=false"]
+
+
+@pytest.fixture(scope="module")
+def runs(demo_dir, tmp_path_factory):
+    """A teacher (8 steps of SFT) and a different starting student (2 steps, another seed)."""
+    root = tmp_path_factory.mktemp("on_policy")
+    base = _base(demo_dir)
+    run_training(load_config("configs/tiny.yaml", base + [f"run_dir={root}/teacher", "train.steps=8", "optim.lr=3e-3"]))
+    run_training(load_config("configs/tiny.yaml", base + [f"run_dir={root}/student0", "train.steps=2",
+                                                          "train.seed=1"]))
+    return root, base
+
+
+def _config(runs, name, *extra):
+    root, base = runs
+    return load_config("configs/tiny.yaml", base + ON_POLICY + [f"run_dir={root}/{name}", f"kd.teacher={root}/teacher",
+                                                                f"init.checkpoint={root}/student0", *extra])
+
+
+def _records(run_dir):
+    return [json.loads(line) for line in open(f"{run_dir}/metrics.jsonl") if '"loss"' in line]
+
+
+def _log_softmax(model, batch):
+    logits = model.logits(model(jnp.asarray(batch["inputs"]), jnp.asarray(batch["positions"]),
+                                jnp.asarray(batch["segment_ids"])))
+    return np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), np.float64)
+
+
+def test_samples_are_the_generators_and_the_loss_is_kl_on_them(runs):
+    """One step with every row on-policy: (b) each row is its first example's prompt followed by
+    Generator.generate's tokens for that row's seed (and the stop id it sampled), trained on those
+    tokens only; (a) the step's `kd` metric is KL(teacher || student) averaged over them, computed
+    with jax.nn.log_softmax on both models' logits."""
+    from imitation_jax.convert.loading import load_model
+    from imitation_jax.generate import Generator, SamplingParams
+
+    cfg = _config(runs, "ab", "train.steps=1", "kd.on_policy.fraction=1.0")
+    seen = []
+
+    def recording(program, tokenizer):
+        rollout = on_policy_source(cfg)(program, tokenizer)
+
+        def transform(step, params, batch):
+            out, metrics = rollout(step, params, batch)
+            seen.append(({k: np.asarray(v).reshape(-1, v.shape[-1]) for k, v in batch.items()},
+                         {k: np.asarray(v).reshape(-1, v.shape[-1]) for k, v in out.items()}))
+            return out, metrics
+        return transform
+
+    summary = train(cfg, init=init_source(cfg), teacher=teacher_source(cfg), batch_transform=recording)
+    (before, after), = seen
+    root = runs[0]
+    student, teacher = load_model(f"{root}/student0"), load_model(f"{root}/teacher")
+
+    # (b) the samples are the generator's, for the same prompts, seeds and temperature
+    rows = on_policy_rows(4, 1.0, cfg.train.seed, 0)
+    assert rows.tolist() == [0, 1, 2, 3]
+    prompts = [first_prompt(before["inputs"][r], before["loss_mask"][r], before["segment_ids"][r]) for r in rows]
+    gen = Generator(student, max_batch=4, max_len=cfg.data.seq_len + 1)
+    done = gen.generate(prompts, [SamplingParams(max_new_tokens=16, temperature=1.0,
+                                                 seed=sampling_seed(cfg.train.seed, 0, int(r))) for r in rows])
+    sampled = 0
+    for r, prompt, c in zip(rows, prompts, done):
+        mask = after["loss_mask"][r] > 0
+        trained = after["targets"][r][mask].tolist()
+        if c.finish_reason == "stop":
+            assert trained[:-1] == c.tokens and trained[-1] in gen.stop_ids
+        else:
+            assert trained == c.tokens and len(c.tokens) == 16
+        n = len(prompt) + len(trained) - 1  # positions of the single example
+        assert after["inputs"][r][:len(prompt)].tolist() == prompt
+        assert np.flatnonzero(mask).tolist() == list(range(len(prompt) - 1, n))
+        assert after["segment_ids"][r].tolist() == [1] * n + [0] * (cfg.data.seq_len - n)
+        assert after["positions"][r][:n].tolist() == list(range(n))
+        sampled += len(trained)
+    assert sampled > 16
+
+    # (a) the step's kd metric is the mean KL(teacher || student) over the sampled tokens
+    log_p, log_q = _log_softmax(teacher.model(), after), _log_softmax(student.model(), after)
+    kl = (np.exp(log_p) * (log_p - log_q)).sum(-1)
+    mask = after["loss_mask"] > 0
+    first = _records(summary["run_dir"])[0]
+    assert first["on_policy_tokens"] == sampled == mask.sum() == first["loss_tokens"]
+    assert first["on_policy_rows"] == 4 and first["on_policy_gen_s"] > 0 and first["on_policy_train_s"] > 0
+    np.testing.assert_allclose(first["kd"], kl[mask].mean(), rtol=2e-5)
+    np.testing.assert_allclose(first["loss"], kl[mask].mean(), rtol=2e-5)
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_killed_mid_run_resumes_to_the_same_parameters(runs):
+    """(c) 3 steps with half the rows on-policy, uninterrupted vs crashed after step 1's checkpoint
+    and run again: the same samples, losses and final parameters."""
+    extra = ("train.steps=3", "kd.on_policy.fraction=0.5", "checkpoint.every_steps=1")
+    ref_cfg = _config(runs, "ref", *extra)
+    ref = run_training(ref_cfg)
+
+    def crash_at_2(program, tokenizer):
+        class Crash:
+            pauses_clock = False
+
+            def due(self, done, total, start):
+                return done == 2  # before the checkpoint hook: step 1's is the newest
+
+            def run(self, info):
+                raise _Crash()
+        return Crash()
+
+    cfg = _config(runs, "killed", *extra)
+    with pytest.raises(_Crash):
+        train(cfg, init=init_source(cfg), hooks=(crash_at_2,), teacher=teacher_source(cfg),
+              batch_transform=on_policy_source(cfg))
+    resumed = run_training(_config(runs, "killed", *extra))
+    assert resumed["start_step"] == 1
+    for a, b in zip(jax.tree.leaves(ref["params"]), jax.tree.leaves(resumed["params"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    keys = ("loss", "kd", "on_policy_rows", "on_policy_tokens")
+    assert [[r[k] for k in keys] for r in _records(resumed["run_dir"])] == \
+           [[r[k] for k in keys] for r in _records(ref["run_dir"])]
+    assert all(r["on_policy_rows"] == 2 for r in _records(ref["run_dir"]))
+
+
+def test_fraction_zero_is_todays_in_mesh_teacher_bit_for_bit(runs):
+    """(d) kd.on_policy.fraction=0 (the default) adds no transform: the same parameters and metrics
+    as train() called as before on-policy existed."""
+    cfg = _config(runs, "zero", "train.steps=2")
+    assert cfg.kd.on_policy.fraction == 0 and on_policy_source(cfg) is None
+    now = run_training(cfg)
+    old_cfg = _config(runs, "before", "train.steps=2")
+    before = train(old_cfg, init=init_source(old_cfg), teacher=teacher_source(old_cfg))
+    for a, b in zip(jax.tree.leaves(now["params"]), jax.tree.leaves(before["params"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert [r["loss"] for r in _records(now["run_dir"])] == [r["loss"] for r in _records(before["run_dir"])]
+    assert not any(k.startswith("on_policy") for k in _records(now["run_dir"])[0])
+
+
+def test_rows_prompts_and_seeds_are_deterministic_and_packed_rows_use_their_first_example():
+    from imitation_jax.data.packing import assemble
+
+    assert on_policy_rows(8, 0.25, 0, 3).tolist() == on_policy_rows(8, 0.25, 0, 3).tolist()
+    assert len(on_policy_rows(8, 0.25, 0, 3)) == 2 and len(on_policy_rows(8, 0.01, 0, 3)) == 1
+    assert len(on_policy_rows(8, 0, 0, 3)) == 0 and on_policy_rows(8, 1.0, 5, 1).tolist() == list(range(8))
+    assert len({tuple(on_policy_rows(8, 0.5, 0, s)) for s in range(10)}) > 1  # a new draw each step
+    assert sampling_seed(0, 1, 2) == sampling_seed(0, 1, 2) != sampling_seed(0, 2, 1)
+    # a packed row of two examples (prompt [5, 6, 7] -> reply [8, 9]; prompt [10, 11] -> reply [12])
+    row = (np.asarray([5, 6, 7, 8, 9, 10, 11, 12], np.int32), np.asarray([0, 0, 0, 1, 1, 0, 0, 1], np.bool_),
+           np.asarray([5, 3], np.int32))
+    b = assemble([row], 10, pad_id=0)
+    assert first_prompt(b["inputs"][0], b["loss_mask"][0], b["segment_ids"][0]) == [5, 6, 7]
+    new = assemble([on_policy_row([5, 6, 7], [20, 21], 2)], 10, pad_id=0)
+    assert new["inputs"][0][:5].tolist() == [5, 6, 7, 20, 21] and new["targets"][0][:5].tolist() == [6, 7, 20, 21, 2]
+    assert new["loss_mask"][0].tolist() == [0, 0, 1, 1, 1] + [0] * 5
+    assert first_prompt(b["inputs"][0], np.zeros(10, np.float32), b["segment_ids"][0]) is None
+
+
+@pytest.mark.parametrize("override, named", [
+    ("kd.on_policy.fraction=1.5", "kd.on_policy.fraction"), ("kd.on_policy.fraction=-0.1", "kd.on_policy.fraction"),
+    ("kd.on_policy.max_new_tokens=0", "kd.on_policy.max_new_tokens"),
+    ("kd.on_policy.temperature=-1", "kd.on_policy.temperature"),
+    ("kd.source=stored", "kd.source=teacher"), ("kd.alpha=0.5", "kd.alpha=0"),
+    ("train.objective=sft", "train.objective=kd")])
+def test_bad_on_policy_settings_are_one_line(demo_dir, override, named):
+    overrides = _base(demo_dir) + ON_POLICY + ["run_dir=/tmp/unused", "kd.teacher=/tmp/t", "kd.on_policy.fraction=0.5",
+                                               override]
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")) as err:
+        load_config("configs/tiny.yaml", overrides)
+    assert "\n" not in str(err.value)
