@@ -1,7 +1,7 @@
 """On-policy distillation (`kd.on_policy`, commands/on_policy.py): the rows a step trains on hold the
 student's own samples, which are the KV-cache Generator's for the same seed; the step's `kd` metric
 equals KL(teacher || student) computed by hand from both models' logits on those rows; a run killed
-mid-way resumes to the same parameters; fraction 0 is today's kd.source=teacher bit for bit; bad
+mid-way resumes to the same parameters; a sharded mesh samples and trains as one device; fraction 0 is today's kd.source=teacher bit for bit; bad
 settings are one-line errors."""
 
 from __future__ import annotations
@@ -43,10 +43,10 @@ def runs(demo_dir, tmp_path_factory):
     return root, base
 
 
-def _config(runs, name, *extra):
+def _config(runs, name, *extra, student="student0", teacher="teacher"):
     root, base = runs
-    return load_config("configs/tiny.yaml", base + ON_POLICY + [f"run_dir={root}/{name}", f"kd.teacher={root}/teacher",
-                                                                f"init.checkpoint={root}/student0", *extra])
+    return load_config("configs/tiny.yaml", base + ON_POLICY + [f"run_dir={root}/{name}", f"kd.teacher={root}/{teacher}",
+                                                                f"init.checkpoint={root}/{student}", *extra])
 
 
 def _records(run_dir):
@@ -59,15 +59,19 @@ def _log_softmax(model, batch):
     return np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), np.float64)
 
 
-def test_samples_are_the_generators_and_the_loss_is_kl_on_them(runs):
+@pytest.mark.parametrize("student, teacher, temperature", [("student0", "teacher", 1.0),
+                                                            ("teacher", "student0", 0.0)])
+def test_samples_are_the_generators_and_the_loss_is_kl_on_them(runs, student, teacher, temperature):
     """One step with every row on-policy: (b) each row is its first example's prompt followed by
     Generator.generate's tokens for that row's seed (and the stop id it sampled), trained on those
     tokens only; (a) the step's `kd` metric is KL(teacher || student) averaged over them, computed
-    with jax.nn.log_softmax on both models' logits."""
+    with jax.nn.log_softmax on both models' logits. Sampled at temperature 1 from the 2-step model
+    (no row stops within 16 tokens) and greedily from the 8-step one (rows end with a stop id)."""
     from imitation_jax.convert.loading import load_model
     from imitation_jax.generate import Generator, SamplingParams
 
-    cfg = _config(runs, "ab", "train.steps=1", "kd.on_policy.fraction=1.0")
+    cfg = _config(runs, f"ab-{student}", "train.steps=1", "kd.on_policy.fraction=1.0",
+                  f"kd.on_policy.temperature={temperature}", student=student, teacher=teacher)
     seen = []
 
     def recording(program, tokenizer):
@@ -83,14 +87,14 @@ def test_samples_are_the_generators_and_the_loss_is_kl_on_them(runs):
     summary = train(cfg, init=init_source(cfg), teacher=teacher_source(cfg), batch_transform=recording)
     (before, after), = seen
     root = runs[0]
-    student, teacher = load_model(f"{root}/student0"), load_model(f"{root}/teacher")
+    student, teacher = load_model(f"{root}/{student}"), load_model(f"{root}/{teacher}")
 
     # (b) the samples are the generator's, for the same prompts, seeds and temperature
     rows = on_policy_rows(4, 1.0, cfg.train.seed, 0)
     assert rows.tolist() == [0, 1, 2, 3]
     prompts = [first_prompt(before["inputs"][r], before["loss_mask"][r], before["segment_ids"][r]) for r in rows]
     gen = Generator(student, max_batch=4, max_len=cfg.data.seq_len + 1)
-    done = gen.generate(prompts, [SamplingParams(max_new_tokens=16, temperature=1.0,
+    done = gen.generate(prompts, [SamplingParams(max_new_tokens=16, temperature=temperature,
                                                  seed=sampling_seed(cfg.train.seed, 0, int(r))) for r in rows])
     sampled = 0
     for r, prompt, c in zip(rows, prompts, done):
@@ -106,7 +110,9 @@ def test_samples_are_the_generators_and_the_loss_is_kl_on_them(runs):
         assert after["segment_ids"][r].tolist() == [1] * n + [0] * (cfg.data.seq_len - n)
         assert after["positions"][r][:n].tolist() == list(range(n))
         sampled += len(trained)
-    assert sampled > 16
+    assert sampled > 4
+    stops = [c.finish_reason == "stop" for c in done]
+    assert any(stops) if temperature == 0 else not any(stops)
 
     # (a) the step's kd metric is the mean KL(teacher || student) over the sampled tokens
     log_p, log_q = _log_softmax(teacher.model(), after), _log_softmax(student.model(), after)
@@ -123,12 +129,19 @@ class _Crash(Exception):
     pass
 
 
-def test_killed_mid_run_resumes_to_the_same_parameters(runs):
-    """(c) 3 steps with half the rows on-policy, uninterrupted vs crashed after step 1's checkpoint
-    and run again: the same samples, losses and final parameters."""
-    extra = ("train.steps=3", "kd.on_policy.fraction=0.5", "checkpoint.every_steps=1")
-    ref_cfg = _config(runs, "ref", *extra)
-    ref = run_training(ref_cfg)
+RESUMED = ("train.steps=3", "kd.on_policy.fraction=0.5", "checkpoint.every_steps=1")
+
+
+@pytest.fixture(scope="module")
+def ref_run(runs):
+    """3 steps with half the rows on-policy, on one device, uninterrupted."""
+    return run_training(_config(runs, "ref", *RESUMED))
+
+
+def test_killed_mid_run_resumes_to_the_same_parameters(runs, ref_run):
+    """(c) The reference run vs one crashed after step 1's checkpoint and run again: the same
+    samples, losses and final parameters."""
+    extra, ref = RESUMED, ref_run
 
     def crash_at_2(program, tokenizer):
         class Crash:
@@ -153,6 +166,28 @@ def test_killed_mid_run_resumes_to_the_same_parameters(runs):
     assert [[r[k] for k in keys] for r in _records(resumed["run_dir"])] == \
            [[r[k] for k in keys] for r in _records(ref["run_dir"])]
     assert all(r["on_policy_rows"] == 2 for r in _records(ref["run_dir"]))
+
+
+def test_on_policy_on_a_sharded_mesh_equals_one_device(runs, ref_run):
+    """The same run on a (2, 2, 2) mesh of 8 simulated devices: the generator samples with the
+    sharded live parameters and the steps give the reference's samples and losses."""
+    import os
+    import subprocess
+    import sys
+
+    root, base = runs
+    cwd = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-m", "imitation_jax.cli", "train", "configs/tiny.yaml", *base, *ON_POLICY,
+                           *RESUMED, f"run_dir={root}/eight", f"kd.teacher={root}/teacher",
+                           f"init.checkpoint={root}/student0", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
+                          capture_output=True, text=True, cwd=cwd, timeout=600,
+                          env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    keys = ("loss", "kd", "on_policy_rows", "on_policy_tokens")
+    eight = [[r[k] for k in keys] for r in _records(f"{root}/eight")]
+    one = [[r[k] for k in keys] for r in _records(ref_run["run_dir"])]
+    assert len(one) == 3
+    np.testing.assert_allclose(eight, one, rtol=1e-5)
 
 
 def test_fraction_zero_is_todays_in_mesh_teacher_bit_for_bit(runs):
