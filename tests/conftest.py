@@ -108,12 +108,7 @@ SMALL_MODEL = ["model.hidden_size=64", "model.intermediate_size=160", "model.num
 @pytest.fixture
 def small_overrides(demo_dir, tmp_path) -> list[str]:
     """Overrides of configs/tiny.yaml for a fast run on the small demo data, into tmp_path/run."""
-    return SMALL_MODEL + [
-        f"run_dir={tmp_path / 'run'}", f"data.train_files=[{demo_dir}/train.jsonl]",
-        f"data.eval_files=[{demo_dir}/eval.jsonl]", f"data.tokenizer={demo_dir}/tokenizer.model",
-        "data.seq_len=128", "train.batch_size=8", "train.steps=5", "train.log_every=1", "train.peak_flops=1e12",
-        "optim.warmup_steps=2", "eval.every_steps=0", "eval.max_batches=2", "logging.progress=false",
-    ]
+    return small_run_overrides(demo_dir, tmp_path / "run")
 
 
 def small_run_overrides(demo_dir: str, run_dir) -> list[str]:

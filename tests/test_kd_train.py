@@ -25,8 +25,8 @@ def _records(run_dir):
 
 
 @pytest.fixture
-def teacher_run(small_overrides, tmp_path):
-    return _run(small_overrides, tmp_path / "teacher", "train.steps=8", "optim.lr=3e-3")["run_dir"]
+def teacher_run(kd_teacher):
+    return kd_teacher  # trained once per session (conftest); read only here
 
 
 def test_a_teacher_identical_to_the_student_gives_zero_loss_and_gradient(small_overrides, tmp_path, teacher_run):
