@@ -235,3 +235,11 @@ def test_bad_on_policy_settings_are_one_line(demo_dir, override, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")) as err:
         load_config("configs/tiny.yaml", overrides)
     assert "\n" not in str(err.value)
+
+
+def test_train_without_the_rollout_refuses_an_on_policy_config(runs):
+    """train() called directly with kd.on_policy set but no batch_transform would silently train
+    off-policy: it says what to pass instead."""
+    cfg = _config(runs, "no-rollout", "train.steps=1", "kd.on_policy.fraction=0.5")
+    with pytest.raises(ValueError, match="batch_transform"):
+        train(cfg, init=init_source(cfg), teacher=teacher_source(cfg))
