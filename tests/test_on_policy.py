@@ -72,20 +72,24 @@ def test_samples_are_the_generators_and_the_loss_is_kl_on_them(runs, student, te
 
     cfg = _config(runs, f"ab-{student}", "train.steps=1", "kd.on_policy.fraction=1.0",
                   f"kd.on_policy.temperature={temperature}", student=student, teacher=teacher)
-    seen = []
+    seen, rollouts = [], []
 
     def recording(program, tokenizer):
-        rollout = on_policy_source(cfg)(program, tokenizer)
+        rollouts.append(on_policy_source(cfg)(program, tokenizer))
 
         def transform(step, params, batch):
-            out, metrics = rollout(step, params, batch)
+            out, metrics = rollouts[0](step, params, batch)
             seen.append(({k: np.asarray(v).reshape(-1, v.shape[-1]) for k, v in batch.items()},
-                         {k: np.asarray(v).reshape(-1, v.shape[-1]) for k, v in out.items()}))
+                         {k: np.asarray(v).reshape(-1, v.shape[-1]) for k, v in out.items()}, batch))
             return out, metrics
         return transform
 
     summary = train(cfg, init=init_source(cfg), teacher=teacher_source(cfg), batch_transform=recording)
-    (before, after), = seen
+    (before, after, device_batch), = seen
+    # the step's output parameters (new arrays, as every later step passes): nothing compiles again
+    traces = dict(rollouts[0].generator.traces)
+    rollouts[0](0, summary["params"], device_batch)  # (outside train()'s mesh context, too)
+    assert rollouts[0].generator.traces == traces
     root = runs[0]
     student, teacher = load_model(f"{root}/{student}"), load_model(f"{root}/{teacher}")
 

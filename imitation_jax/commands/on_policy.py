@@ -100,7 +100,8 @@ class OnPolicyRollout:
         self.generator.loaded = dataclasses.replace(self.loaded, params=params)
         sampling = [SamplingParams(max_new_tokens=self.op.max_new_tokens, temperature=self.op.temperature,
                                    seed=sampling_seed(self.seed, step, int(r))) for r in rows]
-        return self.generator.generate(prompts, sampling)
+        with jax.set_mesh(self.generator.mesh):  # the same traces whatever the caller's mesh context
+            return self.generator.generate(prompts, sampling)
 
     def __call__(self, step: int, params, batch: dict) -> tuple[dict, dict]:
         from imitation_jax.data.packing import assemble
