@@ -33,20 +33,20 @@ def _base(demo_dir) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def runs(demo_dir, tmp_path_factory):
-    """A teacher (8 steps of SFT) and a different starting student (2 steps, another seed)."""
+def runs(demo_dir, tmp_path_factory, kd_teacher):
+    """The session's teacher (8 steps of SFT, read only) and a different starting student (2 steps,
+    another seed), by name."""
     root = tmp_path_factory.mktemp("on_policy")
     base = _base(demo_dir)
-    run_training(load_config("configs/tiny.yaml", base + [f"run_dir={root}/teacher", "train.steps=8", "optim.lr=3e-3"]))
     run_training(load_config("configs/tiny.yaml", base + [f"run_dir={root}/student0", "train.steps=2",
                                                           "train.seed=1"]))
-    return root, base
+    return root, base, {"teacher": kd_teacher, "student0": str(root / "student0")}
 
 
 def _config(runs, name, *extra, student="student0", teacher="teacher"):
-    root, base = runs
-    return load_config("configs/tiny.yaml", base + ON_POLICY + [f"run_dir={root}/{name}", f"kd.teacher={root}/{teacher}",
-                                                                f"init.checkpoint={root}/{student}", *extra])
+    root, base, models = runs
+    return load_config("configs/tiny.yaml", base + ON_POLICY + [f"run_dir={root}/{name}", f"kd.teacher={models[teacher]}",
+                                                                f"init.checkpoint={models[student]}", *extra])
 
 
 def _records(run_dir):
@@ -90,8 +90,7 @@ def test_samples_are_the_generators_and_the_loss_is_kl_on_them(runs, student, te
     traces = dict(rollouts[0].generator.traces)
     rollouts[0](0, summary["params"], device_batch)  # (outside train()'s mesh context, too)
     assert rollouts[0].generator.traces == traces
-    root = runs[0]
-    student, teacher = load_model(f"{root}/{student}"), load_model(f"{root}/{teacher}")
+    student, teacher = load_model(runs[2][student]), load_model(runs[2][teacher])
 
     # (b) the samples are the generator's, for the same prompts, seeds and temperature
     rows = on_policy_rows(4, 1.0, cfg.train.seed, 0)
@@ -179,11 +178,11 @@ def test_on_policy_on_a_sharded_mesh_equals_one_device(runs, ref_run):
     import subprocess
     import sys
 
-    root, base = runs
+    root, base, models = runs
     cwd = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, "-m", "imitation_jax.cli", "train", "configs/tiny.yaml", *base, *ON_POLICY,
-                           *RESUMED, f"run_dir={root}/eight", f"kd.teacher={root}/teacher",
-                           f"init.checkpoint={root}/student0", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
+                           *RESUMED, f"run_dir={root}/eight", f"kd.teacher={models['teacher']}",
+                           f"init.checkpoint={models['student0']}", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
                           capture_output=True, text=True, cwd=cwd, timeout=600,
                           env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8"))
     assert done.returncode == 0, done.stderr[-3000:]
