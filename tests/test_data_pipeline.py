@@ -20,7 +20,6 @@ from imitation_jax.errors import DataError
 from imitation_jax.data.loader import BatchLoader, Subset, cap_trained_tokens
 from imitation_jax.data.packing import FIELDS, assemble, pack, pack_examples, packed_rows
 from imitation_jax.data.prepare import PrepareSettings, prepare, summary
-from imitation_jax.data.readers import read_messages_jsonl
 from imitation_jax.data.stats import query_diversity
 from imitation_jax.data.storage import PreparedSet
 from imitation_jax.data.templates import Example, encode_conversation, get_template

@@ -84,10 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     from imitation_jax.data.templates import get_template
     from imitation_jax.data.tokenizer import load_tokenizer
     from imitation_jax.evaluation import runner
-    from imitation_jax.convert.loading import LoadedModel
     from imitation_jax.model.config import ModelConfig
     from imitation_jax.sharding import MeshConfig, make_mesh
-    from imitation_jax.model.params import init_params, model_graph
+    from imitation_jax.model.params import init_params
 
     if args.threads:
         torch.set_num_threads(args.threads)
