@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import numpy as np
