@@ -82,6 +82,7 @@ class OnPolicyRollout:
         from imitation_jax.convert.loading import LoadedModel
         from imitation_jax.data.prepare import DEFAULT_TEMPLATE
         from imitation_jax.data.templates import get_template
+        from imitation_jax.generate import Generator
 
         cfg = program.cfg
         self.op, self.seed, self.batch_size = cfg.kd.on_policy, cfg.train.seed, cfg.train.batch_size
@@ -90,8 +91,8 @@ class OnPolicyRollout:
         self.loaded = LoadedModel(program.model, program.graphdef, None, tokenizer, template, "live parameters")
         rows = len(on_policy_rows(self.batch_size, self.op.fraction, 0, 0))
         # prompt + samples fill at most seq_len + 1 ids (seq_len positions once shifted)
-        self.generator = make_generator(self.loaded, max_batch=1 << (rows - 1).bit_length(),
-                                        max_len=self.seq_len + 1, mesh=program.mesh)
+        self.generator = Generator(self.loaded, max_batch=1 << (rows - 1).bit_length(),
+                                   max_len=self.seq_len + 1, mesh=program.mesh)
 
     def sample(self, params, step: int, rows: np.ndarray, prompts: list[list[int]]):
         """The student's completions of `prompts` (global rows `rows` of step `step`)."""
@@ -100,8 +101,7 @@ class OnPolicyRollout:
         self.generator.loaded = dataclasses.replace(self.loaded, params=params)
         sampling = [SamplingParams(max_new_tokens=self.op.max_new_tokens, temperature=self.op.temperature,
                                    seed=sampling_seed(self.seed, step, int(r))) for r in rows]
-        with jax.set_mesh(self.generator.mesh):  # the same traces whatever the caller's mesh context
-            return self.generator.generate(prompts, sampling)
+        return self.generator.generate(prompts, sampling)
 
     def __call__(self, step: int, params, batch: dict) -> tuple[dict, dict]:
         from imitation_jax.data.packing import assemble
@@ -118,7 +118,7 @@ class OnPolicyRollout:
         gen_s = time.perf_counter() - start
         sampled = 0
         if len(rows):
-            new = assemble([on_policy_row(prompts[int(r)], c.tokens, getattr(c, "stop_id", None))
+            new = assemble([on_policy_row(prompts[int(r)], c.tokens, c.stop_id)
                             for r, c in zip(rows, done)], self.seq_len, self.pad_id)
             for k, v in new.items():
                 flat[k][rows] = v
@@ -127,19 +127,6 @@ class OnPolicyRollout:
         metrics = {"on_policy_rows": float(len(rows)), "on_policy_tokens": float(sampled),
                    "on_policy_gen_s": gen_s, "on_policy_train_s": _Since(time.perf_counter())}
         return out, metrics
-
-
-def make_generator(loaded, **kwargs):
-    """A Generator that also records, on each completion, the stop id that ended it (`stop_id`)."""
-    from imitation_jax.generate.engine import Generator
-
-    class _Recording(Generator):
-        def _accept(self, r, token, completion, *args, **kw):
-            if token in self.stop_ids:
-                completion.stop_id = token
-            return super()._accept(r, token, completion, *args, **kw)
-
-    return _Recording(loaded, **kwargs)
 
 
 class _Since:

@@ -50,6 +50,7 @@ class Completion:
     prompt_tokens: int
     logprobs: Optional[list[TokenLogprob]] = None  # one per token of `tokens`, when asked
     prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None  # one per prompt token (the first: None)
+    stop_id: Optional[int] = None  # the stop id that ended the completion, if one did
 
 
 def default_buckets(max_len: int, smallest: int = 16) -> list[int]:
@@ -195,8 +196,6 @@ class Generator:
         for r, t in enumerate(prompts):
             tokens[r, width - len(t):] = t
             start[r] = width - len(t)
-        samp = {k: jnp.asarray(v) for k, v in row_arrays(params, rows).items()}
-
         def take(chunk) -> None:  # (tokens (steps, rows)[, chosen, top ids, top logprobs]), in order
             chunk = [np.asarray(a) for a in chunk]
             for s, step_tokens in enumerate(chunk[0]):
@@ -210,7 +209,8 @@ class Generator:
                         running[r] = self._accept(r, int(step_tokens[r]), out[r], trackers[r], budgets[r],
                                                   ids[r], on_token, on_text, entry, on_logprob)
 
-        with _mesh_context(self.mesh):
+        with _mesh_context(self.mesh):  # the sampling arrays too: compiled once, whatever the caller's mesh
+            samp = {k: jnp.asarray(v) for k, v in row_arrays(params, rows).items()}
             first, state, first_lp, prompt_lp = self._prefill(self.loaded.params, tokens, start, samp, length,
                                                               want_lp, want_prompt_lp)
             if want_prompt_lp:
@@ -257,7 +257,7 @@ class Generator:
                 entry=None, on_logprob=None) -> bool:
         """Take one token for row r; False once the row is finished."""
         if token in self.stop_ids:
-            completion.finish_reason = "stop"
+            completion.finish_reason, completion.stop_id = "stop", token
             return False
         completion.tokens.append(token)
         if on_token is not None:
