@@ -184,9 +184,9 @@ class _Dense:
         return jax.lax.stop_gradient(logits / self.temperature)
 
     def terms(self, logits, tt, y, m, with_grads: bool):
-        """Written so that XLA computes few exponentials over the (rows, V) arrays: each side's
-        log-sum-exp is a reduction that writes nothing, the log-probabilities are recomputed from
-        it where used, and at T = 1 the cross entropy shares the student's (docs/benchmarks.md)."""
+        """Few (rows, V) arrays live at once: each side's log-sum-exp is a reduction that writes
+        nothing, the log-probabilities are recomputed from it where used, and at T = 1 the cross
+        entropy shares the student's softmax (less peak memory; docs/benchmarks.md)."""
         loss, temperature = self.loss, self.temperature
         st = logits if temperature == 1.0 else logits / temperature
         (ls, top), (lt, _) = _lse(st), _lse(tt)
