@@ -1,8 +1,9 @@
 """On-policy distillation (`kd.on_policy`, commands/on_policy.py): the rows a step trains on hold the
 student's own samples, which are the KV-cache Generator's for the same seed; the step's `kd` metric
 equals KL(teacher || student) computed by hand from both models' logits on those rows; a run killed
-mid-way resumes to the same parameters; a sharded mesh samples and trains as one device; fraction 0 is today's kd.source=teacher bit for bit; bad
-settings are one-line errors."""
+mid-way resumes to the same parameters; a sharded mesh samples and trains as one device; fraction 0 is today's kd.source=teacher bit for bit; a served
+teacher (kd.source=stored + teacher_url) fills the rows' stored top-K with the in-mesh teacher's
+log-softmax; bad settings and an unreachable teacher are one-line errors."""
 
 from __future__ import annotations
 
@@ -231,6 +232,8 @@ def test_rows_prompts_and_seeds_are_deterministic_and_packed_rows_use_their_firs
     ("kd.on_policy.max_new_tokens=0", "kd.on_policy.max_new_tokens"),
     ("kd.on_policy.temperature=-1", "kd.on_policy.temperature"),
     ("kd.source=stored", "kd.source=teacher"), ("kd.alpha=0.5", "kd.alpha=0"),
+    ("kd.on_policy.teacher_url=http://x/v1", "kd.source=stored"),
+    ("kd.on_policy.teacher_max_retries=-1", "kd.on_policy.teacher_max_retries"),
     ("train.objective=sft", "train.objective=kd")])
 def test_bad_on_policy_settings_are_one_line(demo_dir, override, named):
     overrides = _base(demo_dir) + ON_POLICY + ["run_dir=/tmp/unused", "kd.teacher=/tmp/t", "kd.on_policy.fraction=0.5",
@@ -246,3 +249,116 @@ def test_train_without_the_rollout_refuses_an_on_policy_config(runs):
     cfg = _config(runs, "no-rollout", "train.steps=1", "kd.on_policy.fraction=0.5")
     with pytest.raises(ValueError, match="batch_transform"):
         train(cfg, init=init_source(cfg), teacher=teacher_source(cfg))
+
+
+@pytest.fixture(scope="module")
+def served(runs, demo_dir, tmp_path_factory):
+    """The session's teacher served in a thread, and a prepared set with stored top-K (K=4) in the
+    teacher's own pieces (test_data_kd's hand-made records), for kd.source=stored."""
+    from openai_fake import serve_in_thread
+    from test_data_kd import K, own_tokens
+
+    from imitation_jax.convert.loading import load_model
+    from imitation_jax.data import teacher_logprobs as tl
+    from imitation_jax.data.prepare import PrepareSettings, prepare
+    from imitation_jax.generate import Generator
+    from imitation_jax.serving.app import create_app
+
+    loaded = load_model(runs[2]["teacher"])
+    sp, rng = loaded.tokenizer._sp, np.random.default_rng(0)
+    records = []
+    for line in open(f"{demo_dir}/train.jsonl"):
+        msgs = json.loads(line)["messages"]
+        answer = msgs[1]["content"].strip()
+        if len(sp.encode(msgs[0]["content"] + answer)) > 40:
+            continue
+        record, _ = own_tokens(sp, answer, rng)
+        records.append({"messages": [{"role": "user", "content": msgs[0]["content"]},
+                                     {"role": "assistant", "content": answer, tl.FIELD: tl.encode(record)}]})
+        if len(records) == 16:
+            break
+    root = tmp_path_factory.mktemp("served")
+    (root / "kd.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    prepare([str(root / "kd.jsonl")], str(root / "set"), PrepareSettings(
+        tokenizer=f"{demo_dir}/tokenizer.model", seq_len=64, diversity_sample=0), progress=False)
+    generator = Generator(loaded, max_batch=4, buckets=(128,))
+    with serve_in_thread(create_app(generator, "teacher", max_batch=4, batch_wait_ms=5)) as url:
+        yield {"url": url + "/v1", "set": str(root / "set"), "k": K, "teacher": loaded}
+
+
+def _served_config(runs, served, name, *extra):
+    root, base, models = runs
+    base = [o for o in base if not o.startswith(("data.train_files", "data.tokenizer"))]
+    return load_config("configs/tiny.yaml", base + [
+        f"data.path={served['set']}", "data.train_files=[]", "data.tokenizer=null", "train.objective=kd",
+        "kd.source=stored", "kd.on_policy.max_new_tokens=16", "kd.on_policy.temperature=1.0",
+        "kd.on_policy.fraction=1.0", f"kd.on_policy.teacher_url={served['url']}", "kd.on_policy.teacher_model=teacher",
+        f"run_dir={root}/{name}", f"init.checkpoint={models['student0']}", *extra])
+
+
+def test_a_served_teacher_scores_like_the_in_mesh_teacher(runs, served):
+    """kd.source=stored with a served teacher (our serve, alternatives keyed by text): every row
+    on-policy; at the sampled positions the rows' teacher_logprobs are the in-mesh teacher's top-K
+    of its jax.nn.log_softmax on the same rows (atol 1e-4; as the format lists them: one entry per
+    text), each at the id it belongs to (a text shared by a piece and its byte-fallback piece: the
+    larger of theirs), nothing else is filled, and the step's `kd` is the sparse forward KL over the
+    K ids + tail computed by hand from those targets and the student's log-softmax."""
+    from imitation_jax.convert.loading import load_model
+    from imitation_jax.generate.text import TokenStrings
+
+    cfg = _served_config(runs, served, "served", "train.steps=1")
+    seen = []
+
+    def recording(program, tokenizer):
+        rollout = on_policy_source(cfg)(program, tokenizer)
+
+        def transform(step, params, batch):
+            out, metrics = rollout(step, params, batch)
+            seen.append(({k: np.asarray(v).reshape(-1, *v.shape[2:]) for k, v in out.items()}, rollout))
+            return out, metrics
+        return transform
+
+    summary = train(cfg, init=init_source(cfg), batch_transform=recording)
+    (after, rollout), k = seen[0], served["k"]
+    mask = after["loss_mask"] > 0
+    log_p = _log_softmax(served["teacher"].model(), after)
+    texts = TokenStrings(served["teacher"].tokenizer)
+    ambiguous = 0
+    for r, t in zip(*np.nonzero(mask)):
+        # the in-mesh top-K as the legacy format lists it: keyed by text, the higher-ranked id kept
+        top = {}
+        for i in np.argsort(-log_p[r, t], kind="stable")[:k]:
+            top.setdefault(texts(int(i))[0], log_p[r, t, i])
+        got = after["teacher_logprobs"][r, t]
+        got_ids = after["teacher_ids"][r, t]
+        assert (got_ids[len(top):] == -1).all() and (got_ids[:len(top)] >= 0).all()
+        np.testing.assert_allclose(np.sort(got[:len(top)]), np.sort(list(top.values())), atol=1e-4)
+        for i, lp in zip(got_ids[:len(top)], got[:len(top)]):
+            same = [j for j in range(texts.tokenizer.vocab_size) if texts(j)[0] == texts(int(i))[0]] \
+                if texts(int(i))[0] in rollout.teacher.ambiguous[0] else [int(i)]
+            ambiguous += len(same) > 1
+            np.testing.assert_allclose(lp, log_p[r, t, same].max(), atol=1e-4)  # the served id is the in-mesh id
+    assert (after["teacher_ids"][~mask] == -1).all()
+    # the stored-KD step trains on them: its kd is the sparse forward KL (K ids + tail) by hand
+    log_q = _log_softmax(load_model(runs[2]["student0"]).model(), after)
+    ids = np.maximum(after["teacher_ids"][mask], 0)
+    valid = after["teacher_ids"][mask] >= 0
+    p = np.where(valid, np.exp(after["teacher_logprobs"][mask]), 0.0)
+    q = np.where(valid, np.exp(np.take_along_axis(log_q[mask], ids, -1)), 0.0)
+    p = np.concatenate([p, np.maximum(1 - p.sum(-1, keepdims=True), 1e-6)], -1)
+    p /= p.sum(-1, keepdims=True)
+    q = np.concatenate([q, 1 - q.sum(-1, keepdims=True)], -1)
+    kl = np.where(p > 0, p * (np.log(np.maximum(p, 1e-30)) - np.log(np.maximum(q, 1e-30))), 0.0).sum(-1).mean()
+    first = _records(summary["run_dir"])[0]
+    assert first["on_policy_rows"] == 4 and first["on_policy_score_s"] > 0 and first["on_policy_score_dropped"] == 0
+    assert first["on_policy_score_ambiguous"] == ambiguous
+    np.testing.assert_allclose(first["kd"], kl, rtol=1e-4)
+
+
+def test_an_unreachable_served_teacher_is_a_one_line_error(runs, served):
+    """Nothing listens on port 9: after the retries, the run stops with one line naming the URL."""
+    cfg = _served_config(runs, served, "unreachable", "train.steps=1", "kd.on_policy.teacher_url=http://127.0.0.1:9/v1",
+                         "kd.on_policy.teacher_max_retries=0", "kd.on_policy.teacher_timeout=5")
+    with pytest.raises(ConfigError, match=r"kd\.on_policy\.teacher_url=http://127\.0\.0\.1:9/v1: .*connection") as err:
+        run_training(cfg)
+    assert "\n" not in str(err.value)

@@ -27,12 +27,18 @@ SOURCES = ("stored", "teacher")
 
 @dataclasses.dataclass
 class OnPolicyConfig:
-    """GKD's on-policy term (kd.source=teacher): part of each batch's rows replaced by the student's
-    own samples (commands/on_policy.py), which the teacher then scores like any other row."""
+    """GKD's on-policy term: part of each batch's rows replaced by the student's own samples
+    (commands/on_policy.py), which the teacher then scores: the in-mesh teacher (kd.source=teacher)
+    like any other row, or a served one (kd.source=stored + teacher_url) whose top-K becomes the
+    rows' stored targets."""
 
     fraction: float = 0.0  # share of each global batch's rows made on-policy (0 = off)
     max_new_tokens: int = 128  # sampled tokens per row at most (the row's seq_len also bounds it)
     temperature: float = 1.0  # the student's sampling temperature (0 = greedy)
+    teacher_url: Optional[str] = None  # kd.source=stored: an OpenAI-style /v1 base URL of the same-tokenizer teacher
+    teacher_model: Optional[str] = None  # the model name sent to teacher_url
+    teacher_timeout: float = 120.0  # seconds per scoring request
+    teacher_max_retries: int = 3  # re-sends after a connection error, timeout, 408/409/429 or 5xx
 
 
 @dataclasses.dataclass
@@ -52,8 +58,7 @@ def validate(objective: str, kd: KDConfig) -> None:
         raise ConfigError(f"config: train.objective={objective!r} is not one of {', '.join(OBJECTIVES)}")
     if objective != "kd":
         if kd.on_policy.fraction:
-            raise ConfigError(f"config: kd.on_policy.fraction={kd.on_policy.fraction} needs train.objective=kd "
-                              "and kd.source=teacher")
+            raise ConfigError(f"config: kd.on_policy.fraction={kd.on_policy.fraction} needs train.objective=kd")
         return
     if kd.source not in SOURCES:
         raise ConfigError(f"config: kd.source={kd.source!r} is not one of {', '.join(SOURCES)}")
@@ -78,11 +83,19 @@ def _validate_on_policy(kd: KDConfig) -> None:
         raise ConfigError(f"config: kd.on_policy.max_new_tokens={op.max_new_tokens} must be >= 1")
     if op.temperature < 0:
         raise ConfigError(f"config: kd.on_policy.temperature={op.temperature} must be >= 0 (0 = greedy)")
+    if op.teacher_timeout <= 0 or op.teacher_max_retries < 0:
+        raise ConfigError(f"config: kd.on_policy.teacher_timeout={op.teacher_timeout} must be > 0 and "
+                          f"kd.on_policy.teacher_max_retries={op.teacher_max_retries} >= 0")
     if op.fraction == 0:
         return
-    if kd.source != "teacher":
-        raise ConfigError(f"config: kd.on_policy needs kd.source=teacher (an in-mesh teacher scores the samples); "
-                          f"kd.source={kd.source} has no teacher to score them")
+    if kd.source == "teacher" and op.teacher_url:
+        raise ConfigError(f"config: kd.on_policy.teacher_url={op.teacher_url} is for kd.source=stored; with "
+                          "kd.source=teacher the in-mesh teacher scores the samples")
+    if kd.source != "teacher" and not op.teacher_url:
+        raise ConfigError(f"config: kd.on_policy with kd.source={kd.source} needs kd.on_policy.teacher_url (a served "
+                          "teacher to score the samples), or kd.source=teacher (an in-mesh teacher)")
+    if op.teacher_url and not op.teacher_model:
+        raise ConfigError("config: kd.on_policy.teacher_url needs kd.on_policy.teacher_model (the served model's name)")
     if kd.alpha != 0:
         raise ConfigError(f"config: kd.on_policy needs kd.alpha=0 (kd.alpha={kd.alpha} would add cross entropy on "
                           "the student's own samples)")
