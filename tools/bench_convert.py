@@ -2,11 +2,12 @@
 
     python tools/bench_convert.py                       # LLaMA-7B shape (~13.5 GB on disk)
     python tools/bench_convert.py --preset llama-7b --layers 4 --workdir /tmp/bench
+    python tools/bench_convert.py --shape llama3-8b --layers 2   # 128K vocab: 2.8 GB, 1 GB embedding
 
 Writes random bf16 safetensors shards (5 GB each, HF's default) with the preset's config.json to a
 temp dir, then runs each conversion in a child process (`imitation-jax import-hf ... --dtype
 bfloat16`, `imitation-jax export-hf ... --dtype bfloat16`) and reads its peak RSS from
-getrusage(RUSAGE_CHILDREN). Needs the checkpoint's size three times on disk (input, Orbax, output).
+/proc/self/status (VmHWM; Linux). Needs the checkpoint's size three times on disk (input, Orbax, output).
 """
 
 from __future__ import annotations
@@ -37,8 +38,11 @@ def write_random_checkpoint(directory: str, preset: str, layers: int | None, sha
              for n in hf_layout.hf_names(e, cfg)]
     writer = ShardedWriter(directory, shard_bytes, [(n, s, ml_dtypes.bfloat16) for n, s in names])
     for name, shape in names:
-        # Random bits reinterpreted as bf16 would hold NaNs; scaled normals are cheap enough.
-        writer.add(name, (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16))
+        # Random bits reinterpreted as bf16 would hold NaNs; scaled normals are cheap enough. By
+        # row blocks, so a 128K-vocab embedding is not held whole in float32.
+        step = max(1, (64 << 20) // (4 * int(np.prod(shape[1:]))))
+        writer.add_blocks(name, ((rng.standard_normal((min(step, shape[0] - a), *shape[1:]), dtype=np.float32)
+                                  * 0.02).astype(ml_dtypes.bfloat16) for a in range(0, shape[0], step)))
     writer.close()
     write_tokenizer(directory)
     with open(os.path.join(directory, "config.json"), "w") as f:
@@ -67,8 +71,11 @@ def du(path: str) -> int:
 
 def run_child(argv: list[str]) -> tuple[float, float]:
     """(wall seconds, peak RSS GiB) of one conversion in a fresh child process."""
-    code = ("import resource, sys; from imitation_jax.cli import main; rc = main(sys.argv[1:]); "
-            "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True); sys.exit(rc)")
+    # VmHWM: this process's own peak. ru_maxrss would not do: Linux carries it across fork+exec,
+    # so it reports the parent's peak (the random checkpoint it just wrote) when that is higher.
+    code = ("import sys; from imitation_jax.cli import main; rc = main(sys.argv[1:]); "
+            "peak = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]; "
+            "print('PEAK_RSS_KB', peak, flush=True); sys.exit(rc)")
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
@@ -81,7 +88,8 @@ def run_child(argv: list[str]) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="llama-7b")
+    p.add_argument("--preset", "--shape", dest="preset", default="llama-7b",
+                   help="a model.presets name (llama-7b, llama3-8b: 128K vocab, ...)")
     p.add_argument("--layers", type=int, default=None, help="fewer layers than the preset (smaller run)")
     p.add_argument("--workdir", default=None, help="where to write (default: a temp dir, removed after)")
     p.add_argument("--max-shard-size", default="5GB")

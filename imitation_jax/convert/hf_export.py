@@ -2,8 +2,9 @@
 config.json, generation_config.json, model-0000k-of-0000n.safetensors + index, tokenizer files
 (added special tokens included) and the training template as `chat_template`.
 
-Tensors are read from the checkpoint one HF tensor (one layer of one parameter) at a time
-(layered_io.LayerReader) and written by a ShardedWriter, which holds at most one output shard.
+Tensors are read from the checkpoint one HF tensor (one layer of one parameter) at a time, the
+embedding and lm_head by row blocks (layered_io.LayerReader), and written by a ShardedWriter as they
+come, so export holds one layer or one block, never a whole shard or vocab-sized matrix.
 """
 
 from __future__ import annotations
@@ -68,25 +69,62 @@ def hf_plan(cfg):
                   if name in globals_]
 
 
-def hf_tensors(cfg, params):
-    """(HF name, numpy array in HF layout) in HF's order, one layer of one parameter at a time."""
+ROW_BLOCK_BYTES = 128 << 20  # the embedding and lm_head (1 GB each in LLaMA-3-8B's bf16) in row blocks
+
+
+def hf_blocks(cfg, params, out_dtype: Optional[np.dtype] = None):
+    """(HF name, iterator of HF-layout row blocks) in HF's order: one layer of one parameter at a
+    time, and the vocab-sized tensors by row blocks of at most ROW_BLOCK_BYTES (as read and as
+    written in `out_dtype`), so export never holds a whole embedding or output layer."""
+    def node(path):
+        value = params
+        for key in path:
+            value = value[key]
+        return value
+
     def get(path, layer=None):
         if isinstance(params, LayerReader):
             return params.get(path, layer)
-        node = params
-        for key in path:
-            node = node[key]
-        return np.asarray(node[layer] if layer is not None else node)
+        value = node(path)
+        return np.asarray(value[layer] if layer is not None else value)
+
+    def get_block(path, index):
+        if isinstance(params, LayerReader):
+            return params.get_block(path, index)
+        return np.asarray(node(path)[index])
+
+    def dtype_of(path):
+        return params.dtype(path) if isinstance(params, LayerReader) else np.dtype(node(path).dtype)
+
+    def rows(e):
+        vocab, d = hf_layout.hf_shape(e, cfg, cfg.vocab_size)
+        itemsize = max(dtype_of(e.path).itemsize, np.dtype(out_dtype or np.float32).itemsize)
+        step = max(1, ROW_BLOCK_BYTES // (d * itemsize))
+        for a in range(0, vocab, step):
+            rows_ = slice(a, min(vocab, a + step))
+            # Ours is (vocab, d) for the embedding ("same"), (d, vocab) for lm_head ("transpose").
+            index = (rows_, slice(None)) if e.kind == "same" else (slice(None), rows_)
+            yield hf_layout.to_hf(e.kind, get_block(e.path, index), cfg)
 
     for name, e, layer in hf_plan(cfg):
-        yield name, hf_layout.to_hf(e.kind, get(e.path, layer), cfg)
+        if e.path[0] in ("embed", "lm_head"):
+            yield name, rows(e)
+        else:
+            yield name, iter([hf_layout.to_hf(e.kind, get(e.path, layer), cfg)])
+
+
+def hf_tensors(cfg, params):
+    """(HF name, numpy array in HF layout) in HF's order, one tensor at a time."""
+    for name, blocks in hf_blocks(cfg, params):
+        blocks = list(blocks)
+        yield name, blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
 
 
 def write_weights(cfg, params: dict, out: str, dtype: np.dtype, max_bytes: int) -> list[str]:
     plan = [(name, hf_layout.hf_shape(e, cfg, cfg.vocab_size), dtype) for name, e, _ in hf_plan(cfg)]
     writer = ShardedWriter(out, max_bytes, plan)
-    for name, array in hf_tensors(cfg, params):
-        writer.add(name, array.astype(dtype, copy=False))
+    for name, blocks in hf_blocks(cfg, params, dtype):
+        writer.add_blocks(name, (block.astype(dtype, copy=False) for block in blocks))
     return writer.close()
 
 

@@ -64,6 +64,21 @@ class LayerReader:
             self._whole = (path, store.read().result())
         return self._whole[1][layer]
 
+    def dtype(self, path: tuple[str, ...]) -> np.dtype:
+        return np.dtype(self._store(path).dtype.numpy_dtype)
+
+    def get_block(self, path: tuple[str, ...], index: tuple[slice, ...]) -> np.ndarray:
+        """`parameter[index]` (a block of an unstacked parameter: export streams the embedding and
+        lm_head by rows), reading only the chunks it touches. A parameter stored as one chunk is
+        read whole once and kept while its blocks are taken."""
+        store = self._store(path)
+        if tuple(store.chunk_layout.read_chunk.shape) != tuple(store.shape):
+            return store[index].read().result()
+        if self._whole[0] != path:
+            self._whole = (None, None)
+            self._whole = (path, store.read().result())
+        return self._whole[1][index]
+
 
 class Lazy:
     """A parameter to save, produced on demand: `read(index)` gives `value[index]` (a tuple of

@@ -6,8 +6,8 @@ again, so the memory map never keeps more than that tensor's pages resident. Leg
 `pytorch_model*.bin` files are pickles: refused unless the caller allows running pickled code.
 
 Writing: `ShardedWriter` streams planned tensors into `model-0000k-of-0000n.safetensors` files up
-to a size limit and writes `model.safetensors.index.json`; it holds no more than the tensor being
-added.
+to a size limit and writes `model.safetensors.index.json`; it holds no more than the tensor, or
+the row block of a tensor (`add_blocks`), being added.
 """
 
 from __future__ import annotations
@@ -165,21 +165,41 @@ class ShardedWriter:
             size += nbytes
         self.total_bytes = sum(int(np.prod(s)) * d.itemsize for shard in self.shards for _, s, d in shard)
         self._shard, self._pos, self._file = 0, 0, None
+        self.peak_block_bytes = 0  # the largest block written (what the writer held at once)
         os.makedirs(directory, exist_ok=True)
 
     def _tmp(self, k: int) -> str:
         return os.path.join(self.directory, f".shard-{k}.tmp")
 
     def add(self, name: str, array: np.ndarray) -> None:
-        want, shape, dtype = self.shards[self._shard][self._pos]
+        """The next planned tensor, whole."""
+        want, shape, _ = self.shards[self._shard][self._pos]
         if (name, tuple(array.shape)) != (want, shape):
             raise ValueError(f"ShardedWriter: got {name} {tuple(array.shape)}, planned {want} {shape}")
+        self.add_blocks(name, [array])
+
+    def add_blocks(self, name: str, blocks) -> None:
+        """The next planned tensor as consecutive row blocks (axis 0), each written as it arrives,
+        so only one block is held: the header already fixed the tensor's byte range."""
+        want, shape, dtype = self.shards[self._shard][self._pos]
+        if name != want:
+            raise ValueError(f"ShardedWriter: got {name}, planned {want} {shape}")
         if self._pos == 0:
             self._file = open(self._tmp(self._shard), "wb")
             self._file.write(_header(self.shards[self._shard]))
-        # Raw bytes (the host's little-endian order is safetensors'); a uint8 view, as bf16 has no
-        # buffer-protocol format.
-        self._file.write(np.ascontiguousarray(array, dtype=dtype).reshape(-1).view(np.uint8).data)
+        rows = 0
+        for block in blocks:
+            block = np.ascontiguousarray(block, dtype=dtype)
+            if block.shape[1:] != shape[1:] or rows + (block.shape[0] if shape else 1) > (shape[0] if shape else 1):
+                raise ValueError(f"ShardedWriter: {name} block {block.shape} at row {rows} does not fit {shape}")
+            self.peak_block_bytes = max(self.peak_block_bytes, block.nbytes)
+            # Raw bytes (the host's little-endian order is safetensors'); a uint8 view, as bf16 has
+            # no buffer-protocol format.
+            self._file.write(block.reshape(-1).view(np.uint8).data)
+            rows += block.shape[0] if shape else 1
+            del block
+        if rows != (shape[0] if shape else 1):
+            raise ValueError(f"ShardedWriter: {name} got {rows} rows, planned {shape}")
         self._pos += 1
         if self._pos == len(self.shards[self._shard]):
             self._file.close()
