@@ -296,17 +296,23 @@ def _served_config(runs, served, name, *extra):
         f"run_dir={root}/{name}", f"init.checkpoint={models['student0']}", *extra])
 
 
-def test_a_served_teacher_scores_like_the_in_mesh_teacher(runs, served):
-    """kd.source=stored with a served teacher (our serve, alternatives keyed by text): every row
-    on-policy; at the sampled positions the rows' teacher_logprobs are the in-mesh teacher's top-K
-    of its jax.nn.log_softmax on the same rows (atol 1e-4; as the format lists them: one entry per
-    text), each at the id it belongs to (a text shared by a piece and its byte-fallback piece: the
-    larger of theirs), nothing else is filled, and the step's `kd` is the sparse forward KL over the
-    K ids + tail computed by hand from those targets and the student's log-softmax."""
+@pytest.mark.parametrize("token_ids", [True, False], ids=["token-ids", "text-keys"])
+def test_a_served_teacher_scores_like_the_in_mesh_teacher(runs, served, token_ids, monkeypatch):
+    """kd.source=stored with a served teacher: every row on-policy; at the sampled positions the
+    rows' teacher_logprobs are the in-mesh teacher's top-K of its jax.nn.log_softmax on the same
+    rows (atol 1e-4), nothing else is filled, and the step's `kd` is the sparse forward KL over the
+    K ids + tail computed by hand from those targets and the student's log-softmax. token-ids: our
+    serve honours vLLM's return_tokens_as_token_ids, so the ids are the in-mesh top-K's exactly;
+    text-keys: a server that ignores it lists one entry per text, each mapped to the id it belongs
+    to (a text shared by a piece and its byte-fallback piece: the larger of theirs, counted)."""
     from imitation_jax.convert.loading import load_model
     from imitation_jax.generate.text import TokenStrings
+    from imitation_jax.serving.app import LogprobFormatter
 
-    cfg = _served_config(runs, served, "served", "train.steps=1")
+    if not token_ids:  # a server that ignores the flag (the legacy format keyed by text)
+        init = LogprobFormatter.__init__
+        monkeypatch.setattr(LogprobFormatter, "__init__", lambda self, strings, token_ids=False: init(self, strings))
+    cfg = _served_config(runs, served, f"served-{token_ids}", "train.steps=1")
     seen = []
 
     def recording(program, tokenizer):
@@ -325,10 +331,14 @@ def test_a_served_teacher_scores_like_the_in_mesh_teacher(runs, served):
     texts = TokenStrings(served["teacher"].tokenizer)
     ambiguous = 0
     for r, t in zip(*np.nonzero(mask)):
-        # the in-mesh top-K as the legacy format lists it: keyed by text, the higher-ranked id kept
+        # the in-mesh top-K as the legacy format lists it (by text: the higher-ranked id kept)
         top = {}
         for i in np.argsort(-log_p[r, t], kind="stable")[:k]:
-            top.setdefault(texts(int(i))[0], log_p[r, t, i])
+            top.setdefault(int(i) if token_ids else texts(int(i))[0], log_p[r, t, i])
+        if token_ids:
+            np.testing.assert_array_equal(after["teacher_ids"][r, t], list(top))
+            np.testing.assert_allclose(after["teacher_logprobs"][r, t], list(top.values()), atol=1e-4)
+            continue
         got = after["teacher_logprobs"][r, t]
         got_ids = after["teacher_ids"][r, t]
         assert (got_ids[len(top):] == -1).all() and (got_ids[:len(top)] >= 0).all()

@@ -18,7 +18,7 @@ scored by POST /v1/completions with the row's ids as the prompt, echo, max_token
 (K = the prepared set's teacher_k, vLLM's prompt-scoring request); the echoed top_logprobs at the
 sampled positions become the rows' teacher_ids / teacher_logprobs, so the ordinary stored-KD step
 trains on them. Same tokenizer only. The request asks for vLLM's `return_tokens_as_token_ids`
-(alternatives keyed "token_id:N": exact); a server that ignores it (ours) keys them by their text,
+(alternatives keyed "token_id:N": exact; vLLM and our serve); a server that ignores it keys them by text,
 mapped back to ids through the tokenizer. A text several ids share (e.g. "A" and the byte-fallback
 piece <0x41>) is one entry in that format (the higher-ranked id's logprob): it maps to the id the
 tokenizer encodes the text as, and is counted (`on_policy_score_ambiguous`); an alternative that is

@@ -241,7 +241,7 @@ def create_app(generator, model_name: str, *, api_key: Optional[str] = None, max
         request = app.state.batcher.submit(prompt, params)
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         echoed = tok.decode(prompt) if req.echo else ""  # what the prompt's tokens' bytes add up to
-        fmt = LogprobFormatter(strings)
+        fmt = LogprobFormatter(strings, token_ids=req.return_tokens_as_token_ids)
         if req.stream:
             def chunk(delta, finish, first=False, logprobs=(), prompt=None):
                 text, lp = delta or "", None
@@ -273,10 +273,13 @@ def create_app(generator, model_name: str, *, api_key: Optional[str] = None, max
 class LogprobFormatter:
     """Generate's `TokenLogprob`s of one sequence as OpenAI shows them, chunk by chunk. The first
     piece of the sequence loses its leading space where decoding drops it (so the tokens' bytes add
-    up to the text), and the legacy `text_offset`s count characters from `offset`."""
+    up to the text), and the legacy `text_offset`s count characters from `offset`. `token_ids`
+    (vLLM's `return_tokens_as_token_ids`): the legacy tokens and top_logprobs keys are "token_id:N",
+    so ids that share a text (a piece and its byte-fallback piece) stay apart."""
 
-    def __init__(self, strings):
+    def __init__(self, strings, token_ids: bool = False):
         self.strings = strings
+        self.token_ids = token_ids
         self.restart(0)
 
     def restart(self, offset: int) -> None:
@@ -322,13 +325,13 @@ class LogprobFormatter:
             at_start = self._at_start
             out["text_offset"].append(self.offset)
             text, _ = self._advance(token)
-            out["tokens"].append(text)
+            out["tokens"].append(f"token_id:{token}" if self.token_ids else text)
             out["token_logprobs"].append(None if e is None else e.logprob)
             top = None
             if e is not None:
                 top = {}
                 for t, lp in e.top:
-                    top.setdefault(self._piece(t, at_start)[0], lp)
+                    top.setdefault(f"token_id:{t}" if self.token_ids else self._piece(t, at_start)[0], lp)
             out["top_logprobs"].append(top)
         return out
 

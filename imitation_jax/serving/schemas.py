@@ -82,6 +82,7 @@ class CompletionRequest(_Sampling):
     max_tokens: Optional[int] = Field(16, ge=0)  # OpenAI's default; 0 only with echo (scoring a text)
     echo: bool = False
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    return_tokens_as_token_ids: bool = False  # vLLM's: legacy logprobs keyed "token_id:N"
 
     @field_validator("prompt")
     @classmethod
