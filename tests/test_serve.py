@@ -459,6 +459,7 @@ def test_logprobs_bad_values_are_400s(server):
         client(server).chat.completions.create(model="tiny", messages=chat["messages"], top_logprobs=3)
 
 
+@koala
 def test_collect_top_logprobs_from_serve(server, tmp_path, monkeypatch, capsys):
     """`collect --top-logprobs 5` against our own `serve`: every stored answer's tokens, logprobs and
     top-5 alternatives are the served model's own (log_softmax of a direct forward pass, greedy), and
@@ -502,6 +503,7 @@ def test_collect_top_logprobs_from_serve(server, tmp_path, monkeypatch, capsys):
         assert b"".join(t.bytes for t in teacher.tokens) == record["messages"][index]["content"].encode("utf-8")
 
 
+@koala
 def test_serve_collect_top_logprobs_prepare_and_distill(tmp_path, monkeypatch, capsys, small_overrides):
     """The whole stored-top-K pipeline on the CPU: train a tiny teacher briefly (a random model mostly
     emits byte pieces that are not valid UTF-8, whose answers cannot be stored with logprobs), serve
