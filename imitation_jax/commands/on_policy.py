@@ -178,8 +178,8 @@ class ServedTeacher:
         for i in order:
             text, raw = strings(i)
             first = text
-            if raw is not None and raw.startswith(b" ") and not tokenizer.decode([i]).startswith(" "):
-                first = raw[1:].decode("utf-8", errors="backslashreplace")
+            if raw is not None and tokenizer.first_token_bytes(i)[1]:
+                first = tokenizer.first_token_bytes(i)[0].decode("utf-8", errors="backslashreplace")
             for table, ambiguous, key in zip(self.ids, self.ambiguous, (text, first)):
                 if key in table:
                     ambiguous.add(key)

@@ -64,7 +64,6 @@ class PieceBytes:
             (fallback if self._is_byte_piece(i) else self.ids).setdefault(b, i)
         for b, i in fallback.items():
             self.ids.setdefault(b, i)
-        self._strip: dict[int, bool] = {}
         self._special: dict[str, int | None] = {}
 
     def special(self, text: str) -> int | None:
@@ -80,12 +79,7 @@ class PieceBytes:
     def first(self, i: int) -> tuple[bytes | None, bool]:
         """The bytes of id i as the first token of a decoded text, and whether a leading space
         was dropped (the tokenizer's decoding drops it: SentencePiece's dummy prefix)."""
-        b = self.bytes[i] if 0 <= i < len(self.bytes) else None
-        if b is None or not b.startswith(b" "):
-            return b, False
-        if i not in self._strip:
-            self._strip[i] = not self.tokenizer.decode([i]).startswith(" ")
-        return (b[1:], True) if self._strip[i] else (b, False)
+        return self.tokenizer.first_token_bytes(i)
 
 
 @dataclasses.dataclass(frozen=True)

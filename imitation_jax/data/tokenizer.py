@@ -75,6 +75,17 @@ class Tokenizer(abc.ABC):
             cache[i] = self._token_bytes(i)
         return cache[i]
 
+    def first_token_bytes(self, i: int) -> tuple[bytes | None, bool]:
+        """`token_bytes(i)` as the first piece of a decoded text, and whether a leading space was
+        dropped there (decoding drops SentencePiece's dummy prefix from a text's first piece)."""
+        b = self.token_bytes(i)
+        if b is None or not b.startswith(b" "):
+            return b, False
+        cache = self.__dict__.setdefault("_strip_cache", {})
+        if i not in cache:
+            cache[i] = not self.decode([int(i)]).startswith(" ")
+        return (b[1:], True) if cache[i] else (b, False)
+
     def piece(self, i: int) -> str:
         """Id `i`'s own string: the tokenizer's piece, an added token's name ("<I>" for no id)."""
         i = int(i)

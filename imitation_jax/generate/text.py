@@ -99,7 +99,6 @@ class TokenStrings:
         for i, b in enumerate(out):
             if b is None:
                 continue
-            if b.startswith(b" ") and not self.tokenizer.decode([ids[i]]).startswith(" "):
-                out[i] = b[1:]
+            out[i] = self.tokenizer.first_token_bytes(ids[i])[0]
             break
         return out

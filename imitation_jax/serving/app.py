@@ -290,10 +290,10 @@ class LogprobFormatter:
 
     def _piece(self, token: int, at_start: bool):
         text, raw = self.strings(token)
-        if at_start and raw is not None and raw.startswith(b" ") and \
-                not self.strings.tokenizer.decode([token]).startswith(" "):
-            raw = raw[1:]
-            text = raw.decode("utf-8", errors="backslashreplace")
+        if at_start and raw is not None:
+            raw, dropped = self.strings.tokenizer.first_token_bytes(token)
+            if dropped:
+                text = raw.decode("utf-8", errors="backslashreplace")
         return text, raw
 
     def _advance(self, token: int):

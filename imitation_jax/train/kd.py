@@ -186,7 +186,7 @@ class _Dense:
     def terms(self, logits, tt, y, m, with_grads: bool):
         """Few (rows, V) arrays live at once: each side's log-sum-exp is a reduction that writes
         nothing, the log-probabilities are recomputed from it where used, and at T = 1 the cross
-        entropy shares the student's softmax (less peak memory; docs/benchmarks.md)."""
+        entropy shares the student's log-sum-exp (less peak memory; docs/benchmarks.md)."""
         loss, temperature = self.loss, self.temperature
         st = logits if temperature == 1.0 else logits / temperature
         (ls, top), (lt, _) = _lse(st), _lse(tt)
@@ -196,25 +196,13 @@ class _Dense:
             dkd = g * (mm / temperature) if with_grads else None
         elif loss == "forward_kl" or loss == "jsd" and self.beta == 0.0:  # sum p (log p - log q)
             div = jnp.sum(jnp.exp(tt - lt) * (tt - st), axis=-1) + (ls - lt)[:, 0]
-            dkd = None
+            dkd = (jnp.exp(st - ls) - jnp.exp(tt - lt)) * (mm / temperature) if with_grads else None
         else:  # reverse KL: sum q (log q - log p)
             div = jnp.sum(jnp.exp(st - ls) * (st - tt), axis=-1) + (lt - ls)[:, 0]
             dkd = (jnp.exp(st - ls) * ((st - ls) - (tt - lt) - div[:, None])) * (mm / temperature) if with_grads else None
-        kd = jnp.sum(div * m)
-        if dkd is not None or not with_grads:
-            return _with_cross_entropy(self, kd, dkd, logits, y, m, with_grads)
-        # Forward KL: d/du = (q - p) / T; at T = 1 the cross entropy's softmax is the same q.
-        q, p = jnp.exp(st - ls), jnp.exp(tt - lt)
-        w = self.kd_weight / temperature
-        if y is None or temperature != 1.0:
-            return _with_cross_entropy(self, kd, (q - p) * (mm / temperature), logits, y, m, with_grads)
-        target = jnp.take_along_axis(logits, y[:, None], axis=-1)
-        ce = jnp.sum((ls - target)[:, 0] * m)
-        correct = jnp.sum((target >= top)[:, 0].astype(jnp.float32) * m)
-        onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == y[:, None]
-        dlogits = ((w + self.ce_weight) * mm) * q - (w * mm) * p - jnp.where(onehot, self.ce_weight * mm, 0.0)
-        return self.kd_weight * kd + self.ce_weight * ce, kd, ce, correct, dlogits
-
+        # At T = 1 the cross entropy reuses the student's log-sum-exp and max.
+        return _with_cross_entropy(self, jnp.sum(div * m), dkd, logits, y, m, with_grads,
+                                   lse_top=(ls, top) if temperature == 1.0 else None)
 
 def _lse(x):
     """(log-sum-exp, max) over the last axis, keepdims."""
@@ -222,7 +210,7 @@ def _lse(x):
     return top + jnp.log(jnp.sum(jnp.exp(x - top), axis=-1, keepdims=True)), top
 
 
-def _with_cross_entropy(kind, kd, dkd, logits, y, m, with_grads: bool, plain=None):
+def _with_cross_entropy(kind, kd, dkd, logits, y, m, with_grads: bool, plain=None, lse_top=None):
     """(loss, kd, ce, correct, dlogits): the divergence sum kd (gradient dkd) weighted, plus the
     student's cross entropy on y from the same logits when y is given. plain (rows,) {0, 1}: rows
     with no teacher signal, whose cross entropy also takes the divergence's weight (they train with
@@ -231,7 +219,7 @@ def _with_cross_entropy(kind, kd, dkd, logits, y, m, with_grads: bool, plain=Non
     loss = kind.kd_weight * kd
     dlogits = kind.kd_weight * dkd if with_grads else None
     if y is not None:
-        ce_rows, correct_rows, grad = cross_entropy_rows(logits, y)
+        ce_rows, correct_rows, grad = cross_entropy_rows(logits, y, lse_top)
         w = kind.ce_weight * m if plain is None else (kind.ce_weight + kind.kd_weight * plain) * m
         ce, correct = jnp.sum(ce_rows * m), jnp.sum(correct_rows * m)
         loss = loss + jnp.sum(ce_rows * w)

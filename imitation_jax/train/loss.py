@@ -23,14 +23,18 @@ def _identity(params, h):
     return h
 
 
-def cross_entropy_rows(logits, y):
+def cross_entropy_rows(logits, y, lse_top=None):
     """Cross entropy of (rows, V) fp32 logits per row: (loss (rows,), correct (rows,) {0, 1}, grad)
-    where grad(w) is d(sum w * loss)/d(logits) for row weights w (rows,). Few passes over the
+    where grad(w) is d(sum w * loss)/d(logits) for row weights w (rows,). lse_top: the logits'
+    (log-sum-exp, max), each (rows, 1), when the caller has them already. Few passes over the
     logits: the max fuses into the matmul, the log-sum-exp is a reduction that writes nothing, and
     the softmax is recomputed from it inside the one pass that writes the gradient (faster than
     materialising exp(logits - max); docs/benchmarks.md)."""
-    top = jnp.max(logits, axis=-1, keepdims=True)
-    lse = top + jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1, keepdims=True))
+    if lse_top is None:
+        top = jnp.max(logits, axis=-1, keepdims=True)
+        lse = top + jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1, keepdims=True))
+    else:
+        lse, top = lse_top
     target = jnp.take_along_axis(logits, y[:, None], axis=-1)
     correct = (target >= top)[:, 0].astype(jnp.float32)  # the target logit is a maximum
 
