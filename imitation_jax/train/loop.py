@@ -82,7 +82,7 @@ def train(cfg: Config, restart: bool = False, *, init: InitParams | None = None,
     in_mesh_teacher = cfg.train.objective == "kd" and cfg.kd.source == "teacher"
     if in_mesh_teacher and teacher is None:
         raise ValueError("kd.source=teacher: pass `teacher` (imitation_jax.commands.train.teacher_source(cfg))")
-    if in_mesh_teacher and cfg.kd.on_policy.fraction and batch_transform is None:
+    if cfg.train.objective == "kd" and cfg.kd.on_policy.fraction and batch_transform is None:
         raise ValueError("kd.on_policy: pass `batch_transform` (imitation_jax.commands.on_policy.on_policy_source(cfg))")
     run_dir = os.path.abspath(cfg.run_dir)
     os.makedirs(run_dir, exist_ok=True)
