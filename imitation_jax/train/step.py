@@ -13,7 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from imitation_jax.model import cpu
 from imitation_jax.sharding import logical_to_spec, platform_of, replicated
-from imitation_jax.train.objectives import LossFn, sft_sums
+from imitation_jax.train.objectives import LossFn, make_loss_fn, sft_sums
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -42,9 +42,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     `teacher_shardings` the step takes the frozen teacher's parameters as a third argument."""
     param_shardings = state_shardings["params"]
     if loss_fn is None:
-        def loss_fn(params, micro):
-            loss, (correct, _) = sft_sums(graphdef, params, micro, loss_chunk, fuse_last_layer)
-            return loss, {"accuracy": correct}
+        loss_fn = make_loss_fn(graphdef, "sft", None, loss_chunk, fuse_last_layer)
 
     def grad_fn(params, micro, teacher):
         return jax.value_and_grad(lambda p: loss_fn(p, micro, *teacher), has_aux=True)(params)
