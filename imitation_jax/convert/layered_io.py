@@ -101,22 +101,42 @@ def _chunks(shape: tuple[int, ...], chunk: tuple[int, ...]):
 
 
 def _handler():
+    """A TypeHandler for `Lazy` leaves built on Orbax's public interface only (TypeHandler,
+    get_json_tspec_write, ParamInfo): saved as np.ndarray (so they restore through Orbax's own
+    NumpyHandler), data pulled from the source one chunk at a time, one chunk in flight across all
+    parameters."""
+    import jax
     import orbax.checkpoint as ocp
+    import tensorstore as ts
 
-    class LazyHandler(ocp.type_handlers.NumpyHandler):
-        """Saved as an np.ndarray (restores as one); data pulled from the source one chunk at a
-        time, one chunk in flight across all parameters."""
-
+    class LazyHandler(ocp.type_handlers.TypeHandler):
         def __init__(self):
-            super().__init__(deepcopy_host_arrays=False)
+            self._numpy = ocp.type_handlers.NumpyHandler()
             self._lock = None
 
-        async def _open_and_write(self, value, tspec, ts_context):
-            import tensorstore as ts
+        def typestr(self) -> str:
+            return self._numpy.typestr()
 
-            if not isinstance(value, Lazy):
-                return await super()._open_and_write(value, tspec, ts_context)
+        async def metadata(self, infos):
+            return await self._numpy.metadata(infos)
+
+        async def deserialize(self, infos, args=None):
+            return await self._numpy.deserialize(infos, args)
+
+        async def serialize(self, values, infos, args=None):
+            args = args or [ocp.SaveArgs()] * len(values)
             self._lock = self._lock or asyncio.Lock()
+            for value, info, arg in zip(values, infos, args):
+                await info.await_path_creation()
+                ocdbt = bool(info.is_ocdbt_checkpoint)
+                tspec = ocp.type_handlers.get_json_tspec_write(
+                    info, use_ocdbt=ocdbt, global_shape=value.shape, local_shape=value.shape, dtype=value.dtype,
+                    process_index=jax.process_index() if ocdbt else None, arg=arg)
+                if jax.process_index() == 0:
+                    await self._write(value, tspec, info.ts_context)
+            return []  # written before returning: nothing left to commit in the background
+
+        async def _write(self, value, tspec, ts_context):
             store = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
             for index in _chunks(value.shape, store.chunk_layout.write_chunk.shape):
                 async with self._lock:  # whole chunks: no read-modify-write of stored data
