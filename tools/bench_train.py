@@ -3,6 +3,18 @@
 
     python tools/bench_train.py                       # ~58M-param LLaMA, seq 512, batch 4
     python tools/bench_train.py --steps 10 --loss-chunk 128 --attention einsum
+    python tools/bench_train.py --panel               # every shape of PANEL, each against torch
+
+`--panel` runs each shape of PANEL (the default; a 135M model with 9:3 heads, hidden 576, 30 layers
+and a 49K vocabulary; a LLaMA-3.2-1B shape) in its own process, one after the other, prints one line
+per shape and finally `panel_min_speedup=<x.xx>` (the slowest shape's ratio; nan if a torch side
+could not run on some shape). Other flags pass through to every shape.
+
+Memory: before starting torch workers the bench estimates what each needs (parameters, gradients and
+AdamW moments in fp32, plus activations) against the memory available; a variant that would not
+fit is reported as not run, and when even one torch side cannot fit beside ours, ours is timed
+first and released, then each torch variant alone (rounds no longer alternate; the output says
+so). A worker that dies anyway (killed for memory) is reported as such, never a traceback.
 
 Both sides train the same LLaMA configuration on the same batch (random tokens, two examples
 packed in each row, about half of the tokens trained): ours is the jitted train step of
@@ -77,11 +89,29 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(the host_memory settings ours uses); default: both on CPU, default on accelerators")
     p.add_argument("--torch-worker", default=None, help=argparse.SUPPRESS)  # IMPL:ALLOC:DEVICE:DTYPE, internal
     p.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before JAX starts")
+    p.add_argument("--tie-embeddings", action="store_true", help="the output layer is the embedding (LLaMA-3.2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--panel", action="store_true", help="run every shape of PANEL, each against torch")
     return p.parse_args(argv)
 
 
+# Shapes users train, not only the default: name -> flags (see the module docstring).
+PANEL = {
+    "default-58M": [],
+    "135M-576h-30L-9:3h-v49k": ["--hidden", "576", "--layers", "30", "--heads", "9", "--kv-heads", "3",
+                                "--intermediate", "1536", "--vocab", "49152", "--seq", "512", "--batch", "4"],
+    "llama3.2-1B": ["--hidden", "2048", "--layers", "16", "--heads", "32", "--kv-heads", "8",
+                    "--intermediate", "8192", "--vocab", "128256", "--seq", "256", "--batch", "2",
+                    "--tie-embeddings"],
+}
+
+
 ARGS = parse_args() if __name__ == "__main__" else None
+if ARGS is not None and ARGS.panel:
+    ARGS = None  # the panel's own process only starts the shapes' processes: no JAX here
+    _PANEL = True
+else:
+    _PANEL = False
 if ARGS is not None and ARGS.xla_flags:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + ARGS.xla_flags).strip()
 if ARGS is not None and ARGS.torch_worker is None and not ARGS.no_torch:
@@ -133,7 +163,7 @@ def model_config(args, dtype: str):
                        num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads,
                        max_position_embeddings=max(2048, args.seq), rms_norm_eps=1e-5, rope_theta=10000.0,
                        param_dtype="float32", dtype=dtype, remat=args.remat, attention=args.attention,
-                       scan_unroll=args.scan_unroll or args.layers)
+                       scan_unroll=args.scan_unroll or args.layers, tie_word_embeddings=args.tie_embeddings)
 
 
 def setup_ours(args, cfg, batch_np: dict) -> dict:
@@ -184,7 +214,7 @@ def setup_torch(args, batch_np: dict, attn_impl: str, device: str = "cpu", dtype
                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
                          num_key_value_heads=args.kv_heads or args.heads,
                          max_position_embeddings=max(2048, args.seq), rms_norm_eps=1e-5, rope_theta=10000.0,
-                         tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+                         tie_word_embeddings=args.tie_embeddings, attention_bias=False, mlp_bias=False,
                          attn_implementation=attn_impl, dtype=torch.float32)
     model = LlamaForCausalLM(hf_cfg).to(device=device, dtype=torch.float32).train()
     named = list(model.named_parameters())
@@ -244,17 +274,63 @@ class TorchWorker:
                 self.cpu_s = reply.get("cpu_s", 0.0)
                 self.losses = reply.get("losses", self.losses)
                 return reply
-        raise RuntimeError(f"torch worker exited with status {self.proc.wait()}")
+        status = self.proc.wait()
+        raise RuntimeError("the worker was killed (SIGKILL: out of memory?)" if status == -9 else
+                           f"the worker exited with status {status}")
 
     def round(self, steps: int) -> list[float]:
-        self.proc.stdin.write(f"{steps}\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(f"{steps}\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):  # it died since the last round: say how
+            return self._reply()["times"]
         return self._reply()["times"]
 
     def close(self) -> None:
         if self.proc.stdin and not self.proc.stdin.closed:
-            self.proc.stdin.close()
+            try:
+                self.proc.stdin.close()
+            except (BrokenPipeError, OSError):
+                pass
         self.proc.wait(timeout=60)
+
+
+GiB = 1 << 30
+
+
+def mem_available() -> float | None:
+    """Bytes the kernel says a new process can use (Linux; None elsewhere)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def own_rss() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def torch_need(args, cfg, impl: str) -> float:
+    """A rough upper estimate of one torch CPU training worker's memory: fp32 parameters, gradients
+    and AdamW's two moments, the activations autograd keeps (per token and layer: the projections'
+    inputs and outputs, the MLP's, and for eager attention the score matrices), the logits and
+    their gradient, and ~1 GiB of runtime."""
+    tokens = args.batch * args.seq
+    per_token_layer = 16 * cfg.hidden_size + 5 * cfg.intermediate_size + (
+        3 * cfg.num_heads * args.seq if impl == "eager" else 0)
+    act = tokens * (cfg.num_layers * per_token_layer + 3 * cfg.vocab_size) * 4
+    return cfg.num_params() * 16 + act + GiB
 
 
 WORKER_PREFIX = "@@bench "
@@ -343,24 +419,34 @@ def main(args) -> int:
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
 
     runners = {"ours": setup_ours(args, cfg, batch_np)}
-    workers = {}
+    # Warm-up (after compilation): first steps allocate, fill caches (the workers warm up theirs).
+    for _ in range(max(args.warmup, 1)):
+        runners["ours"]["step"]()
+    workers, later, failed = {}, [], {}  # later: variants that fit only once ours is released
+    torch_device = "cpu" if on_cpu else "cuda"
     if args.no_torch:
         print("torch: skipped (--no-torch)")
     elif missing := [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]:
         print(f"torch: skipped ({missing[0]} is not installed)")
     else:
-        torch_device = "cpu" if on_cpu else "cuda"
+        free = mem_available() if on_cpu else None
         for impl in [x.strip() for x in args.torch_attn.split(",") if x.strip()]:
             allocs = args.torch_alloc or ("default,kept" if on_cpu else "default")
             for alloc in [x.strip() for x in allocs.split(",") if x.strip()]:
+                name, need = f"torch/{impl}/{alloc}", torch_need(args, cfg, impl)
+                if free is not None and need > free - GiB:
+                    if need <= free + own_rss() - 2 * GiB:
+                        later.append((name, impl, alloc))
+                    else:
+                        failed[name] = (f"not run: needs ~{need / GiB:.1f} GiB, {(free + own_rss()) / GiB:.1f} GiB "
+                                        "available even without ours")
+                    continue
                 try:
-                    workers[f"torch/{impl}/{alloc}"] = TorchWorker(impl, alloc, torch_device, dtype)
+                    workers[name] = TorchWorker(impl, alloc, torch_device, dtype)
+                    if free is not None:
+                        free -= need
                 except RuntimeError as exc:  # no CUDA torch, an attn implementation this transformers lacks
-                    print(f"torch {impl} ({alloc} allocator): skipped: {exc}")
-
-    # Warm-up (after compilation): first steps allocate, fill caches (the workers warmed up theirs).
-    for _ in range(max(args.warmup, 1)):
-        runners["ours"]["step"]()
+                    failed[name] = f"skipped: {exc}"
     # Peak: a large f32 matmul measured on CPU in this run (same load); the bf16 figure elsewhere.
     matmul_flops = measured_matmul_flops(n=4096 if on_cpu else 8192,
                                          dtype=jnp.float32 if on_cpu else jnp.bfloat16, repeats=5)
@@ -371,14 +457,51 @@ def main(args) -> int:
     times = {name: [] for name in [*runners, *workers]}
     load = ForeignLoad()
     worker_cpu = {name: w.cpu_s for name, w in workers.items()}
-    for _ in range(args.rounds):
-        times["ours"].append(time_steps(runners["ours"], args.steps))
-        for name, worker in workers.items():
-            times[name].append(worker.round(args.steps))
-    foreign = load.cores(own_elsewhere=sum(w.cpu_s - worker_cpu[n] for n, w in workers.items()))
-    losses = {"ours": runners["ours"]["losses"], **{n: w.losses for n, w in workers.items()}}
+    losses = {}
+
+    def rounds_of(named: dict) -> None:
+        for _ in range(args.rounds):
+            if "ours" in named:
+                times["ours"].append(time_steps(runners["ours"], args.steps))
+            for name, worker in list(named.items()):
+                if name == "ours":
+                    continue
+                try:
+                    times[name].append(worker.round(args.steps))
+                except RuntimeError as exc:  # killed mid-run
+                    failed[name] = f"stopped: {exc}"
+                    del named[name], workers[name]
+                    times.pop(name)
+                    worker.close()
+
+    rounds_of({"ours": None, **workers})
+    own_worker_cpu = sum(w.cpu_s - worker_cpu[n] for n, w in workers.items())
+    losses["ours"] = runners["ours"]["losses"]
+    losses.update({n: w.losses for n, w in workers.items()})
     for worker in workers.values():
         worker.close()
+    sequential = bool(later)
+    if later:  # ours is timed: release it, then each remaining variant alone
+        compile_s = runners["ours"]["compile_s"]
+        runners.clear()
+        import gc
+        gc.collect()
+        for name, impl, alloc in later:
+            print(f"{name}: timed alone, after ours (it does not fit beside it)", flush=True)
+            try:
+                worker = TorchWorker(impl, alloc, torch_device, dtype)
+            except RuntimeError as exc:
+                failed[name] = f"skipped: {exc}"
+                continue
+            workers[name], times[name] = worker, []
+            cpu0 = worker.cpu_s
+            rounds_of({name: worker})
+            if name in workers:
+                own_worker_cpu += worker.cpu_s - cpu0
+                losses[name] = worker.losses
+                worker.close()
+        runners["ours"] = {"compile_s": compile_s}
+    foreign = load.cores(own_elsewhere=own_worker_cpu)
     step_s = {name: min(statistics.median(r) for r in rounds) for name, rounds in times.items()}
     best_s = {name: min(min(r) for r in rounds) for name, rounds in times.items()}
 
@@ -396,6 +519,10 @@ def main(args) -> int:
     if foreign is not None:
         print(f"timing: {args.rounds} round(s) x {args.steps} steps; other processes used {foreign:.2f} CPU cores "
               f"meanwhile" + (" -- the machine was shared, repeat when it is quiet" if foreign > 0.2 else ""))
+    for name, why in failed.items():
+        print("hf torch ({}, {} alloc): {}".format(*name.split("/")[1:], why))
+    if sequential:
+        print("note: some torch variants ran after ours was released, not in alternating rounds")
     kept = "kept" if HOST_MEMORY_KEPT else "default"
     labels = {"ours": f"ours jax ({cfg.attention}, loss_chunk {args.loss_chunk}, {kept} alloc)"}
     labels.update({n: "hf torch ({}, {} alloc)".format(*n.split("/")[1:]) + (" *" if n == ref else "")
@@ -408,9 +535,38 @@ def main(args) -> int:
     if ref_kept:
         print(f"vs torch under the same allocator settings as ours: {tps('ours') / tps(ref_kept):.2f}x")
     speedup = tps("ours") / tps(ref) if ref else float("nan")
-    print(f"speedup_vs_hf_torch={speedup:.2f} mfu={flops_tok * tps('ours') / peak:.2f}")
+    print(f"speedup_vs_hf_torch={speedup:.2f} mfu={flops_tok * tps('ours') / peak:.2f} "
+          f"ours_tokens_s={tps('ours'):.1f} torch_tokens_s={tps(ref) if ref else float('nan'):.1f}")
+    return 0
+
+
+def panel_main(argv: list[str]) -> int:
+    """Each PANEL shape in its own process (its memory is its own), one after the other."""
+    passthrough = [a for a in argv if a != "--panel"]
+    results = {}
+    for name, flags in PANEL.items():
+        print(f"=== {name}: tools/bench_train.py {' '.join(flags + passthrough)}", flush=True)
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), *flags, *passthrough],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        print(proc.stdout, flush=True)
+        last = [line for line in proc.stdout.splitlines() if line.startswith("speedup_vs_hf_torch=")]
+        if proc.returncode or not last:
+            results[name] = {"error": f"exit status {proc.returncode}"}
+            continue
+        results[name] = {k: float(v) for k, v in (kv.split("=") for kv in last[-1].split())}
+    print("panel:")
+    for name, r in results.items():
+        if "error" in r:
+            print(f"  {name:28s} failed ({r['error']})")
+        else:
+            print(f"  {name:28s} ours {r['ours_tokens_s']:8.1f} tok/s  hf torch {r['torch_tokens_s']:8.1f} tok/s  "
+                  f"speedup {r['speedup_vs_hf_torch']:.2f}x  mfu {r['mfu']:.3f}")
+    speedups = [r.get("speedup_vs_hf_torch", float("nan")) for r in results.values()]
+    print(f"panel_min_speedup={float('nan') if any(x != x for x in speedups) else min(speedups):.2f}")
     return 0
 
 
 if __name__ == "__main__":
+    if _PANEL:
+        sys.exit(panel_main(sys.argv[1:]))
     sys.exit(torch_worker_main(ARGS) if ARGS.torch_worker else main(ARGS))
