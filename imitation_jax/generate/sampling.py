@@ -76,12 +76,14 @@ def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, t
 
 def sample(logits: jax.Array, step: jax.Array, temperature: jax.Array, top_k: jax.Array,
            top_p: jax.Array, seed: jax.Array) -> jax.Array:
-    """Next token per row (B,) int32. Row i draws with key fold_in(key(seed_i), step), so its
-    tokens depend on its own seed and position only, not on the batch it was put in."""
+    """Next token per row (B,) int32. Row i draws with key fold_in(key(seed_i), step_i) (`step`: one
+    for all rows, or (B,) per row: continuous batching), so its tokens depend on its own seed and
+    position only, not on the batch it was put in."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def draw():
-        keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), step))(seed)
+        steps = jnp.broadcast_to(step, seed.shape)
+        keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(seed, steps)
         x = filter_logits(logits, temperature, top_k, top_p)
         drawn = jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
         return jnp.where(temperature > 0, drawn, greedy)

@@ -11,10 +11,17 @@ Log-probabilities, in OpenAI's shapes: chat `logprobs: true` (+ `top_logprobs` 0
 `logprobs: n` gives {tokens, token_logprobs, top_logprobs, text_offset}, and with `echo` the
 prompt's too (its first token has none). They are the model's raw log-softmax, before
 temperature / top-k / top-p (vLLM's default). Streamed, each chunk carries its tokens' entries.
+
+Under load (vLLM's behaviour): requests are decoded by continuous batching (`serving.continuous`;
+`scheduler="batch"` is the older one-batch-at-a-time `serving.batcher`); a client that disconnects,
+streaming or not, has its request cancelled (its row freed at the next decode call); when
+`max_queue` requests already wait, a new one gets 429 with a Retry-After header; with `warmup`,
+/health answers 503 until the compiles are done.
 """
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import contextlib
 import hmac
@@ -27,10 +34,10 @@ from typing import Any, Optional
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from imitation_jax.serving.batcher import Batcher, Delta, Done, PromptLogprobs
+from imitation_jax.serving.batcher import Batcher, Delta, Done, PromptLogprobs, QueueFull
 from imitation_jax.serving.schemas import ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger("imitation_jax.serving")
@@ -39,12 +46,13 @@ DEFAULT_MAX_TOKENS = 512  # chat requests without max_tokens: this much, or what
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None):
+                 param: Optional[str] = None, code: Optional[str] = None, headers: Optional[dict] = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
 
     def response(self) -> JSONResponse:
-        return error_response(self.status, self.message, self.type, self.param, self.code)
+        return error_response(self.status, self.message, self.type, self.param, self.code, self.headers)
 
 
 def error_response(status: int, message: str, type: str = "invalid_request_error",
@@ -64,15 +72,29 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
                           code="missing_field" if first.get("type") == "missing" else "invalid_value")
 
 
+SCHEDULERS = ("continuous", "batch")
+
+
 def create_app(generator, model_name: str, *, api_key: Optional[str] = None, max_batch: int = 8,
-               batch_wait_ms: float = 5.0, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> FastAPI:
-    """An app serving `generator` (a `Generator`, or anything with its `generate`/`encode_chat`/
-    `max_len`/`tokenizer`) as model `model_name`."""
+               batch_wait_ms: float = 5.0, default_max_tokens: int = DEFAULT_MAX_TOKENS,
+               scheduler: str = "continuous", max_queue: int = 256, warmup: str = "none") -> FastAPI:
+    """An app serving `generator` (a `Generator`; `scheduler="batch"` takes anything with its
+    `generate`/`encode_chat`/`max_len`/`tokenizer`) as model `model_name`. `max_batch`: requests
+    decoded together; `max_queue`: requests waiting beyond them before 429s; `warmup`: "basic" or
+    "full" compiles those shapes before /health reports ready (`SlotEngine.warm_up_tasks`;
+    continuous only), "none" leaves every shape to its first use."""
     from imitation_jax.generate import SamplingParams
     from imitation_jax.generate.text import TokenStrings
+    from imitation_jax.serving.continuous import ContinuousScheduler
 
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler={scheduler!r} is not one of {', '.join(SCHEDULERS)}")
     strings = TokenStrings(generator.tokenizer)
-    batcher = Batcher(generator, max_batch=max_batch, max_wait_s=batch_wait_ms / 1000)
+    if scheduler == "continuous":
+        batcher = ContinuousScheduler(generator, max_batch=max_batch, max_wait_s=batch_wait_ms / 1000,
+                                      max_queue=max_queue, warmup=warmup)
+    else:
+        batcher = Batcher(generator, max_batch=max_batch, max_wait_s=batch_wait_ms / 1000, max_queue=max_queue)
     created = int(time.time())
 
     @contextlib.asynccontextmanager
@@ -134,17 +156,36 @@ def create_app(generator, model_name: str, *, api_key: Optional[str] = None, max
                               stop=req.stops(), seed=seed % (1 << 32), logprobs=logprobs,
                               prompt_logprobs=prompt_logprobs)
 
+    def submit(prompt: list[int], params):
+        try:
+            return app.state.batcher.submit(prompt, params)
+        except QueueFull as exc:
+            raise APIError(429, str(exc), type="server_overloaded", code="queue_full",
+                           headers={"Retry-After": str(exc.retry_after)}) from None
+
     def usage(prompt: list[int], completion) -> dict:
         n = len(completion.tokens)
         return {"prompt_tokens": len(prompt), "completion_tokens": n, "total_tokens": len(prompt) + n}
 
-    async def finish(request) -> Any:
-        while True:
-            item = await request.events.get()
-            if isinstance(item, Done):
-                return item.completion
-            if isinstance(item, BaseException):
-                raise item
+    async def finish(request, http: Request) -> Any:
+        """The completion; None if the client went away first (the request is then cancelled)."""
+        async def result():
+            while True:
+                item = await request.events.get()
+                if isinstance(item, Done):
+                    return item.completion
+                if isinstance(item, BaseException):
+                    raise item
+
+        done, gone = asyncio.ensure_future(result()), asyncio.ensure_future(_disconnected(http))
+        try:
+            await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not done.done():
+                request.cancelled = True
+                done.cancel()
+        return done.result() if not done.cancelled() else None
 
     def stream(request, prompt, chunk, include_usage: bool):
         """SSE events: chunk(delta_text, finish, first=False, logprobs=[], prompt=None) builds one
@@ -178,7 +219,8 @@ def create_app(generator, model_name: str, *, api_key: Optional[str] = None, max
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "batches": batcher.batches, "requests": batcher.requests}
+        body = {"status": "ok" if batcher.ready else "warming up", "model": model_name, **batcher.health()}
+        return JSONResponse(body, status_code=200 if batcher.ready else 503)
 
     @app.get("/v1/models", dependencies=[Depends(check_key)])
     async def models():
@@ -191,7 +233,7 @@ def create_app(generator, model_name: str, *, api_key: Optional[str] = None, max
         return {"id": model_name, "object": "model", "created": created, "owned_by": "imitation-jax"}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
-    async def chat(req: ChatCompletionRequest):
+    async def chat(req: ChatCompletionRequest, http: Request):
         check_model(req.model)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in req.messages]
@@ -203,7 +245,7 @@ def create_app(generator, model_name: str, *, api_key: Optional[str] = None, max
             raise APIError(400, "top_logprobs: needs logprobs to be true", param="top_logprobs")
         params = sampling(req, prompt, default_max_tokens,
                           logprobs=(req.top_logprobs or 0) if req.logprobs else None)
-        request = app.state.batcher.submit(prompt, params)
+        request = submit(prompt, params)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         fmt = LogprobFormatter(strings)
         if req.stream:
@@ -213,7 +255,9 @@ def create_app(generator, model_name: str, *, api_key: Optional[str] = None, max
                 return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
                         "choices": [{"index": 0, "delta": d, "logprobs": lp, "finish_reason": finish}]}
             return stream(request, prompt, chunk, bool(req.stream_options and req.stream_options.include_usage))
-        completion = await finish(request)
+        completion = await finish(request, http)
+        if completion is None:
+            return Response(status_code=499)  # nobody reads it: the client closed the connection
         lp = {"content": fmt.chat(completion.logprobs), "refusal": None} if req.logprobs else None
         return {"id": rid, "object": "chat.completion", "created": now, "model": model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
@@ -221,7 +265,7 @@ def create_app(generator, model_name: str, *, api_key: Optional[str] = None, max
                 "usage": usage(prompt, completion)}
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, http: Request):
         check_model(req.model)
         tok = generator.tokenizer
         if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], int):
@@ -238,7 +282,7 @@ def create_app(generator, model_name: str, *, api_key: Optional[str] = None, max
         scored = req.echo and req.logprobs is not None
         params = sampling(req, prompt, default_max_tokens, logprobs=req.logprobs,
                           prompt_logprobs=req.logprobs if scored else None)
-        request = app.state.batcher.submit(prompt, params)
+        request = submit(prompt, params)
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         echoed = tok.decode(prompt) if req.echo else ""  # what the prompt's tokens' bytes add up to
         fmt = LogprobFormatter(strings, token_ids=req.return_tokens_as_token_ids)
@@ -256,7 +300,9 @@ def create_app(generator, model_name: str, *, api_key: Optional[str] = None, max
                         "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}]}
             prompt_ids = prompt
             return stream(request, prompt, chunk, bool(req.stream_options and req.stream_options.include_usage))
-        completion = await finish(request)
+        completion = await finish(request, http)
+        if completion is None:
+            return Response(status_code=499)  # nobody reads it: the client closed the connection
         lp = None
         if req.logprobs is not None:
             lp = fmt.legacy(completion.prompt_logprobs, prompt_ids=prompt) if scored else None
@@ -342,6 +388,15 @@ def _bytes(raw) -> Optional[list[int]]:
 
 def _join_legacy(a: Optional[dict], b: dict) -> dict:
     return b if a is None else {k: a[k] + b[k] for k in b}
+
+
+async def _disconnected(http: Request) -> None:
+    """Returns once the client has closed the connection (the body has been read already, so the
+    next ASGI message is the disconnect)."""
+    while True:
+        message = await http.receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 def _sse(obj: dict) -> str:

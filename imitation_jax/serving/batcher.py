@@ -19,6 +19,7 @@ import asyncio
 import dataclasses
 import logging
 import queue
+import math
 import threading
 import time
 from typing import Any, Optional
@@ -39,6 +40,14 @@ class Request:
             self.loop.call_soon_threadsafe(self.events.put_nowait, item)
 
 
+class QueueFull(Exception):
+    """The request queue is full; `retry_after`: seconds after which a place is likely free."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"the server's request queue is full; retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
 @dataclasses.dataclass
 class Delta:
     text: str
@@ -56,14 +65,20 @@ class Done:
 
 
 class Batcher:
-    def __init__(self, generator, *, max_batch: int = 8, max_wait_s: float = 0.005):
+    def __init__(self, generator, *, max_batch: int = 8, max_wait_s: float = 0.005, max_queue: int = 256):
+        if max_queue < 1:
+            raise ValueError("max_queue must be at least 1")
         self.generator = generator
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self.ready = True  # no warm-up: each batch shape compiles at its first use
         self._queue: queue.Queue[Optional[Request]] = queue.Queue()
         self._thread: Optional[threading.Thread] = None
         self.batches = 0  # counters for /health and the load figures
         self.requests = 0
+        self.rejected = 0
+        self._batch_s = 1.0  # running mean of a batch's time, for Retry-After
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
@@ -76,10 +91,19 @@ class Batcher:
             self._thread = None
 
     def submit(self, prompt: list[int], params) -> Request:
-        """Queues a request; read its events with `await request.events.get()`."""
+        """Queues a request; read its events with `await request.events.get()`. QueueFull when
+        `max_queue` requests already wait."""
+        waiting = self._queue.qsize()
+        if waiting >= self.max_queue:
+            self.rejected += 1
+            raise QueueFull(max(1, math.ceil(self._batch_s * (waiting // self.max_batch + 1))))
         req = Request(prompt, params, asyncio.get_running_loop())
         self._queue.put(req)
         return req
+
+    def health(self) -> dict:
+        return {"scheduler": "batch", "ready": self.ready, "batches": self.batches, "requests": self.requests,
+                "queued": self._queue.qsize(), "rejected": self.rejected}
 
     def _gather(self, first: Request) -> tuple[list[Request], bool]:
         batch, deadline = [first], time.monotonic() + self.max_wait_s
@@ -118,6 +142,7 @@ class Batcher:
             def on_prompt_logprobs(i: int, entries) -> None:
                 batch[i].push(PromptLogprobs(entries))
 
+            t0 = time.monotonic()
             try:
                 done = self.generator.generate([r.prompt for r in batch], [r.params for r in batch],
                                                on_text=on_text, on_logprob=on_logprob,
@@ -127,5 +152,6 @@ class Batcher:
                 for r in batch:
                     r.push(exc)
                 continue
+            self._batch_s = 0.9 * self._batch_s + 0.1 * (time.monotonic() - t0)
             for r, c in zip(batch, done):
                 r.push(Done(c))
