@@ -186,7 +186,22 @@ def test_smoke_study_runs_resumes_and_recomputes_one_student(tmp_path, capsys):
     table = json.load(open(tmp_path / "study" / "results" / "results.json"))
     rows = {r["model"]: r for r in table["rows"]}
     students = [n for n in rows if n.startswith("student-")]
-    assert {"teacher", "base-small"} <= set(rows) and len(students) == 2
+    assert {"teacher", "base-small"} <= set(rows)
+    assert sorted(students) == ["student-small-broad-300", "student-small-local-300",
+                                "student-small-local-300-kd-s0", "student-small-local-300-on_policy-s0"]
+    # The arms: kd trains on the teacher's stored top-K, on_policy also on its own samples scored by
+    # the served teacher; the arms table has one row per arm of the compared cell.
+    from omegaconf import OmegaConf
+
+    runs = tmp_path / "study" / "runs"
+    kd_cfg = OmegaConf.load(runs / "student-small-local-300-kd-s0" / "config.yaml")
+    assert (kd_cfg.train.objective, kd_cfg.kd.source, kd_cfg.kd.on_policy.fraction) == ("kd", "stored", 0.0)
+    stats = json.load(open(tmp_path / "study" / "imitation" / "prepared" / "local" / "stats.json"))
+    assert stats["teacher_logprobs"]["k"] == cfg.imitation.top_logprobs
+    assert [(r["arm"], r["seeds"]) for r in table["arms"]] == [("sft", [0]), ("kd", [0]), ("on_policy", [0])]
+    op = table["arms"][2]
+    assert op["teacher_calls"] == 3 and op["sampled_tokens"] > 0  # 3 steps x 1 on-policy row, each scored
+    assert table["arms"][1]["teacher_calls"] == 0
     for r in rows.values():  # every cell computed by the pipeline
         assert all(isinstance(r[c], float) and 0.0 <= r[c] <= 1.0 for c in table["columns"]), r
     assert rows["teacher"]["style"] == 1.0  # the teacher judged against its own answers: all ties

@@ -212,10 +212,11 @@ def plot_study(runs: list[Run], out_dir: str, base: dict[str, dict[str, float]] 
         fig, ax = plt.subplots(figsize=(6, 4.2))
         for i, size in enumerate(sizes):
             colour = f"C{i % 10}"
-            points = sorted((r.imitation_tokens, r.scores[metric]) for r in usable
-                            if r.base_model == size and metric in r.scores)
-            if points:
-                ax.plot(*zip(*points), "-o", color=colour, label=f"{size} + imitation")
+            xs, means, stds = _mean_per_x([(r.imitation_tokens, r.scores[metric]) for r in usable
+                                           if r.base_model == size and metric in r.scores])
+            if xs:  # runs at the same x (seeds): their mean, with +/- one std bars
+                ax.errorbar(xs, means, yerr=stds if any(stds) else None, fmt="-o", color=colour, capsize=3,
+                            label=f"{size} + imitation")
             if metric in base.get(size, {}):
                 ax.axhline(base[size][metric], color=colour, linestyle=":", label=f"{size} base model")
         if metric in teacher:
@@ -228,6 +229,17 @@ def plot_study(runs: list[Run], out_dir: str, base: dict[str, dict[str, float]] 
         ax.legend(fontsize=8)
         written.append(_save(fig, os.path.join(out_dir, f"score_{_safe(metric)}.png")))
     return written
+
+
+def _mean_per_x(points: list[tuple[float, float]]) -> tuple[list[float], list[float], list[float]]:
+    by_x: dict[float, list[float]] = {}
+    for x, y in points:
+        by_x.setdefault(x, []).append(y)
+    xs = sorted(by_x)
+    means = [sum(by_x[x]) / len(by_x[x]) for x in xs]
+    stds = [math.sqrt(sum((y - m) ** 2 for y in by_x[x]) / (len(by_x[x]) - 1)) if len(by_x[x]) > 1 else 0.0
+            for x, m in zip(xs, means)]
+    return xs, means, stds
 
 
 def _save(fig, path: str) -> str:

@@ -53,6 +53,27 @@ class BaseSpec:
     train: TrainSpec = dataclasses.field(default_factory=TrainSpec)
 
 
+ARM_OBJECTIVES = ("sft", "kd", "on_policy")
+
+
+@dataclasses.dataclass
+class ArmSpec:
+    """One way of learning from the teacher: sft (its text), kd (its stored top-K log-probabilities,
+    collected with the answers) or on_policy (GKD: part of each batch is the student's own samples,
+    scored by the served teacher; the rest is stored KD)."""
+    objective: str = "sft"
+    overrides: list[str] = dataclasses.field(default_factory=list)  # more `train` overrides for this arm
+
+
+@dataclasses.dataclass
+class CompareSpec:
+    """The cells (base x set x budget) where every arm trains with every seed; null = all of that axis.
+    Every other cell trains only the first arm with the first seed."""
+    bases: Optional[list[str]] = None
+    sets: Optional[list[str]] = None
+    budgets: Optional[list[int]] = None
+
+
 @dataclasses.dataclass
 class ImitationConfig:
     sets: list[str] = dataclasses.field(default_factory=lambda: ["local", "broad"])
@@ -67,6 +88,16 @@ class ImitationConfig:
     temperature: float = 0.0
     concurrency: int = 8
     train: TrainSpec = dataclasses.field(default_factory=lambda: TrainSpec(lr=1e-3, batch_size=8))
+    arms: dict[str, ArmSpec] = dataclasses.field(default_factory=lambda: {"sft": ArmSpec()})
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0])  # each sets train.seed and data.seed
+    compare: CompareSpec = dataclasses.field(default_factory=CompareSpec)
+    top_logprobs: int = 20  # K collected with every answer when an arm distils (kd, on_policy)
+    on_policy_fraction: float = 0.5  # on_policy arms' defaults (kd.on_policy.*; an arm's overrides win)
+    on_policy_temperature: float = 1.0
+
+    @property
+    def distils(self) -> bool:
+        return any(a.objective != "sft" for a in self.arms.values())
 
 
 @dataclasses.dataclass
@@ -118,6 +149,8 @@ def load_study_config(path: Optional[str], overrides: Sequence[str] = ()) -> Stu
     for where, layer in layers:
         if where == path and "bases" in layer:  # the file's bases replace the default pair
             base.bases = {}
+        if where == path and "arms" in (layer.get("imitation") or {}) or where.startswith("override 'imitation.arms="):
+            base.imitation.arms = {}  # a file's arms, or `imitation.arms={...}`, replace the arms before it
         try:
             base = OmegaConf.merge(base, layer)
         except OmegaConfBaseException as exc:
@@ -148,6 +181,30 @@ def _validate(cfg: StudyConfig) -> None:
         raise ConfigError(f"study config: imitation.sets={cfg.imitation.sets} must name local and/or broad")
     if not cfg.imitation.budgets or any(b < 1 for b in cfg.imitation.budgets):
         raise ConfigError(f"study config: imitation.budgets={cfg.imitation.budgets} must be positive token counts")
+    _validate_arms(cfg)
     if "local" in cfg.imitation.sets and cfg.eval.local_column not in cfg.eval.tasks:
         raise ConfigError(f"study config: eval.local_column={cfg.eval.local_column!r} is not a column of eval.tasks "
                           f"({', '.join(cfg.eval.tasks)})")
+
+
+def _validate_arms(cfg: StudyConfig) -> None:
+    im = cfg.imitation
+    if not im.arms:
+        raise ConfigError("study config: imitation.arms: at least one arm is needed (e.g. sft: {})")
+    for name, arm in im.arms.items():
+        if arm.objective not in ARM_OBJECTIVES:
+            raise ConfigError(f"study config: imitation.arms.{name}.objective={arm.objective!r} is not one of "
+                              f"{', '.join(ARM_OBJECTIVES)}")
+        if not name.replace("_", "").isalnum():
+            raise ConfigError(f"study config: imitation.arms: the name {name!r} must be letters, digits and _")
+    if not im.seeds or len(set(im.seeds)) != len(im.seeds):
+        raise ConfigError(f"study config: imitation.seeds={im.seeds} must be distinct and at least one")
+    if im.distils and not 1 <= im.top_logprobs <= 20:
+        raise ConfigError(f"study config: imitation.top_logprobs={im.top_logprobs} must be 1-20 for the kd and "
+                          "on_policy arms")
+    for axis, allowed in (("bases", list(cfg.bases)), ("sets", im.sets), ("budgets", im.budgets)):
+        picked = getattr(im.compare, axis)
+        bad = [v for v in picked or [] if v not in allowed]
+        if bad:
+            raise ConfigError(f"study config: imitation.compare.{axis}={picked}: {bad} not among imitation's "
+                              f"{axis} ({', '.join(map(str, allowed))})")

@@ -135,12 +135,13 @@ class Study:
         self.add(Stage("collect/reference", self._collect_reference, [self.p("answers", "teacher.jsonl")],
                        ["world", *teacher_dep], needs=("teacher",),
                        key=k(cfg.judge.prompts, cfg.judge.max_new_tokens, cfg.teacher.model_name, cfg.teacher.base_url)))
-        # Students: every base x set x budget.
+        # Students: every base x set x budget with the first arm and seed; the compared cells with
+        # every arm and seed.
         for b, spec in cfg.bases.items():
             for s in cfg.imitation.sets:
                 for budget in cfg.imitation.budgets:
-                    name = f"student-{b}-{s}-{budget}"
-                    self._student_stage(name, b, spec, s, budget)
+                    for arm, seed in self._arms_and_seeds(b, s, budget):
+                        self._student_stage(b, spec, s, budget, arm, seed)
         # Evaluations and the preference judgement of every model.
         for name, m in self.models.items():
             self.add(Stage(f"eval/{name}", lambda name=name: self._eval(name), [self.p("eval", f"{name}.json")],
@@ -160,19 +161,59 @@ class Study:
                        evals, key=k(cfg.eval.tasks, report.VERSION)))
         return self.stages
 
-    def _student_stage(self, name: str, b: str, spec, s: str, budget: int) -> None:
+    def _arms_and_seeds(self, b: str, s: str, budget: int) -> list[tuple[str, int]]:
+        im = self.cfg.imitation
+        c = im.compare
+        compared = all(pick is None or v in pick for v, pick in ((b, c.bases), (s, c.sets), (budget, c.budgets)))
+        if not compared:
+            return [(next(iter(im.arms)), im.seeds[0])]
+        return [(arm, seed) for arm in im.arms for seed in im.seeds]
+
+    def student_name(self, b: str, s: str, budget: int, arm: str, seed: int) -> str:
+        """The first arm at the first seed keeps the single-arm study's name (its runs stay valid)."""
+        im = self.cfg.imitation
+        name = f"student-{b}-{s}-{budget}"
+        return name if (arm, seed) == (next(iter(im.arms)), im.seeds[0]) else f"{name}-{arm}-s{seed}"
+
+    def _student_stage(self, b: str, spec, s: str, budget: int, arm: str, seed: int) -> None:
         cfg = self.cfg
+        name = self.student_name(b, s, budget, arm, seed)
         run = self.p("runs", name)
         base = self.models[f"base-{b}"]
         init = {"hf": spec.init_hf} if spec.init_hf else {"checkpoint": base["path"]}
         data = {"path": self.p("imitation", "prepared", s), "max_train_tokens": budget}
         t = cfg.imitation.train
-        self.add(Stage(f"train/{name}", lambda name=name, run=run, spec=spec, t=t, data=data, init=init: self._train(
-            f"train-{name}", self._train_yaml(name, run, spec.model, t, data, init), t.overrides),
+        first = name == f"student-{b}-{s}-{budget}"
+        extra = [] if first and cfg.imitation.arms[arm].objective == "sft" else self._arm_overrides(arm, seed)
+        spec_obj = cfg.imitation.arms[arm]
+        self.add(Stage(f"train/{name}", lambda name=name, run=run, spec=spec, t=t, data=data, init=init, arm=arm: self._train(
+            f"train-{name}", self._train_yaml(name, run, spec.model, t, data, init),
+            [*t.overrides, *extra, *self._arm_runtime(arm)]),
             [os.path.join(run, "checkpoints")], [f"prepare/{s}", base["stage"]],
-            key=settings_key(t, budget, init, cfg.train_overrides)))
+            needs=("teacher",) if spec_obj.objective == "on_policy" else (),
+            key=settings_key(t, budget, init, cfg.train_overrides, *([extra] if extra else []))))
         self.models[name] = {"path": run, "stage": f"train/{name}", "kind": "student", "base": b, "set": s,
-                             "budget": budget}
+                             "budget": budget, "arm": arm, "seed": seed}
+
+    def _arm_overrides(self, arm: str, seed: int) -> list[str]:
+        """The `train` overrides of an arm at a seed (what the stage's key records)."""
+        im = self.cfg.imitation
+        spec = im.arms[arm]
+        out = [f"train.seed={seed}", f"data.seed={seed}"]
+        if spec.objective in ("kd", "on_policy"):
+            out += ["train.objective=kd", "kd.source=stored"]
+        if spec.objective == "on_policy":
+            out += [f"kd.on_policy.fraction={im.on_policy_fraction}", f"kd.on_policy.max_new_tokens={im.max_tokens}",
+                    f"kd.on_policy.temperature={im.on_policy_temperature}",
+                    f"kd.on_policy.teacher_model={self.cfg.teacher.model_name}",
+                    "train.log_every=1"]  # every step's on-policy counts reach metrics.jsonl (the cost columns)
+        return out + list(spec.overrides)
+
+    def _arm_runtime(self, arm: str) -> list[str]:
+        """Overrides known only when the stage runs (the served teacher's URL: not part of the key)."""
+        if self.cfg.imitation.arms[arm].objective != "on_policy":
+            return []
+        return [f"kd.on_policy.teacher_url={self.urls['teacher']}"]
 
     # ------------------------------------------------------------------ stage bodies
 
@@ -204,7 +245,8 @@ class Study:
         im = self.cfg.imitation
         return {k: getattr(im, k) for k in ("broad_prompts", "local_seeds", "local_num", "per_request",
                                              "dedup_threshold", "max_tokens", "bootstrap_max_tokens", "temperature")} | {
-            "teacher": [self.cfg.teacher.model_name, self.cfg.teacher.base_url]}
+            "teacher": [self.cfg.teacher.model_name, self.cfg.teacher.base_url]} | (
+            {"top_logprobs": im.top_logprobs} if im.distils else {})
 
     def _collect(self, s: str) -> None:
         from imitation_jax.collect.bootstrap import read_seeds
@@ -214,7 +256,7 @@ class Study:
         os.makedirs(os.path.dirname(out), exist_ok=True)
         common = ["--base-url", self.urls["teacher"], "--model", cfg.teacher.model_name, "--out", out,
                   "--concurrency", im.concurrency, "--max-tokens", im.max_tokens, "--temperature", im.temperature,
-                  "--quiet"]
+                  "--quiet"] + (["--top-logprobs", im.top_logprobs] if im.distils else [])
         if s == "local":
             seeds = im.local_seeds or self.world_file("local_seeds")
             args = ["collect", "--bootstrap", seeds, "--num", im.local_num, "--per-request", im.per_request,
@@ -223,6 +265,7 @@ class Study:
         else:
             args = ["collect", "--prompts", im.broad_prompts or self.world_file("broad_prompts"), *common]
         log = self.p("logs", f"collect-{s}.log")
+        self._drop_other_kind(out, im.top_logprobs if im.distils else 0)
         runs = [args]
         if s == "local":  # the seed questions belong to the local set too (answered by the teacher)
             seed_prompts = self.p("imitation", "local.seed-prompts.jsonl")
@@ -240,6 +283,20 @@ class Study:
         corpora.write_jsonl(self.p("imitation", f"{s}.clean.jsonl"), kept)
         with open(self.p("imitation", f"{s}.scrub.json"), "w") as f:
             json.dump({"collected": len(rows), "kept": len(kept), "dropped_heldout": len(rows) - len(kept)}, f)
+
+    def _drop_other_kind(self, out: str, k: int) -> None:
+        """Answers collected with another --top-logprobs (arms added or removed) are collected again;
+        an interrupted collection of the same kind resumes."""
+        from imitation_jax.collect.collect import answered_ids
+        from imitation_jax.errors import DataError
+
+        try:
+            answered_ids(out, top_logprobs=k)
+        except DataError as exc:
+            if exc.kind != "mixed_logprobs":
+                raise
+            self.log(f"         {out}: collected with other log-probabilities; collecting again")
+            os.remove(out)
 
     def _prepare(self, s: str) -> None:
         out = self.p("imitation", "prepared", s)
