@@ -36,7 +36,8 @@ setup(
     extras_require={
         # torch is pinned: an unpinned torch would pull a multi-GB CUDA build.
         "dev": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "lm-eval[hf]>=0.4.13,<0.5",
-                "import-linter>=2.13,<3"],  # the layer contract (.importlinter)
+                "import-linter>=2.13,<3",  # the layer contract (.importlinter)
+                "peft>=0.21,<1"],  # LoRA export tests: PEFT loads our adapters (with the pinned CPU torch)
         # lm-eval needs torch: pinned here too, so `.[eval]` alone never pulls a CUDA build.
         "eval": ["lm-eval[hf]>=0.4.13,<0.5", "torch==2.13.0"],
         "cpu": [f"jax[cpu]=={JAX}"],

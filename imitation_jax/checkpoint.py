@@ -5,6 +5,8 @@
     rng/        the run's PRNG key data
     data/       JSON: step, data-iterator state (the loader is random-access by step), epoch
     config/     JSON: the resolved config that wrote it
+    base/       JSON (LoRA runs only): the frozen base's identity, {"path", "hash"}; params/ and
+                opt_state/ then hold the adapters and their optimizer state only
 
 Orbax writes each step into a temporary directory and renames it when complete, so a write torn by
 a kill is never mistaken for a checkpoint; restore still falls back past any step it cannot read.
@@ -15,6 +17,7 @@ parameter, never a silent fresh start.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 import sys
@@ -27,7 +30,7 @@ import orbax.checkpoint as ocp
 
 from imitation_jax.errors import CheckpointError
 
-ITEMS = ("params", "opt_state", "rng", "data", "config")
+ITEMS = ("params", "opt_state", "rng", "data", "config", "base")
 _TMP = re.compile(r"\.orbax-checkpoint-tmp")
 
 
@@ -52,7 +55,7 @@ def _log(msg: str) -> None:
 def _handlers() -> dict:
     return {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
             "rng": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
-            "config": ocp.JsonCheckpointHandler()}
+            "config": ocp.JsonCheckpointHandler(), "base": ocp.JsonCheckpointHandler()}
 
 
 class Checkpointer:
@@ -76,14 +79,18 @@ class Checkpointer:
             return True
         return bool(self.cfg.every_minutes) and time.monotonic() - self._last_save_time >= 60 * self.cfg.every_minutes
 
-    def save(self, step: int, state: dict, data_state: dict, config: dict) -> None:
+    def save(self, step: int, state: dict, data_state: dict, config: dict, base: Optional[dict] = None) -> None:
+        """`base`: a LoRA run's base identity (`base_identity`), saved beside the adapters."""
         if step in self.manager.all_steps():
             return
-        args = ocp.args.Composite(
+        items = dict(
             params=ocp.args.StandardSave(state["params"], save_args=layer_save_args(state["params"])),
             opt_state=ocp.args.StandardSave(state["opt_state"]),
             rng=ocp.args.StandardSave({"key": state["rng"]}), data=ocp.args.JsonSave({"step": step, **data_state}),
             config=ocp.args.JsonSave(config))
+        if base is not None:
+            items["base"] = ocp.args.JsonSave(base)
+        args = ocp.args.Composite(**items)
         self.manager.save(step, args=args, force=True)
         self._last_save_time = time.monotonic()
 
@@ -103,10 +110,11 @@ class Checkpointer:
             return []
         return sorted(d for d in os.listdir(self.directory) if _TMP.search(d))
 
-    def restore_latest(self, abstract_state: dict) -> Optional[tuple[int, dict, dict]]:
+    def restore_latest(self, abstract_state: dict, base: Optional[dict] = None) -> Optional[tuple[int, dict, dict]]:
         """(step, state, data_state) from the newest complete, readable checkpoint, or None.
 
         abstract_state: ShapeDtypeStructs with target shardings for params / opt_state / rng.
+        base: a LoRA run's base identity now (`base_identity`); the checkpoint's must be the same.
         """
         for name in self.incomplete():
             _log(f"checkpoint: ignoring {os.path.join(self.directory, name)}: an incomplete write (torn by a kill)")
@@ -117,6 +125,8 @@ class Checkpointer:
                 _log(f"checkpoint: step {step} is unreadable ({exc}); falling back to the previous one")
                 continue
             check_fits(os.path.join(self.directory, str(step), "params"), abstract_state["params"], saved)
+            if base is not None:
+                check_base(os.path.join(self.directory, str(step)), base)
             try:
                 out = self.manager.restore(step, args=ocp.args.Composite(
                     params=ocp.args.StandardRestore(abstract_state["params"]),
@@ -214,3 +224,62 @@ def layer_save_args(params: Any) -> Any:
         return ocp.SaveArgs(shard_axes=(0,)) if stacked else ocp.SaveArgs()
 
     return jax.tree_util.tree_map_with_path(args, params)
+
+
+# ------------------------------------------------------------------------------------ LoRA base
+
+
+HF_WEIGHT_FILES = (".safetensors", ".bin", ".index.json", "config.json")
+
+
+def content_hash(path: str, suffixes: Optional[tuple[str, ...]] = None) -> str:
+    """sha256 over the files of `path` (a file, or a directory: every file below it whose name ends
+    with one of `suffixes`, default all, by relative path and bytes, in sorted order): a frozen
+    base's identity."""
+    path = os.path.abspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: the LoRA base does not exist")
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(root, f) for root, _, names in os.walk(path) for f in names
+        if suffixes is None or f.endswith(suffixes))
+    digest = hashlib.sha256()
+    for name in files:
+        digest.update(os.path.relpath(name, path).encode() + b"\0")
+        with open(name, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def base_identity(path: str, kind: str) -> dict:
+    """{"path", "kind", "hash"} of a LoRA run's base: kind "hf" (an HF dir: config.json and the
+    weight files hashed) or "checkpoint" (an Orbax params checkpoint: the params item hashed)."""
+    if kind == "hf":
+        return {"path": os.path.abspath(path), "kind": kind, "hash": content_hash(path, HF_WEIGHT_FILES)}
+    return {"path": os.path.abspath(path), "kind": kind, "hash": content_hash(resolve_params_path(path))}
+
+
+def read_base(step_dir: str) -> Optional[dict]:
+    """The base identity saved with a checkpoint step (None: not a LoRA checkpoint)."""
+    item = os.path.join(step_dir, "base")
+    if not os.path.isdir(item):
+        return None
+    import json
+
+    try:  # Orbax's JsonCheckpointHandler writes the item as the file "metadata"
+        with open(os.path.join(item, "metadata")) as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{item}: unreadable base identity ({exc})") from None
+
+
+def check_base(step_dir: str, now: dict) -> None:
+    """One-line CheckpointError unless `step_dir` was trained on the base `now` identifies."""
+    saved = read_base(step_dir)
+    if saved is None:
+        raise CheckpointError(f"{step_dir}: holds no LoRA base identity (not a LoRA checkpoint)")
+    if saved.get("hash") != now["hash"]:
+        raise CheckpointError(f"{step_dir}: its adapters were trained on the base {saved.get('path')} "
+                              f"(sha256 {str(saved.get('hash'))[:12]}) but {now['path']} now hashes to "
+                              f"{now['hash'][:12]}: the base changed")

@@ -19,10 +19,22 @@ def _export_hf(args: argparse.Namespace) -> int:
     from imitation_jax.convert.hf_export import export_hf
     from imitation_jax.convert.loading import open_model
 
-    result = export_hf(open_model(args.source, step=args.step), args.out, dtype=args.dtype,
+    if args.adapter:
+        from imitation_jax.convert.peft_export import export_adapter
+        from imitation_jax.errors import ConfigError
+
+        if args.dtype is not None:
+            raise ConfigError("export-hf: --dtype does not apply with --adapter (adapters are written in float32)")
+
+        result = export_adapter(args.source, args.out, step=args.step)
+        print(f"exported the LoRA adapters of {result['source']} -> {result['out']} (PEFT, {result['tensors']} "
+              f"tensors, {result['params'] / 1e6:.2f}M params, float32) for the base {result['base']}")
+        return 0
+    dtype = args.dtype or "bfloat16"
+    result = export_hf(open_model(args.source, step=args.step), args.out, dtype=dtype,
                        max_shard_size=args.max_shard_size)
     print(f"exported {result['source']} -> {result['out']} ({len(result['shards'])} shard(s), "
-          f"vocab {result['vocab_size']}, {args.dtype})")
+          f"vocab {result['vocab_size']}, {dtype})")
     return 0
 
 
@@ -51,13 +63,19 @@ def register(sub) -> None:
                    "the file, so use it only for files you trust")
     p.set_defaults(func=_import_hf)
 
-    p = sub.add_parser("export-hf", help="run dir or params checkpoint -> HF LLaMA dir",
+    p = sub.add_parser("export-hf", help="run dir or params checkpoint -> HF LLaMA dir (or a PEFT adapter)",
                        description="Writes config.json, generation_config.json, "
                        "model-0000k-of-0000n.safetensors + model.safetensors.index.json, the tokenizer "
-                       "(added special tokens included) and the training template as chat_template.")
+                       "(added special tokens included) and the training template as chat_template. A LoRA "
+                       "run is written with its adapters merged into the base; with --adapter, its "
+                       "adapters alone as a PEFT adapter dir (adapter_config.json, adapter_model.safetensors).")
     p.add_argument("source", metavar="RUN_DIR_OR_CKPT")
     p.add_argument("--out", required=True, metavar="HF_DIR")
     p.add_argument("--step", type=int, default=None, help="checkpoint step of a run dir (default: newest)")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
+                   help="weights' dtype (default bfloat16; not with --adapter: adapters are written in float32)")
+    p.add_argument("--adapter", action="store_true",
+                   help="a LoRA run's adapters only, as a PEFT adapter for its base (peft.PeftModel.from_pretrained)")
     p.add_argument("--max-shard-size", default="5GB", type=_size, help="e.g. 5GB (default), 500MB, 2GiB")
     p.set_defaults(func=_export_hf)
+

@@ -2,7 +2,10 @@
 
 `path` may be
   * a run dir (`imitation-jax train`): RUN_DIR/config.yaml (model config, data.template,
-    data.turn_tokens), RUN_DIR/tokenizer/ and the newest complete checkpoint (or `step`);
+    data.turn_tokens), RUN_DIR/tokenizer/ and the newest complete checkpoint (or `step`). A LoRA
+    run (model.lora.rank > 0) checkpoints adapters only: its base (init.hf / init.checkpoint of
+    the run's config) is loaded, checked against the checkpoint's base hash, and the adapters are
+    merged into it (a plain model; `merge=False` keeps them apart);
   * a params checkpoint dir written by `imitation-jax import-hf` (layout in
     `imitation_jax.convert.params_dir`): model.json, params/ (Orbax), tokenizer/;
   * a Hugging Face LLaMA dir (config.json + safetensors + tokenizer files), streamed in one
@@ -41,11 +44,13 @@ class LoadedModel:
 
 
 def load_model(path: str, *, step: Optional[int] = None, dtype: Optional[str] = None,
-               mesh=None) -> LoadedModel:
+               mesh=None, merge: bool = True) -> LoadedModel:
     """Load a run dir, an import-hf params dir or an HF dir. `dtype` (float32 | bfloat16 |
     float16) casts the parameters and sets the compute dtype; `mesh` places the parameters by the
     sharding rules (default: one device) and decides the platform the model runs as (`config.platform`,
-    whatever the saved config says: a model trained on TPUs and served on a CPU takes the CPU path)."""
+    whatever the saved config says: a model trained on TPUs and served on a CPU takes the CPU path).
+    A LoRA run's adapters are merged into its base unless `merge=False` (then the config keeps
+    model.lora and the params hold base, adapters and zero dropout keys)."""
     from imitation_jax.convert import params_dir
 
     path = os.path.abspath(path)
@@ -55,7 +60,7 @@ def load_model(path: str, *, step: Optional[int] = None, dtype: Optional[str] = 
         raise ConfigError(f"dtype={dtype!r} is not one of float32, bfloat16, float16")
     mesh = mesh if mesh is not None else _one_device_mesh()
     if os.path.isfile(os.path.join(path, "config.yaml")):
-        return _from_run_dir(path, step, dtype, mesh)
+        return _from_run_dir(path, step, dtype, mesh, merge)
     if step is not None:
         raise ConfigError(f"{path}: step={step} applies to a run dir only (no config.yaml there)")
     if params_dir.is_params_dir(path):
@@ -95,8 +100,11 @@ def describe(path: str, *, step: Optional[int] = None) -> Optional[SavedModel]:
 
 def open_model(path: str, *, step: Optional[int] = None) -> "SavedModel | LoadedModel":
     """A run dir or import-hf dir described (its parameters are read later, one at a time, e.g. by
-    export), anything else loaded whole (an HF dir)."""
-    return describe(path, step=step) or load_model(path, step=step)
+    export), anything else loaded whole (an HF dir, or a LoRA run: its base with the adapters merged)."""
+    saved = describe(path, step=step)
+    if saved is not None and saved.config.lora.enabled:
+        return load_model(path, step=step)
+    return saved or load_model(path, step=step)
 
 
 def _one_device_mesh():
@@ -203,14 +211,63 @@ def _run_template(data: dict, tokenizer: Tokenizer):
     return get_template(data.get("template") or DEFAULT_TEMPLATE, tokenizer, turn_tokens=bool(data.get("turn_tokens")))
 
 
-def _from_run_dir(run_dir: str, step: Optional[int], dtype: Optional[str], mesh) -> LoadedModel:
+def _from_run_dir(run_dir: str, step: Optional[int], dtype: Optional[str], mesh, merge: bool = True) -> LoadedModel:
     saved = describe(run_dir, step=step)
     if saved.tokenizer.vocab_size > saved.config.vocab_size:
         raise CheckpointError(f"{run_dir}: the tokenizer has {saved.tokenizer.vocab_size} tokens but the model "
                               f"only {saved.config.vocab_size}")
-    cfg, params = restore_into(saved.params_item, saved.config, dtype, mesh)
+    if saved.config.lora.enabled:
+        cfg, params = _lora_params(run_dir, saved, dtype, mesh, merge)
+    else:
+        cfg, params = restore_into(saved.params_item, saved.config, dtype, mesh)
     cfg = _on_mesh(cfg, mesh)
     return LoadedModel(cfg, _graphdef(cfg), params, saved.tokenizer, saved.template, saved.source)
+
+
+def lora_base(run_dir: str) -> tuple[str, str, int]:
+    """(path, kind "hf" | "checkpoint", train.seed) of a LoRA run's base, from its config.yaml."""
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.to_container(OmegaConf.load(os.path.join(run_dir, "config.yaml")), resolve=True)
+    init, seed = raw.get("init") or {}, int((raw.get("train") or {}).get("seed") or 0)
+    if init.get("hf"):
+        return init["hf"], "hf", seed
+    if init.get("checkpoint"):
+        return init["checkpoint"], "checkpoint", seed
+    raise ConfigError(f"{run_dir}/config.yaml: a LoRA run without init.hf or init.checkpoint (its base)")
+
+
+def _lora_params(run_dir: str, saved: SavedModel, dtype: Optional[str], mesh, merge: bool) -> tuple[ModelConfig, Any]:
+    """A LoRA run's base (checked against the checkpoint's base hash) with its adapters: merged
+    into a plain model's params, or kept apart (`merge=False`)."""
+    import jax
+
+    from imitation_jax import checkpoint
+    from imitation_jax.convert.init_params import initial_params
+    from imitation_jax.model import lora
+    from imitation_jax.model.params import abstract_params, base_config, frozen_keys
+
+    path, kind, seed = lora_base(run_dir)
+    checkpoint.check_base(os.path.dirname(saved.params_item), checkpoint.base_identity(path, kind))
+    cfg = saved.config
+    base_cfg = base_config(cfg)
+    adapters_abstract, frozen_abstract = lora.split(abstract_params(cfg, mesh))
+    init = dataclasses.make_dataclass("Init", [("hf", Optional[str]), ("checkpoint", Optional[str])])(
+        path if kind == "hf" else None, path if kind == "checkpoint" else None)
+    with jax.set_mesh(mesh):
+        base = initial_params(init, base_cfg, mesh, abstract_params(base_cfg, mesh), seed)
+        adapters = checkpoint.restore_params(saved.params_item, adapters_abstract)
+        if merge:
+            shardings = jax.tree.map(lambda x: x.sharding, base)
+            params = jax.jit(lambda b, a: lora.merged(lora.combine(b, a), cfg.lora), out_shardings=shardings)(
+                base, adapters)
+            cfg = base_cfg
+        else:
+            params = lora.combine(base, adapters, frozen_keys(frozen_abstract))
+    if dtype is not None and dtype != cfg.param_dtype:
+        params = cast_params(params, dtype) if merge else lora.combine(
+            cast_params(lora.base_only(params), dtype), lora.split(params)[0], lora.keys_only(params))
+    return with_dtype(cfg, dtype), params
 
 
 # ------------------------------------------------------------------------------------ import-hf dirs

@@ -8,6 +8,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from imitation_jax.model.lora import LoraConfig
 from imitation_jax.sharding import device_platform, platform_of
 
 REMAT_POLICIES = ("none", "full", "save_dots")
@@ -52,8 +53,14 @@ class ModelConfig:
     # cpu | gpu | tpu: which kernels the model is traced with (model/cpu.py holds the CPU-only ones).
     # None/auto: not decided yet; `with_platform` takes it from the mesh's devices.
     platform: Optional[str] = None
+    # LoRA adapters (model/lora.py): rank 0 trains the whole model, rank > 0 adapters on a frozen base.
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):  # read back from JSON (model.json, checkpoint configs)
+            self.lora = LoraConfig(**self.lora)
+        elif self.lora is None:
+            self.lora = LoraConfig()
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat={self.remat!r} is not one of {', '.join(REMAT_POLICIES)}")
         if self.scan_unroll < 1:

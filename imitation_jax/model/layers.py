@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from imitation_jax.model import cpu
+from imitation_jax.model import cpu, lora
 from imitation_jax.model.config import ModelConfig, RopeScaling, decided
 from imitation_jax.sharding import constrain
 
@@ -99,10 +99,34 @@ class MLP(nnx.Module):
         self.down = param(rngs, (f, d), ("mlp", "embed"), dt, std)
         self.dtype = cfg.compute_dtype
         self.platform = cfg.platform
+        # LoRA adapters (model/lora.py), created after the base weights.
+        self.lora = cfg.lora
+        for name, (i, o, i_names, o_names) in {"gate": ((d,), (f,), ("embed",), ("mlp",)),
+                                                "up": ((d,), (f,), ("embed",), ("mlp",)),
+                                                "down": ((f,), (d,), ("mlp",), ("embed",))}.items():
+            if cfg.lora.targets_(name):
+                a, b = lora.adapter_params(rngs, i, i_names, o, o_names, cfg.lora.rank)
+                setattr(self, name + lora.SUFFIX_A, a)
+                setattr(self, name + lora.SUFFIX_B, b)
+        self.lora_key = lora.dropout_key(cfg.lora.rank, cfg.lora.dropout)
+
+    def adapted(self, name: str, x: jax.Array, y: jax.Array) -> jax.Array:
+        """y (= x @ W_name) plus the LoRA update of `name`, if it has one."""
+        if not self.lora.targets_(name):
+            return y
+        return y + lora.update(x, getattr(self, name + lora.SUFFIX_A), getattr(self, name + lora.SUFFIX_B),
+                               self.lora.scale, self.dtype, self.lora_key, self.lora.dropout,
+                               lora.TARGETS.index(name))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.dtype
         gate, up, down = self.gate[...].astype(dt), self.up[...].astype(dt), self.down[...].astype(dt)
-        if decided(self.platform) == "cpu":
-            return cpu.swiglu(x, gate, up, down)
-        return constrain(jax.nn.silu(x @ gate) * (x @ up), ("batch", "seq", "act_mlp")) @ down
+        if not any(self.lora.targets_(n) for n in ("gate", "up", "down")):
+            if decided(self.platform) == "cpu":
+                return cpu.swiglu(x, gate, up, down)
+            return constrain(jax.nn.silu(x @ gate) * (x @ up), ("batch", "seq", "act_mlp")) @ down
+        # With adapters: autodiff of the plain formula (cpu.swiglu's hand-written backward pass
+        # has no adapter terms).
+        h = jax.nn.silu(self.adapted("gate", x, x @ gate)) * self.adapted("up", x, x @ up)
+        h = constrain(h, ("batch", "seq", "act_mlp"))
+        return self.adapted("down", h, h @ down)

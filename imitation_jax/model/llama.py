@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from imitation_jax.model import lora
 from imitation_jax.model.attention import attention, cached_attention
 from imitation_jax.model.config import ModelConfig, with_platform
 from imitation_jax.model.kv_cache import KVCache, LayerCache
@@ -34,6 +35,26 @@ class Attention(nnx.Module):
         self.dtype = cfg.compute_dtype
         self.impl = cfg.attention
         self.platform = cfg.platform
+        # LoRA adapters (model/lora.py), created after the base weights.
+        self.lora = cfg.lora
+        shapes = {"q": ((d,), (h, hd), ("embed",), ("heads", "head_dim")),
+                  "k": ((d,), (kv, hd), ("embed",), ("kv_heads", "head_dim")),
+                  "v": ((d,), (kv, hd), ("embed",), ("kv_heads", "head_dim")),
+                  "o": ((h, hd), (d,), ("heads", "head_dim"), ("embed",))}
+        for name, (i, o, i_names, o_names) in shapes.items():
+            if cfg.lora.targets_(name):
+                a, b = lora.adapter_params(rngs, i, i_names, o, o_names, cfg.lora.rank)
+                setattr(self, name + lora.SUFFIX_A, a)
+                setattr(self, name + lora.SUFFIX_B, b)
+        self.lora_key = lora.dropout_key(cfg.lora.rank, cfg.lora.dropout)
+
+    def adapted(self, name: str, x: jax.Array, y: jax.Array) -> jax.Array:
+        """y (= x @ W_name) plus the LoRA update of `name`, if it has one."""
+        if not self.lora.targets_(name):
+            return y
+        return y + lora.update(x, getattr(self, name + lora.SUFFIX_A), getattr(self, name + lora.SUFFIX_B),
+                               self.lora.scale, self.dtype, self.lora_key, self.lora.dropout,
+                               lora.TARGETS.index(name))
 
     def __call__(self, x, cos, sin, segment_ids, cache: LayerCache | None = None):
         """Returns (output, cache). With a cache, this call's keys and values are written into it;
@@ -50,7 +71,9 @@ class Attention(nnx.Module):
             d, heads, hd = w.shape  # 3-D einsum costs transposing copies on CPU
             return (x.reshape(-1, d) @ w.astype(dt).reshape(d, heads * hd)).reshape(*x.shape[:-1], heads, hd)
 
-        q, k, v = project(self.q[...]), project(self.k[...]), project(self.v[...])
+        q = self.adapted("q", x, project(self.q[...]))
+        k = self.adapted("k", x, project(self.k[...]))
+        v = self.adapted("v", x, project(self.v[...]))
         q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "act_heads", None))
         k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "act_kv_heads", None))
         v = constrain(v, ("batch", "seq", "act_kv_heads", None))
@@ -66,7 +89,11 @@ class Attention(nnx.Module):
         """(..., heads * head_dim) -> (..., hidden), as one 2-D matmul."""
         wo = self.o[...].astype(self.dtype)
         flat = out.reshape(-1, wo.shape[0] * wo.shape[1]) @ wo.reshape(-1, wo.shape[2])
-        return flat.reshape(*out.shape[:-1], wo.shape[2])
+        y = flat.reshape(*out.shape[:-1], wo.shape[2])
+        if not self.lora.targets_("o"):
+            return y
+        heads = out.reshape(*out.shape[:-1], wo.shape[0], wo.shape[1])  # the adapter's input is (heads, head_dim)
+        return self.adapted("o", heads, y)
 
 
 class Block(nnx.Module):

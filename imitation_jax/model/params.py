@@ -9,6 +9,7 @@ rows. Small random rows keep the new tokens' logits near zero instead of copying
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 
 import jax
@@ -17,6 +18,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from imitation_jax.model import lora
 from imitation_jax.model.config import ModelConfig
 from imitation_jax.model.llama import Llama
 from imitation_jax.sharding import tree_shardings
@@ -61,6 +63,28 @@ def init_params(cfg: ModelConfig, mesh: Mesh, seed: int) -> Params:
         return nnx.to_pure_dict(nnx.split(Llama(cfg, rngs=nnx.Rngs(seed)))[1])
 
     return jax.jit(init, out_shardings=param_shardings(cfg, mesh))()
+
+
+def base_config(cfg: ModelConfig) -> ModelConfig:
+    """`cfg` without adapters: the frozen base of a LoRA model (or `cfg` itself)."""
+    return dataclasses.replace(cfg, lora=lora.LoraConfig()) if cfg.lora.enabled else cfg
+
+
+def init_adapters(cfg: ModelConfig, mesh: Mesh, seed: int) -> Params:
+    """Fresh LoRA adapters (A drawn, B zero) on their devices; nothing else of the model is made."""
+    _, shapes, names = model_graph(cfg)
+    adapters, _ = lora.split(tree_shardings(shapes, names, mesh))
+
+    def init():
+        return lora.split(nnx.to_pure_dict(nnx.split(Llama(cfg, rngs=nnx.Rngs(seed)))[1]))[0]
+
+    return jax.jit(init, out_shardings=adapters)()
+
+
+def frozen_keys(abstract_frozen: Params) -> Params:
+    """Zero (= dropout off) keys for the LoRA dropout-key leaves of an abstract frozen tree."""
+    return jax.tree.map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype), s.sharding),
+                        lora.keys_only(abstract_frozen))
 
 
 def new_rows(old: int, new: int, width: int, std: float, seed: int, table: str) -> np.ndarray:

@@ -18,8 +18,9 @@ from jax.sharding import Mesh
 
 from imitation_jax.data.packing import TEACHER_FIELDS
 from imitation_jax.errors import ConfigError
+from imitation_jax.model import lora
 from imitation_jax.model.config import ModelConfig, with_platform
-from imitation_jax.model.params import abstract_params, model_graph
+from imitation_jax.model.params import abstract_params, base_config, model_graph
 from imitation_jax.sharding import batch_sharding, replicated
 from imitation_jax.train.config import Config
 from imitation_jax.train.objectives import make_loss_fn
@@ -69,8 +70,24 @@ class Program:
     schedule: Callable[[int], Any]
     total_steps: int
     abstract: dict  # params, opt_state, rng: ShapeDtypeStructs with target shardings
-    train_step: Any  # (state, batch) -> (state, metrics); state = params, opt_state, step
-    eval_step: Any  # (params, batch) -> loss sums
+    train_step: Any  # (state, batch[, frozen][, teacher]) -> (state, metrics); state = params, opt_state, step
+    eval_step: Any  # (params, batch) -> loss sums; with LoRA the params are the whole tree (lora.combine)
+    # LoRA (model.lora.rank > 0): abstract["params"] is the adapters only; `frozen` the abstract rest
+    # (base weights + dropout keys) the train step takes as its third argument; None otherwise.
+    frozen: Any = None
+
+    @property
+    def lora(self) -> bool:
+        return self.frozen is not None
+
+    @property
+    def base_model(self) -> ModelConfig:
+        """The model without adapters: what the frozen base is loaded as."""
+        return base_config(self.model)
+
+    def abstract_base(self) -> dict:
+        """The base's weights as abstract arrays (LoRA only): what `init.*` loads."""
+        return lora.base_only(self.frozen)
 
     @property
     def state_shardings(self) -> dict:
@@ -111,7 +128,9 @@ def build_program(cfg: Config, mesh: Mesh, model: ModelConfig, total_steps: int,
     t = cfg.train
     optimizer, schedule = make_optimizer(cfg.optim, total_steps)
     graphdef = model_graph(model)[0]
-    params = abstract_params(model, mesh)
+    params, frozen = abstract_params(model, mesh), None
+    if model.lora.enabled:  # train the adapters; the base (and the dropout keys) is a frozen argument
+        params, frozen = lora.split(params)
     opt = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                        jax.eval_shape(optimizer.init, params), opt_state_shardings(optimizer, params, mesh))
     abstract = {"params": params, "opt_state": opt,
@@ -122,10 +141,14 @@ def build_program(cfg: Config, mesh: Mesh, model: ModelConfig, total_steps: int,
         loss_fn = make_loss_fn(graphdef, t.objective, cfg.kd, t.loss_chunk, t.fuse_last_layer,
                                teacher.graphdef if teacher is not None else None)
     teacher_sh = _shardings(teacher.params) if teacher is not None else None
+    frozen_sh = _shardings(frozen) if frozen is not None else None
+    dropout_seed = t.seed if model.lora.enabled and model.lora.dropout > 0 else None
     train_step = make_train_step(graphdef, optimizer, mesh, state_sh, t.loss_chunk, t.fuse_last_layer, model.platform,
-                                 loss_fn, teacher_sh)
-    eval_step = make_eval_step(graphdef, mesh, state_sh["params"], t.loss_chunk, t.fuse_last_layer, model.platform)
-    return Program(cfg, mesh, model, graphdef, optimizer, schedule, total_steps, abstract, train_step, eval_step)
+                                 loss_fn, teacher_sh, frozen_sh, dropout_seed)
+    eval_sh = state_sh["params"] if frozen is None else lora.combine(state_sh["params"], frozen_sh)
+    eval_step = make_eval_step(graphdef, mesh, eval_sh, t.loss_chunk, t.fuse_last_layer, model.platform)
+    return Program(cfg, mesh, model, graphdef, optimizer, schedule, total_steps, abstract, train_step, eval_step,
+                   frozen)
 
 
 @dataclasses.dataclass

@@ -15,11 +15,12 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from imitation_jax.checkpoint import Checkpointer
+from imitation_jax.checkpoint import Checkpointer, base_identity
 from imitation_jax.data.loader import BatchLoader
 from imitation_jax.data.training import TrainingData, load_training_data
 from imitation_jax.errors import ConfigError
-from imitation_jax.model.params import init_params
+from imitation_jax.model import lora
+from imitation_jax.model.params import frozen_keys, init_adapters, init_params
 from imitation_jax.sharding import make_mesh, replicated
 from imitation_jax.train.builder import Program, build_program, check_teacher, micro_batch, resolve_model
 from imitation_jax.train.config import Config, save_resolved
@@ -84,6 +85,9 @@ def train(cfg: Config, restart: bool = False, *, init: InitParams | None = None,
         raise ValueError("kd.source=teacher: pass `teacher` (imitation_jax.commands.train.teacher_source(cfg))")
     if cfg.train.objective == "kd" and cfg.kd.on_policy.fraction and batch_transform is None:
         raise ValueError("kd.on_policy: pass `batch_transform` (imitation_jax.commands.on_policy.on_policy_source(cfg))")
+    if cfg.model.lora.enabled and not (cfg.init.checkpoint or cfg.init.hf):
+        raise ConfigError("config: model.lora trains adapters on a frozen base: set init.hf (an HF dir) or "
+                          "init.checkpoint (a run or import-hf dir)")
     run_dir = os.path.abspath(cfg.run_dir)
     os.makedirs(run_dir, exist_ok=True)
     data = load_training_data(cfg.data, jax.process_index(), jax.process_count(), progress=cfg.logging.progress)
@@ -125,8 +129,12 @@ def train(cfg: Config, restart: bool = False, *, init: InitParams | None = None,
             _say(f"kd: teacher {frozen.source} ({frozen.config.num_params() / 1e6:.1f}M params, "
                  f"{frozen.config.param_dtype}), frozen in the same mesh")
         program = build_program(cfg, mesh, cfg.model, total_steps, frozen)
+        base = identity = None
+        if program.lora:  # the frozen base, loaded whether the run starts or resumes
+            base, identity = _lora_base(cfg, program, init)
         try:
-            restored = ckpt.restore_latest(program.abstract) if ckpt.steps() or ckpt.incomplete() else None
+            restored = (ckpt.restore_latest(program.abstract, base=identity)
+                        if ckpt.steps() or ckpt.incomplete() else None)
             if restored is not None:
                 start_step, state, saved_data = restored
                 _check_same_data(loader, saved_data, start_step)
@@ -138,7 +146,9 @@ def train(cfg: Config, restart: bool = False, *, init: InitParams | None = None,
             _say(f"resuming from step {start_step} ({ckpt.directory}/{start_step})")
         else:
             start_step = 0
-            if init is not None and (cfg.init.checkpoint or cfg.init.hf):
+            if program.lora:
+                params = init_adapters(cfg.model, mesh, t.seed)
+            elif init is not None and (cfg.init.checkpoint or cfg.init.hf):
                 params = init(program, t.seed)
                 _say(f"init: params from {cfg.init.checkpoint or cfg.init.hf}")
             else:
@@ -148,10 +158,24 @@ def train(cfg: Config, restart: bool = False, *, init: InitParams | None = None,
         rng = state.pop("rng")
         state["step"] = step_scalar(start_step, mesh)
         summary = _run_loop(cfg, program, data, loader, eval_loader, ckpt, state, rng, start_step,
-                            config_dict, hooks, () if frozen is None else (frozen.params,), batch_transform)
+                            config_dict, hooks, () if frozen is None else (frozen.params,), batch_transform,
+                            None if base is None else (base, identity))
     final = start_step if not ckpt.steps() else ckpt.steps()[-1]
     return {"run_dir": run_dir, "steps": total_steps, "start_step": start_step, **summary,
             "checkpoint": f"{ckpt.directory}/{final}"}
+
+
+def _lora_base(cfg: Config, program: Program, init: InitParams) -> tuple[dict, dict]:
+    """(the frozen rest of a LoRA model: base weights from init.* + zero dropout keys, the base's
+    identity: path + content hash, checked against the checkpoint's on resume)."""
+    identity = base_identity(cfg.init.hf, "hf") if cfg.init.hf else base_identity(cfg.init.checkpoint, "checkpoint")
+    as_base = dataclasses.replace(program, model=program.base_model,
+                                  abstract={**program.abstract, "params": program.abstract_base()})
+    weights = init(as_base, cfg.train.seed)
+    _say(f"lora: rank {cfg.model.lora.rank} adapters on {', '.join(cfg.model.lora.targets)} "
+         f"({lora.count(program.abstract['params']) / 1e6:.2f}M trained params) over the frozen base "
+         f"{identity['path']} ({program.base_model.param_dtype}, sha256 {identity['hash'][:12]})")
+    return lora.combine(weights, frozen_keys(program.frozen)), identity
 
 
 def _loaders(cfg: Config, data: TrainingData, mesh, micro: int) -> tuple[BatchLoader, BatchLoader | None]:
@@ -175,8 +199,16 @@ def _loaders(cfg: Config, data: TrainingData, mesh, micro: int) -> tuple[BatchLo
 def _run_loop(cfg: Config, program: Program, data: TrainingData, loader: BatchLoader,
               eval_loader: BatchLoader | None, ckpt: Checkpointer, state: dict, rng, start_step: int,
               config_dict: dict, hook_factories: Sequence[HookFactory], teacher_params: tuple = (),
-              transform_factory: BatchTransformFactory | None = None) -> dict[str, Any]:
+              transform_factory: BatchTransformFactory | None = None,
+              lora_base: tuple[dict, dict] | None = None) -> dict[str, Any]:
+    """`lora_base`: (frozen rest of the model, base identity) of a LoRA run; the state then holds
+    the adapters, and hooks, evaluation and batch transforms see the whole model (`full`)."""
     t, total_steps, run_dir = cfg.train, program.total_steps, os.path.abspath(cfg.run_dir)
+    frozen, identity = lora_base if lora_base is not None else (None, None)
+    step_args = (frozen,) if frozen is not None else ()
+
+    def full(params):  # the params the model runs on
+        return params if frozen is None else lora.combine(params, frozen)
     logger = MetricsLogger(run_dir, cfg.logging.tensorboard, cfg.logging.wandb_project, config=config_dict)
     bar = tqdm(total=total_steps, initial=start_step, desc="train",
                disable=not (cfg.logging.progress and logger.enabled))
@@ -199,8 +231,9 @@ def _run_loop(cfg: Config, program: Program, data: TrainingData, loader: BatchLo
     transform = transform_factory(program, data.tokenizer) if transform_factory is not None else None
 
     def save(step: int, state: dict) -> None:
-        ckpt.save(step, {**state, "rng": rng}, dict(loader.state(step), epoch=step / loader.batches_per_epoch),
-                  config_dict)
+        params = state["params"] if frozen is None else lora.split(state["params"])[0]  # adapters only
+        ckpt.save(step, {**state, "params": params, "rng": rng},
+                  dict(loader.state(step), epoch=step / loader.batches_per_epoch), config_dict, identity)
 
     stop = StopFlag().install()
     checkpointing = Checkpointing(ckpt.due, save, lambda: stop.signal is not None, agree)
@@ -209,13 +242,13 @@ def _run_loop(cfg: Config, program: Program, data: TrainingData, loader: BatchLo
         for step in range(start_step, total_steps):
             batch, extra = next(batches), None
             if transform is not None:
-                batch, extra = transform(step, state["params"], batch)
-            state, metrics = program.train_step(state, batch, *teacher_params)
+                batch, extra = transform(step, full(state["params"]), batch)
+            state, metrics = program.train_step(state, batch, *step_args, *teacher_params)
             if extra:
                 metrics = {**metrics, **extra}
             clock.steps += 1
             done = step + 1
-            info = StepInfo(done, total_steps, start_step, state, metrics,
+            info = StepInfo(done, total_steps, start_step, {**state, "params": full(state["params"])}, metrics,
                             lambda m, prefix="", _d=done: logger.log(_d, m, prefix=prefix))
             for hook in hooks:
                 if hook.due(done, total_steps, start_step):
@@ -235,11 +268,11 @@ def _run_loop(cfg: Config, program: Program, data: TrainingData, loader: BatchLo
     preempted = checkpointing.stop
     eval_metrics = None
     if eval_fn is not None and not preempted:
-        eval_metrics = eval_fn(state["params"])
+        eval_metrics = eval_fn(full(state["params"]))
         logger.log(total_steps, eval_metrics, prefix="eval_")
     logger.close()
     return {"first_loss": log_hook.first_loss, "last_loss": log_hook.last_loss, "eval": eval_metrics,
-            "params": state["params"], "preempted": preempted}
+            "params": full(state["params"]), "preempted": preempted}
 
 
 def _check_same_data(loader: BatchLoader, saved: dict, step: int) -> None:

@@ -11,7 +11,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from imitation_jax.model import cpu
+from imitation_jax.model import cpu, lora
 from imitation_jax.sharding import logical_to_spec, platform_of, replicated
 from imitation_jax.train.objectives import LossFn, make_loss_fn, sft_sums
 
@@ -35,28 +35,46 @@ def accum_batch_sharding(mesh: Mesh) -> NamedSharding:
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, mesh: Mesh,
                     state_shardings: Any, loss_chunk: int = 0, fuse_last_layer: bool = True,
                     platform: str | None = None, loss_fn: LossFn | None = None,
-                    teacher_shardings: Any = None) -> Callable:
+                    teacher_shardings: Any = None, frozen_shardings: Any = None,
+                    dropout_seed: int | None = None) -> Callable:
     """state = {"params", "opt_state", "step"}; batch leaves (grad_accum, micro, T). `platform`: the
     model config's (ModelConfig.platform, which chose the kernels in `graphdef`); default the mesh's.
     `loss_fn` (train.objectives.make_loss_fn): the objective, cross entropy by default; with
-    `teacher_shardings` the step takes the frozen teacher's parameters as a third argument."""
+    `teacher_shardings` the step takes the frozen teacher's parameters as its last argument.
+
+    LoRA (`frozen_shardings` given): state["params"] holds the adapters only, and the step takes the
+    frozen rest of the model (the base, and the adapters' dropout keys: model.lora) as its third
+    argument, not donated. Gradients, their accumulation and the optimizer see the adapters only.
+    `dropout_seed`: adapter dropout keys drawn from (seed, step, micro-batch)."""
     param_shardings = state_shardings["params"]
     if loss_fn is None:
         loss_fn = make_loss_fn(graphdef, "sft", None, loss_chunk, fuse_last_layer)
 
-    def grad_fn(params, micro, teacher):
-        return jax.value_and_grad(lambda p: loss_fn(p, micro, *teacher), has_aux=True)(params)
+    def grad_fn(params, micro, frozen, teacher, step, index):
+        def loss(p):
+            if frozen is None:
+                return loss_fn(p, micro, *teacher)
+            rest = frozen
+            if dropout_seed is not None:
+                key = jax.random.fold_in(jax.random.fold_in(jax.random.key(dropout_seed), step), index)
+                rest = lora.fill_keys(frozen, key)
+            return loss_fn(lora.combine(p, rest), micro, *teacher)
+        return jax.value_and_grad(loss, has_aux=True)(params)
 
-    def step(state, batch, *teacher):
+    def step(state, batch, *extra):
+        frozen, teacher = (extra[0], extra[1:]) if frozen_shardings is not None else (None, extra)
         params = state["params"]
         total = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
-        if batch["inputs"].shape[0] == 1:
-            (loss, sums), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch), teacher)
+        n = batch["inputs"].shape[0]
+        if n == 1:
+            (loss, sums), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch), frozen, teacher,
+                                          state["step"], 0)
             grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
         else:
-            def micro_step(carry, micro):
+            def micro_step(carry, xs):
+                micro, index = xs
                 g_acc, l_acc, s_acc = carry
-                (l, s), g = grad_fn(params, micro, teacher)
+                (l, s), g = grad_fn(params, micro, frozen, teacher, state["step"], index)
                 g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
                 g_acc = jax.lax.with_sharding_constraint(g_acc, param_shardings)
                 return (g_acc, l_acc + l, jax.tree.map(jnp.add, s_acc, s)), None
@@ -64,8 +82,9 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
             zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
             zero = jnp.zeros((), jnp.float32)
             sums0 = jax.tree.map(lambda _: zero, jax.eval_shape(
-                lambda: grad_fn(params, jax.tree.map(lambda x: x[0], batch), teacher))[0][1])
-            (grads, loss, sums), _ = jax.lax.scan(micro_step, (zeros, zero, sums0), batch)
+                lambda: grad_fn(params, jax.tree.map(lambda x: x[0], batch), frozen, teacher, state["step"],
+                                0))[0][1])
+            (grads, loss, sums), _ = jax.lax.scan(micro_step, (zeros, zero, sums0), (batch, jnp.arange(n)))
         # Every trained token of the global batch weighs the same: divide the summed gradient once.
         grads = jax.tree.map(lambda g: g / total, grads)
         grad_norm = optax.tree.norm(grads)
@@ -76,6 +95,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     in_shardings = (state_shardings, accum_batch_sharding(mesh))
+    if frozen_shardings is not None:
+        in_shardings += (frozen_shardings,)
     if teacher_shardings is not None:
         in_shardings += (teacher_shardings,)
     return jax.jit(step, in_shardings=in_shardings,
