@@ -298,27 +298,25 @@ class TorchWorker:
 GiB = 1 << 30
 
 
-def mem_available() -> float | None:
-    """Bytes the kernel says a new process can use (Linux; None elsewhere)."""
+def _proc_bytes(path: str, key: str) -> float | None:
+    """A "Key: N kB" line of a /proc file, in bytes (Linux; None elsewhere)."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
 
 
+def mem_available() -> float | None:
+    """Bytes the kernel says a new process can use."""
+    return _proc_bytes("/proc/meminfo", "MemAvailable")
+
+
 def own_rss() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0.0
+    return _proc_bytes("/proc/self/status", "VmRSS") or 0.0
 
 
 def torch_need(args, cfg, impl: str) -> float:
