@@ -14,8 +14,11 @@ slots) bucket pair; the relayout also packs running rows first and shrinks the b
 load falls, so a lone request decodes one row, not `slots`.
 
 Decoding is pipelined as in `Generator`: the next call is dispatched before the tokens of the
-previous one are read; rows that finished meanwhile decode one call in vain (their output is
-dropped: each call remembers which request owned each row).
+previous one are read (each call remembers which request owned each row). A row whose request
+has all its max_tokens in dispatched calls is free for the next admission at once; one that stops
+earlier (a stop id or string) decodes one call in vain, its output dropped. Admission does not
+wait for the device either: prompts are prefilled and put into their rows, and their first
+tokens are read while the next decode call runs.
 """
 
 from __future__ import annotations
@@ -62,9 +65,17 @@ class _Seq:
     tracker: TextTracker
     budget: int
     row: int = -1
+    first: Any = None  # (prefill outputs, index) until its first token has been read
     start: int = 0  # first cache slot of the row (host copy)
     produced: int = 0  # tokens sampled so far, dispatched calls included: the next one's sampling step
     finished: bool = False
+
+
+MAX_PREFILL_ROWS = 8  # prompts prefilled by one call (padded to 1, 2, 4 or 8 rows)
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 def _pow2_buckets(top: int) -> list[int]:
@@ -77,12 +88,12 @@ def _pow2_buckets(top: int) -> list[int]:
 class SlotEngine:
     """Continuous batching over up to `slots` concurrent requests with `generator`'s model."""
 
-    def __init__(self, generator: Generator, *, slots: int = 16):
-        if slots < 1:
-            raise ValueError("slots must be at least 1")
+    def __init__(self, generator: Generator, *, slots: int = 16, steps_per_call: Optional[int] = None):
+        if slots < 1 or (steps_per_call is not None and steps_per_call < 1):
+            raise ValueError("slots and steps_per_call must be at least 1")
         self.gen = generator
         self.slots = slots
-        self.n = generator.steps_per_call
+        self.n = steps_per_call or generator.steps_per_call  # decode steps per call (the generator's by default)
         self.row_buckets = _pow2_buckets(slots)
         # Slot buckets: the generator's length buckets up to the longest a cache can need (a row
         # of max_len tokens, one call dispatched past it, one call of headroom), rounded to 16.
@@ -93,6 +104,7 @@ class SlotEngine:
         self.rows: list[Optional[_Seq]] = []
         self.index = 0  # host copy of cache.index
         self.pending = None  # (chunk, owners, want_lp) of the dispatched call not yet read
+        self._firsts: list[_Seq] = []  # prefilled, first token not read yet
         self.stats = {"decode_calls": 0, "relayouts": 0, "prefills": 0}
         self.traces = {"relayout": 0, "insert": 0}
         cfg = generator.loaded.config
@@ -113,22 +125,23 @@ class SlotEngine:
             return (KVCache(move(cache.k), move(cache.v), cache.index + shift, cache.start[rowmap] + shift),
                     last[rowmap])
 
-        def insert(cache: KVCache, last, row, k, v, length, first):
-            # A prefilled prompt (k, v: (layers, 1, W, kv_heads, head_dim), its `length` tokens at the
-            # end) becomes row `row`, ending at the cache's index; the rest of the row is zeroed.
+        def insert(cache: KVCache, last, rows, k, v, lengths, first):
+            # Prefilled prompts (k, v: (layers, P, W, kv_heads, head_dim), prompt i's lengths[i] tokens
+            # at the end) become rows `rows` (P,), ending at the cache's index; the rest of each row is
+            # zeroed. A row index past the cache (a filler prompt) is dropped.
             self.traces["insert"] += 1
             width, slots = k.shape[2], cache.k.shape[2]
             src = jnp.arange(slots) - cache.index + width
-            valid = ((src >= width - length) & (src < width))[None, :, None, None]
+            valid = ((src[None, :] >= width - lengths[:, None]) & (src[None, :] < width))[None, :, :, None, None]
             src = jnp.clip(src, 0, width - 1)
 
             def put(big, small):
-                new = jnp.where(valid, jnp.take(small[:, 0], src, axis=1), 0).astype(big.dtype)
-                return jax.lax.dynamic_update_slice(big, new[:, None], (0, row, 0, 0, 0))
+                new = jnp.where(valid, jnp.take(small, src, axis=2), 0).astype(big.dtype)
+                return big.at[:, rows].set(new, mode="drop")
 
             return (cache._replace(k=put(cache.k, k), v=put(cache.v, v),
-                                   start=cache.start.at[row].set(cache.index - length)),
-                    last.at[row].set(first))
+                                   start=cache.start.at[rows].set(cache.index - lengths, mode="drop")),
+                    last.at[rows].set(first, mode="drop"))
 
         self._create = jax.jit(create, static_argnums=(1,))
         self._relayout = jax.jit(relayout, static_argnums=(4,))
@@ -145,7 +158,7 @@ class SlotEngine:
         return self.slots - self.active
 
     def busy(self) -> bool:
-        return self.active > 0 or self.pending is not None
+        return self.active > 0 or self.pending is not None or bool(self._firsts)
 
     def _row_bucket(self, n: int) -> int:
         return next(b for b in self.row_buckets if b >= n)
@@ -156,76 +169,100 @@ class SlotEngine:
     # ------------------------------------------------------------------ admission
 
     def admit(self, requests: list[tuple[list[int], SamplingParams, Any]]) -> None:
-        """Prefill each (prompt, params, sink) and give it a row; at most `free` of them. Bad ones
-        (empty prompt, no room in the context) get `sink.error`."""
+        """Prefill each (prompt, params, sink) and give it a row; at most `free` of them. Nothing
+        here waits for the device: prompts of one length bucket are prefilled together (up to
+        MAX_PREFILL_ROWS a call) and put into their rows, and their first tokens are read at the
+        next `step`, while the decode call it dispatches runs. Bad requests (empty prompt, no room
+        in the context) get `sink.error`."""
         if len(requests) > self.free:
             raise ValueError(f"{len(requests)} requests for {self.free} free slots")
-        joining: list[tuple[_Seq, Any, Any]] = []
-        for prompt, params, sink in requests:
-            try:
-                seq = self._prefill(prompt, params, sink)
-            except (ValueError, PromptTooLong) as exc:
-                sink.error(exc)
-                continue
-            except Exception as exc:  # noqa: BLE001 - the request must hear about it; others go on
-                log.exception("prefill failed")
-                sink.error(exc)
-                continue
-            if seq is not None:
-                joining.append(seq)
-        if not joining:
-            return
-        with _mesh_context(self.gen.mesh):
-            self._plan(len(joining), max(len(s[0].prompt) for s in joining))
-            free_rows = [r for r, s in enumerate(self.rows) if s is None]
-            for (seq, state, first), row in zip(joining, free_rows):
-                p = len(seq.prompt)
-                self.cache, self.last = self._insert(self.cache, self.last, jnp.int32(row), state.k, state.v,
-                                                     jnp.int32(p), first[0])
-                seq.row, seq.start, seq.produced = row, self.index - p, 1
-                self.rows[row] = seq
-
-    def _prefill(self, prompt: list[int], params: SamplingParams, sink):
-        """The prompt alone through the generator's prefill; its first token handed out. Returns
-        (seq, its cache, first token) if it goes on decoding, else None (finished)."""
         gen = self.gen
-        if not prompt:
-            raise ValueError("the prompt is empty")
-        if len(prompt) >= gen.max_len and params.max_new_tokens > 0:
-            raise PromptTooLong(f"the prompt has {len(prompt)} tokens; the context limit is {gen.max_len}")
-        budget = max(0, min(params.max_new_tokens, gen.max_len - len(prompt)))
-        seq = _Seq(prompt, params, sink, Completion([], "", "length", len(prompt),
-                                                     [] if params.logprobs is not None else None),
-                   TextTracker(gen.tokenizer, params.stop), budget)
-        if budget == 0 and params.prompt_logprobs is None:
-            self._finish(seq)
-            return None
-        width = _bucket(len(prompt), gen.buckets)
-        tokens = np.full((1, width), gen.tokenizer.pad_id, np.int32)
-        tokens[0, width - len(prompt):] = prompt
-        start = np.asarray([width - len(prompt)], np.int32)
-        want_lp, want_plp = params.logprobs is not None, params.prompt_logprobs is not None
+        groups: dict[int, list[_Seq]] = {}
+        for prompt, params, sink in requests:
+            if not prompt:
+                sink.error(ValueError("the prompt is empty"))
+                continue
+            if len(prompt) >= gen.max_len and params.max_new_tokens > 0:
+                sink.error(PromptTooLong(f"the prompt has {len(prompt)} tokens; the context limit is {gen.max_len}"))
+                continue
+            budget = max(0, min(params.max_new_tokens, gen.max_len - len(prompt)))
+            seq = _Seq(prompt, params, sink, Completion([], "", "length", len(prompt),
+                                                         [] if params.logprobs is not None else None),
+                       TextTracker(gen.tokenizer, params.stop), budget)
+            if budget == 0 and params.prompt_logprobs is None:
+                self._finish(seq)
+                continue
+            groups.setdefault(_bucket(len(prompt), gen.buckets), []).append(seq)
         with _mesh_context(gen.mesh):
-            samp = {k: jnp.asarray(v) for k, v in row_arrays([params], 1).items()}
-            first, state, first_lp, prompt_lp = gen._prefill(gen.loaded.params, tokens, start, samp, width,
-                                                             want_lp, want_plp)
+            for width, seqs in sorted(groups.items()):
+                for lo in range(0, len(seqs), MAX_PREFILL_ROWS):
+                    try:
+                        self._prefill(width, seqs[lo:lo + MAX_PREFILL_ROWS])
+                    except Exception as exc:  # noqa: BLE001 - these requests must hear about it; others go on
+                        log.exception("prefill failed")
+                        for seq in seqs[lo:lo + MAX_PREFILL_ROWS]:
+                            self._release(seq)
+                            seq.sink.error(exc)
+
+    def _prefill(self, width: int, seqs: list[_Seq]) -> None:
+        """One prefill call for prompts of one bucket (as `Generator.generate` runs a batch), the
+        rows of those that decode on filled in."""
+        gen = self.gen
+        rows = _pow2_at_least(len(seqs))
+        tokens = np.full((rows, width), gen.tokenizer.pad_id, np.int32)
+        start = np.full((rows,), width - 1, np.int32)  # filler rows: a one-token prompt
+        for i, seq in enumerate(seqs):
+            tokens[i, width - len(seq.prompt):] = seq.prompt
+            start[i] = width - len(seq.prompt)
+        params = [s.params for s in seqs]
+        want_lp = any(p.logprobs is not None for p in params)
+        want_plp = any(p.prompt_logprobs is not None for p in params)
+        samp = {k: jnp.asarray(v) for k, v in row_arrays(params, rows).items()}
+        first, state, first_lp, prompt_lp = gen._prefill(gen.loaded.params, tokens, start, samp, width,
+                                                         want_lp, want_plp)
         self.stats["prefills"] += 1
-        if want_plp:
-            gen._take_prompt_logprobs([prompt], [params], start, prompt_lp, [seq.completion])
-            sink.prompt_logprobs(seq.completion.prompt_logprobs)
-        if budget == 0:
+        out = (first, first_lp, prompt_lp, start)
+        decoding = [s for s in seqs if s.budget > 1]  # (one token: the prefill's, no row needed)
+        for i, seq in enumerate(seqs):
+            seq.first = (out, i)
+            self._firsts.append(seq)
+        if not decoding:
+            return
+        self._plan(len(decoding), max(len(s.prompt) for s in decoding))
+        free_rows = iter(r for r, s in enumerate(self.rows) if s is None)
+        target = np.full((rows,), len(self.rows), np.int32)  # past the cache: dropped
+        lengths = np.ones((rows,), np.int32)
+        for i, seq in enumerate(seqs):
+            if seq.budget > 1:
+                seq.row = next(free_rows)
+                seq.start, seq.produced = self.index - len(seq.prompt), 1
+                self.rows[seq.row] = seq
+                target[i], lengths[i] = seq.row, len(seq.prompt)
+        self.cache, self.last = self._insert(self.cache, self.last, jnp.asarray(target), state.k, state.v,
+                                             jnp.asarray(lengths), first)
+
+    def _take_first(self, seq: _Seq) -> None:
+        """A prefilled request's prompt logprobs and first token, read from its prefill's output."""
+        (first, first_lp, prompt_lp, start), i = seq.first
+        seq.first = None
+        if seq.finished:
+            return
+        p = seq.params
+        if p.prompt_logprobs is not None:
+            one = tuple(np.asarray(a)[i:i + 1] for a in prompt_lp)
+            self.gen._take_prompt_logprobs([seq.prompt], [p], start[i:i + 1], one, [seq.completion])
+            seq.sink.prompt_logprobs(seq.completion.prompt_logprobs)
+        if seq.budget == 0:
             self._finish(seq)
-            return None
-        token = int(np.asarray(first)[0])
+            return
+        token = int(np.asarray(first)[i])
         entry = None
-        if want_lp:
+        if p.logprobs is not None:
             chosen, ids, lps = (np.asarray(a) for a in first_lp)
-            k = params.logprobs
-            entry = TokenLogprob(token, float(chosen[0]), list(zip(ids[0, :k].tolist(), lps[0, :k].tolist())))
+            entry = TokenLogprob(token, float(chosen[i]), list(zip(ids[i, :p.logprobs].tolist(),
+                                                                   lps[i, :p.logprobs].tolist())))
         if not self._accept(seq, token, entry):
             self._finish(seq)
-            return None
-        return seq, state, first
 
     # ------------------------------------------------------------------ decoding
 
@@ -250,10 +287,17 @@ class SlotEngine:
             for s in owners:
                 if s is not None:
                     s.produced += self.n
+                    if s.produced >= s.budget:
+                        # Its last token is in this call: the row is free for the next admission
+                        # (its tokens still come, through `owners`).
+                        self.rows[s.row] = None
             self.stats["decode_calls"] += 1
             dispatched = (chunk, owners, want_lp)
+        firsts, self._firsts = self._firsts, []
+        for seq in firsts:  # the device is already busy with the call just dispatched
+            self._take_first(seq)
         if self.pending is not None:
-            self._take(*self.pending)  # the device is already busy with the call just dispatched
+            self._take(*self.pending)
         self.pending = dispatched
         return self.busy()
 
@@ -339,10 +383,11 @@ class SlotEngine:
     WARMUP_SCOPES = ("basic", "full", "none")
 
     def warm_up_tasks(self, scope: str = "basic") -> list:
-        """Compiles to run before serving, one callable each: the prefill of every prompt bucket up
-        to the context limit (no logprobs), then the decode (no logprobs) of one row at every slot
-        bucket with the cache copies a lone request needs there ("basic"), or the decode of every
-        (rows, slots) bucket pair too ("full"). Shapes left out compile at their first use."""
+        """Compiles to run before serving, one callable each: the prefill of one prompt at every
+        prompt bucket up to the context limit (no logprobs), then the decode (no logprobs) of one
+        row at every slot bucket with the cache copies a lone request needs there ("basic"); or
+        the prefill of 1, 2, 4, 8 prompts and the decode of every (rows, slots) bucket pair too
+        ("full"). Shapes left out compile at their first use."""
         if scope not in self.WARMUP_SCOPES:
             raise ValueError(f"warm-up scope {scope!r} is not one of {', '.join(self.WARMUP_SCOPES)}")
         if scope == "none":
@@ -353,10 +398,11 @@ class SlotEngine:
         pairs = [(r, s) for r in rows for s in self.slot_buckets if s > 2 * self.n]
         greedy = SamplingParams()
 
-        def prefill(width):
-            samp = {k: jnp.asarray(v) for k, v in row_arrays([greedy], 1).items()}
-            tokens = np.full((1, width), gen.tokenizer.pad_id, np.int32)
-            out = gen._prefill(gen.loaded.params, tokens, np.asarray([width - 1], np.int32), samp, width, False, False)
+        def prefill(width, rows):
+            samp = {k: jnp.asarray(v) for k, v in row_arrays([greedy], rows).items()}
+            tokens = np.full((rows, width), gen.tokenizer.pad_id, np.int32)
+            out = gen._prefill(gen.loaded.params, tokens, np.full((rows,), width - 1, np.int32), samp, width,
+                               False, False)
             jax.block_until_ready(out[0])
 
         def decode(rows, slots):
@@ -374,7 +420,8 @@ class SlotEngine:
             for w in widths:
                 if w <= slots:
                     k = jnp.zeros((cfg.num_layers, 1, w, cfg.kv_heads, cfg.dim_per_head), cfg.compute_dtype)
-                    cache, last = self._insert(cache, last, jnp.int32(0), k, k, jnp.int32(1), jnp.int32(0))
+                    one = jnp.zeros((1,), jnp.int32)
+                    cache, last = self._insert(cache, last, one, k, k, one + 1, one)
             for to in self.slot_buckets:
                 if to >= slots and to > 2 * self.n:
                     out = self._relayout(cache, last, jnp.zeros((1,), jnp.int32), jnp.int32(0), to)
@@ -389,7 +436,9 @@ class SlotEngine:
             task.what = f"{fn.__name__}{args}"
             return task
 
-        return ([in_mesh(prefill, w) for w in widths] + [in_mesh(decode, r, s) for r, s in pairs]
+        prefill_rows = [r for r in (1, 2, 4, 8) if r <= min(self.slots, MAX_PREFILL_ROWS)] if scope == "full" else [1]
+        return ([in_mesh(prefill, w, r) for w in widths for r in prefill_rows]
+                + [in_mesh(decode, r, s) for r, s in pairs]
                 + [in_mesh(one_row, s) for s in self.slot_buckets if s > 2 * self.n])
 
     def warm_up(self, scope: str = "basic") -> int:
