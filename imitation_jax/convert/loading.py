@@ -134,13 +134,18 @@ def restore_into(item_dir: str, saved_cfg: ModelConfig, dtype: Optional[str], me
     return cfg, params
 
 
-def cast_params(params: Any, dtype: str) -> Any:
+def cast_params(params: Any, dtype: str, floats_only: bool = False) -> Any:
+    """`params` cast to `dtype` (`floats_only`: integer leaves, e.g. quantized codes, kept)."""
     import jax
     import jax.numpy as jnp
 
+    def cast(x):
+        if floats_only and not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        return x.astype(jnp.dtype(dtype))
+
     shardings = jax.tree.map(lambda x: x.sharding, params)
-    return jax.jit(lambda p: jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), p),
-                   out_shardings=shardings)(params)
+    return jax.jit(lambda p: jax.tree.map(cast, p), out_shardings=shardings)(params)
 
 
 def _on_mesh(cfg: ModelConfig, mesh) -> ModelConfig:
@@ -244,7 +249,7 @@ def _lora_params(run_dir: str, saved: SavedModel, dtype: Optional[str], mesh, me
 
     from imitation_jax import checkpoint
     from imitation_jax.convert.init_params import initial_params
-    from imitation_jax.model import lora
+    from imitation_jax.model import lora, quant
     from imitation_jax.model.params import abstract_params, base_config, frozen_keys
 
     path, kind, seed = lora_base(run_dir)
@@ -254,9 +259,18 @@ def _lora_params(run_dir: str, saved: SavedModel, dtype: Optional[str], mesh, me
     adapters_abstract, frozen_abstract = lora.split(abstract_params(cfg, mesh))
     init = dataclasses.make_dataclass("Init", [("hf", Optional[str]), ("checkpoint", Optional[str])])(
         path if kind == "hf" else None, path if kind == "checkpoint" else None)
+    mode = cfg.lora.base_quant
     with jax.set_mesh(mesh):
         base = initial_params(init, base_cfg, mesh, abstract_params(base_cfg, mesh), seed)
         adapters = checkpoint.restore_params(saved.params_item, adapters_abstract)
+        if mode:  # the adapters were trained on the quantized base: run on that one
+            shardings = jax.tree.map(lambda x: x.sharding, base)
+            quantized = jax.tree.map(lambda x: x.sharding, lora.base_only(frozen_abstract))
+            if merge:
+                base = jax.jit(lambda b: quant.dequantize_tree(quant.quantize_tree(b, mode), mode,
+                                                               base_cfg.weight_dtype), out_shardings=shardings)(base)
+            else:
+                base = jax.jit(lambda b: quant.quantize_tree(b, mode), out_shardings=quantized)(base)
         if merge:
             shardings = jax.tree.map(lambda x: x.sharding, base)
             params = jax.jit(lambda b, a: lora.merged(lora.combine(b, a), cfg.lora), out_shardings=shardings)(
@@ -264,9 +278,10 @@ def _lora_params(run_dir: str, saved: SavedModel, dtype: Optional[str], mesh, me
             cfg = base_cfg
         else:
             params = lora.combine(base, adapters, frozen_keys(frozen_abstract))
-    if dtype is not None and dtype != cfg.param_dtype:
+    if dtype is not None and dtype != cfg.param_dtype:  # the base's floating weights (not quantized codes)
         params = cast_params(params, dtype) if merge else lora.combine(
-            cast_params(lora.base_only(params), dtype), lora.split(params)[0], lora.keys_only(params))
+            cast_params(lora.base_only(params), dtype, floats_only=True), lora.split(params)[0],
+            lora.keys_only(params))
     return with_dtype(cfg, dtype), params
 
 

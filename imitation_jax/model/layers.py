@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from imitation_jax.model import cpu, lora
+from imitation_jax.model import cpu, lora, quant
 from imitation_jax.model.config import ModelConfig, RopeScaling, decided
 from imitation_jax.sharding import constrain
 
@@ -23,6 +23,34 @@ def param(rngs: nnx.Rngs, shape, names, dtype, std: float | None) -> nnx.Param:
         value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
     # eager_sharding=False: placement happens once, from the rules table, when the state is jitted.
     return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+
+
+class QuantCodes(nnx.Variable):
+    """A frozen, quantized base weight's codes or scales (model/quant.py); never trained."""
+
+
+def projection(module, rngs: nnx.Rngs, cfg: ModelConfig, name: str, shape, names) -> None:
+    """Set `module.<name>`: a weight, or with model.lora.base_quant its `<name>_codes` and
+    `<name>_scale` (quantized along the first axis), read back by `kernel`."""
+    mode = cfg.lora.base_quant
+    if not mode:
+        setattr(module, name, param(rngs, shape, names, cfg.weight_dtype, cfg.initializer_range))
+        return
+    codes, scale = quant.shapes(tuple(shape), mode, 0)
+    dtype = jnp.int8 if mode == "int8" else jnp.uint8
+    setattr(module, name + quant.SUFFIX_CODES, QuantCodes(jnp.zeros(codes, dtype), out_sharding=tuple(names),
+                                                          eager_sharding=False))
+    setattr(module, name + quant.SUFFIX_SCALE, QuantCodes(jnp.ones(scale, jnp.float32), out_sharding=tuple(names),
+                                                          eager_sharding=False))
+
+
+def kernel(module, name: str, dtype) -> jax.Array:
+    """The weight `name` of `module` in `dtype`, dequantized when the base is stored quantized."""
+    mode = module.lora.base_quant
+    if not mode:
+        return getattr(module, name)[...].astype(dtype)
+    return quant.dequantize(getattr(module, name + quant.SUFFIX_CODES)[...],
+                            getattr(module, name + quant.SUFFIX_SCALE)[...], mode, 0, dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -93,10 +121,10 @@ class MLP(nnx.Module):
     where it was measured to help, elsewhere under autodiff."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        d, f, dt, std = cfg.hidden_size, cfg.intermediate_size, cfg.weight_dtype, cfg.initializer_range
-        self.gate = param(rngs, (d, f), ("embed", "mlp"), dt, std)
-        self.up = param(rngs, (d, f), ("embed", "mlp"), dt, std)
-        self.down = param(rngs, (f, d), ("mlp", "embed"), dt, std)
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        projection(self, rngs, cfg, "gate", (d, f), ("embed", "mlp"))
+        projection(self, rngs, cfg, "up", (d, f), ("embed", "mlp"))
+        projection(self, rngs, cfg, "down", (f, d), ("mlp", "embed"))
         self.dtype = cfg.compute_dtype
         self.platform = cfg.platform
         # LoRA adapters (model/lora.py), created after the base weights.
@@ -120,7 +148,7 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.dtype
-        gate, up, down = self.gate[...].astype(dt), self.up[...].astype(dt), self.down[...].astype(dt)
+        gate, up, down = kernel(self, "gate", dt), kernel(self, "up", dt), kernel(self, "down", dt)
         if not any(self.lora.targets_(n) for n in ("gate", "up", "down")):
             if decided(self.platform) == "cpu":
                 return cpu.swiglu(x, gate, up, down)

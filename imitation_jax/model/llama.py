@@ -15,7 +15,7 @@ from imitation_jax.model import lora
 from imitation_jax.model.attention import attention, cached_attention
 from imitation_jax.model.config import ModelConfig, with_platform
 from imitation_jax.model.kv_cache import KVCache, LayerCache
-from imitation_jax.model.layers import MLP, RMSNorm, apply_rope, param, rope_inv_freq, rope_tables
+from imitation_jax.model.layers import MLP, RMSNorm, apply_rope, kernel, param, projection, rope_inv_freq, rope_tables
 from imitation_jax.sharding import constrain
 
 _REMAT = {
@@ -27,11 +27,10 @@ _REMAT = {
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
-        dt, std = cfg.weight_dtype, cfg.initializer_range
-        self.q = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), dt, std)
-        self.k = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), dt, std)
-        self.v = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), dt, std)
-        self.o = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), dt, std)
+        projection(self, rngs, cfg, "q", (d, h, hd), ("embed", "heads", "head_dim"))
+        projection(self, rngs, cfg, "k", (d, kv, hd), ("embed", "kv_heads", "head_dim"))
+        projection(self, rngs, cfg, "v", (d, kv, hd), ("embed", "kv_heads", "head_dim"))
+        projection(self, rngs, cfg, "o", (h, hd, d), ("heads", "head_dim", "embed"))
         self.dtype = cfg.compute_dtype
         self.impl = cfg.attention
         self.platform = cfg.platform
@@ -67,13 +66,13 @@ class Attention(nnx.Module):
         """Attention before the output projection: ((..., heads * head_dim), cache)."""
         dt = self.dtype
 
-        def project(w):  # one (tokens, d) x (d, heads * head_dim) matmul: the backward pass of a
-            d, heads, hd = w.shape  # 3-D einsum costs transposing copies on CPU
-            return (x.reshape(-1, d) @ w.astype(dt).reshape(d, heads * hd)).reshape(*x.shape[:-1], heads, hd)
+        def project(name):  # one (tokens, d) x (d, heads * head_dim) matmul: the backward pass of a
+            w = kernel(self, name, dt)  # 3-D einsum costs transposing copies on CPU
+            d, heads, hd = w.shape
+            y = (x.reshape(-1, d) @ w.reshape(d, heads * hd)).reshape(*x.shape[:-1], heads, hd)
+            return self.adapted(name, x, y)
 
-        q = self.adapted("q", x, project(self.q[...]))
-        k = self.adapted("k", x, project(self.k[...]))
-        v = self.adapted("v", x, project(self.v[...]))
+        q, k, v = project("q"), project("k"), project("v")
         q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "act_heads", None))
         k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "act_kv_heads", None))
         v = constrain(v, ("batch", "seq", "act_kv_heads", None))
@@ -87,7 +86,7 @@ class Attention(nnx.Module):
 
     def project_out(self, out):
         """(..., heads * head_dim) -> (..., hidden), as one 2-D matmul."""
-        wo = self.o[...].astype(self.dtype)
+        wo = kernel(self, "o", self.dtype)
         flat = out.reshape(-1, wo.shape[0] * wo.shape[1]) @ wo.reshape(-1, wo.shape[2])
         y = flat.reshape(*out.shape[:-1], wo.shape[2])
         if not self.lora.targets_("o"):

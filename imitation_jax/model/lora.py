@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +37,14 @@ class LoraConfig:
     alpha: float = 16.0  # the update is scaled by alpha / rank (PEFT's lora_alpha)
     dropout: float = 0.0  # on the adapter's input, training only (PEFT's lora_dropout)
     targets: list[str] = dataclasses.field(default_factory=lambda: list(TARGETS))
+    # QLoRA: the frozen base's seven projections stored int8 or nf4 (model/quant.py); None: as loaded
+    base_quant: Optional[str] = None
 
     def __post_init__(self) -> None:
+        if self.base_quant not in (None, "int8", "nf4"):
+            raise ValueError(f"model.lora.base_quant={self.base_quant!r} is not one of int8, nf4 (or null)")
+        if self.base_quant and not self.rank:
+            raise ValueError(f"model.lora.base_quant={self.base_quant} quantizes a LoRA base: set model.lora.rank > 0")
         if self.rank < 0:
             raise ValueError(f"model.lora.rank={self.rank} must be >= 0 (0: no adapters)")
         if not 0.0 <= self.dropout < 1.0:
@@ -126,7 +132,7 @@ def split(params: dict) -> tuple[dict, dict]:
 
 
 def base_only(params: dict) -> dict:
-    """The base's weights: neither adapters nor dropout keys."""
+    """The base's weights (quantized ones as codes and scales): neither adapters nor dropout keys."""
     return _select(params, lambda n: not is_adapter(n) and n != KEY)
 
 

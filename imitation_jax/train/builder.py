@@ -86,8 +86,9 @@ class Program:
         return base_config(self.model)
 
     def abstract_base(self) -> dict:
-        """The base's weights as abstract arrays (LoRA only): what `init.*` loads."""
-        return lora.base_only(self.frozen)
+        """The base's weights as abstract arrays, as `init.*` loads them (before model.lora.base_quant
+        quantizes them into the frozen tree)."""
+        return abstract_params(self.base_model, self.mesh)
 
     @property
     def state_shardings(self) -> dict:

@@ -19,7 +19,7 @@ from imitation_jax.checkpoint import Checkpointer, base_identity
 from imitation_jax.data.loader import BatchLoader
 from imitation_jax.data.training import TrainingData, load_training_data
 from imitation_jax.errors import ConfigError
-from imitation_jax.model import lora
+from imitation_jax.model import lora, quant
 from imitation_jax.model.params import frozen_keys, init_adapters, init_params
 from imitation_jax.sharding import make_mesh, replicated
 from imitation_jax.train.builder import Program, build_program, check_teacher, micro_batch, resolve_model
@@ -172,9 +172,14 @@ def _lora_base(cfg: Config, program: Program, init: InitParams) -> tuple[dict, d
     as_base = dataclasses.replace(program, model=program.base_model,
                                   abstract={**program.abstract, "params": program.abstract_base()})
     weights = init(as_base, cfg.train.seed)
+    mode = cfg.model.lora.base_quant
+    if mode:  # QLoRA: the base's projections stored quantized from here on
+        target = jax.tree.map(lambda x: x.sharding, lora.base_only(program.frozen))
+        weights = jax.jit(lambda w: quant.quantize_tree(w, mode), out_shardings=target, donate_argnums=0)(weights)
+    stored = f"{mode} projections" if mode else program.base_model.param_dtype
     _say(f"lora: rank {cfg.model.lora.rank} adapters on {', '.join(cfg.model.lora.targets)} "
          f"({lora.count(program.abstract['params']) / 1e6:.2f}M trained params) over the frozen base "
-         f"{identity['path']} ({program.base_model.param_dtype}, sha256 {identity['hash'][:12]})")
+         f"{identity['path']} ({stored}, sha256 {identity['hash'][:12]})")
     return lora.combine(weights, frozen_keys(program.frozen)), identity
 
 
