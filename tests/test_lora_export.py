@@ -104,3 +104,21 @@ def test_a_changed_base_is_a_one_line_error(lora_run):
             assert "\n" not in str(err.value)
     finally:
         _hf_base(base, seed=0)
+
+
+def test_init_checkpoint_from_a_lora_run_starts_from_its_merged_model(lora_run):
+    import types
+
+    import jax
+
+    from imitation_jax.convert.init_params import initial_params
+    from imitation_jax.convert.loading import _one_device_mesh, load_model
+    from imitation_jax.model.params import abstract_params
+
+    run, _, _ = lora_run
+    merged = load_model(run)
+    mesh = _one_device_mesh()
+    with jax.set_mesh(mesh):
+        params = initial_params(types.SimpleNamespace(hf=None, checkpoint=run), merged.config, mesh,
+                                abstract_params(merged.config, mesh), 0)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, merged.params)
