@@ -6,42 +6,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from imitation_jax.errors import CheckpointError
 from imitation_jax.model.config import ModelConfig
 
 
 def initial_params(init: Any, model: ModelConfig, mesh, abstract: Any, seed: int) -> dict:
-    from imitation_jax import checkpoint
-    from imitation_jax.model.params import abstract_params, grow_params
+    """`init.hf` / `init.checkpoint` (a LoRA run: its base with the adapters merged) as `model`'s
+    params on `mesh` (`convert.loading.start_params`, which LoRA runs' loading shares)."""
+    from imitation_jax.convert.loading import start_params
 
-    if init.hf:
-        from imitation_jax.convert.hf_import import load_hf_params, read_hf_config
-
-        return load_hf_params(init.hf, model, mesh, hf_vocab=read_hf_config(init.hf).vocab_size, seed=seed)
-    if _is_lora_run(init.checkpoint):  # its checkpoints hold adapters: start from base + adapters merged
-        from imitation_jax.convert.loading import load_model
-
-        loaded = load_model(init.checkpoint, mesh=mesh, dtype=model.param_dtype)
-        if loaded.config.vocab_size > model.vocab_size:
-            raise CheckpointError(f"{init.checkpoint}: its vocabulary ({loaded.config.vocab_size}) is "
-                                             f"larger than this run's ({model.vocab_size})")
-        return grow_params(loaded.params, model, loaded.config.vocab_size, seed)
-    item = checkpoint.resolve_params_path(init.checkpoint)
-    saved = checkpoint.saved_param_shapes(item)
-    rows = tuple(saved["embed"].shape)[0] if "embed" in saved else model.vocab_size
-    if rows >= model.vocab_size:
-        return checkpoint.restore_params(item, abstract)
-    small = dataclasses.replace(model, vocab_size=rows)
-    params = checkpoint.restore_params(item, abstract_params(small, mesh))
-    return grow_params(params, model, rows, seed)
-
-
-def _is_lora_run(path: str) -> bool:
-    import os
-
-    from imitation_jax.convert.loading import read_run_config
-
-    return os.path.isfile(os.path.join(path, "config.yaml")) and read_run_config(path)[0].lora.enabled
+    return start_params(init.hf, init.checkpoint, model, mesh, abstract, seed)
 
 
 # ModelConfig fields that init.hf's config.json decides (the rest say how to compute).

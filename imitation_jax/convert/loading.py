@@ -248,7 +248,6 @@ def _lora_params(run_dir: str, saved: SavedModel, dtype: Optional[str], mesh, me
     import jax
 
     from imitation_jax import checkpoint
-    from imitation_jax.convert.init_params import initial_params
     from imitation_jax.model import lora, quant
     from imitation_jax.model.params import abstract_params, base_config, frozen_keys
 
@@ -257,11 +256,10 @@ def _lora_params(run_dir: str, saved: SavedModel, dtype: Optional[str], mesh, me
     cfg = saved.config
     base_cfg = base_config(cfg)
     adapters_abstract, frozen_abstract = lora.split(abstract_params(cfg, mesh))
-    init = dataclasses.make_dataclass("Init", [("hf", Optional[str]), ("checkpoint", Optional[str])])(
-        path if kind == "hf" else None, path if kind == "checkpoint" else None)
     mode = cfg.lora.base_quant
     with jax.set_mesh(mesh):
-        base = initial_params(init, base_cfg, mesh, abstract_params(base_cfg, mesh), seed)
+        base = start_params(path if kind == "hf" else None, path if kind == "checkpoint" else None, base_cfg, mesh,
+                            abstract_params(base_cfg, mesh), seed)
         adapters = checkpoint.restore_params(saved.params_item, adapters_abstract)
         if mode:  # the adapters were trained on the quantized base: run on that one
             shardings = jax.tree.map(lambda x: x.sharding, base)
@@ -283,6 +281,33 @@ def _lora_params(run_dir: str, saved: SavedModel, dtype: Optional[str], mesh, me
             cast_params(lora.base_only(params), dtype, floats_only=True), lora.split(params)[0],
             lora.keys_only(params))
     return with_dtype(cfg, dtype), params
+
+
+def start_params(hf: Optional[str], checkpoint_path: Optional[str], model: ModelConfig, mesh, abstract: Any,
+                 seed: int) -> dict:
+    """A run's starting params (`init.hf` or `init.checkpoint`; a LoRA run dir: its base with the
+    adapters merged) on `mesh`, grown to `model.vocab_size` when prepare added special tokens."""
+    from imitation_jax import checkpoint
+    from imitation_jax.model.params import abstract_params, grow_params
+
+    if hf:
+        from imitation_jax.convert.hf_import import load_hf_params, read_hf_config
+
+        return load_hf_params(hf, model, mesh, hf_vocab=read_hf_config(hf).vocab_size, seed=seed)
+    if os.path.isfile(os.path.join(checkpoint_path, "config.yaml")) and read_run_config(checkpoint_path)[0].lora.enabled:
+        loaded = load_model(checkpoint_path, mesh=mesh, dtype=model.param_dtype)  # adapters merged
+        if loaded.config.vocab_size > model.vocab_size:
+            raise CheckpointError(f"{checkpoint_path}: its vocabulary ({loaded.config.vocab_size}) is larger than "
+                                  f"this run's ({model.vocab_size})")
+        return grow_params(loaded.params, model, loaded.config.vocab_size, seed)
+    item = checkpoint.resolve_params_path(checkpoint_path)
+    saved = checkpoint.saved_param_shapes(item)
+    rows = tuple(saved["embed"].shape)[0] if "embed" in saved else model.vocab_size
+    if rows >= model.vocab_size:
+        return checkpoint.restore_params(item, abstract)
+    small = dataclasses.replace(model, vocab_size=rows)
+    params = checkpoint.restore_params(item, abstract_params(small, mesh))
+    return grow_params(params, model, rows, seed)
 
 
 # ------------------------------------------------------------------------------------ import-hf dirs
