@@ -95,10 +95,12 @@ class SlotEngine:
         self.slots = slots
         self.n = steps_per_call or generator.steps_per_call  # decode steps per call (the generator's by default)
         self.row_buckets = _pow2_buckets(slots)
-        # Slot buckets: the generator's length buckets up to the longest a cache can need (a row
-        # of max_len tokens, one call dispatched past it, one call of headroom), rounded to 16.
+        # Slot buckets: the generator's length buckets and 1.5x each (decoding costs about in
+        # proportion to the slots), up to the longest a cache can need (a row of max_len tokens,
+        # one call dispatched past it, one call of headroom), rounded to 16.
         cap = -(-(generator.max_len + 3 * self.n) // 16) * 16
-        self.slot_buckets = [b for b in generator.buckets if b < cap] + [cap]
+        finer = set(generator.buckets) | {b * 3 // 2 for b in generator.buckets if b >= 32}
+        self.slot_buckets = sorted(b for b in finer if b < cap) + [cap]
         self.cache: Optional[KVCache] = None
         self.last = None  # (rows,) the token each row feeds to the next decode step
         self.rows: list[Optional[_Seq]] = []
@@ -341,19 +343,25 @@ class SlotEngine:
 
     def _plan(self, joining: int, longest: int) -> None:
         """Relayout the cache if `joining` new rows (prompts up to `longest` tokens) or the next
-        decode call do not fit, or if smaller buckets now hold everything (packing running rows
-        first). The shift puts the index at max(span of the running rows, longest)."""
+        decode call do not fit, or if buckets a quarter the size (or less) now hold everything
+        (packing running rows first; the quarter, so that a load going up and down across one
+        bucket does not relayout every call). The shift puts the index at max(span of the
+        running rows, longest)."""
         running = [s for s in self.rows if s is not None]
         if not running and not joining:
             return
         lo = min((s.start for s in running), default=self.index)
         target = max(self.index - lo, longest)
-        rows = self._row_bucket(len(running) + joining)
+        need = len(running) + joining
+        rows = self._row_bucket(need)
         slots = self._slot_bucket(target + 2 * self.n)
         have = len(self.rows)
         if self.cache is not None and running:
-            fits = (len(running) + joining <= have and self.index >= longest and self.index + self.n <= self.cache.k.shape[2])
-            if fits and rows >= have and slots >= self.cache.k.shape[2]:
+            size = self.cache.k.shape[2]
+            rows = have if have // 4 < need <= have else rows
+            slots = size if size // 4 < slots <= size else slots
+            fits = need <= have and self.index >= longest and self.index + self.n <= size
+            if fits and rows == have and slots == size:
                 return
         if self.cache is None or not running:
             # Nothing to keep: a fresh cache of the right size (so a lone request always decodes
