@@ -63,7 +63,7 @@ def _prepared_data_cache(tmp_path_factory):
 
 
 BPE_SPECIALS = ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>", "<|start_header_id|>",
-                "<|end_header_id|>", "<|eot_id|>"]
+                "<|end_header_id|>", "<|eot_id|>", "<start_of_turn>", "<end_of_turn>"]
 
 
 def build_bpe_tokenizer(directory, texts, chat_template: str | None = None, vocab_size: int = 600) -> str:

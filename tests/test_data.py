@@ -358,6 +358,13 @@ RENDERED = {  # the documented formats, written out by hand
     "chatml": ("<s><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
                "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n"
                "<|im_start|>assistant\nGoodbye.<|im_end|>\n"),
+    # Qwen2.5's hub template: ChatML, no BOS, its default system message when there is none.
+    "qwen2.5": ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
+                "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n"
+                "<|im_start|>assistant\nGoodbye.<|im_end|>\n"),
+    # Gemma 3's hub template: no system role (it opens the first user turn), "model" turns.
+    "gemma": ("<s><start_of_turn>user\nBe brief.\n\nHi there<end_of_turn>\n<start_of_turn>model\nHello!"
+              "<end_of_turn>\n<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\nGoodbye.<end_of_turn>\n"),
 }
 PROMPTS = {
     "koala": "<s>BEGINNING OF CONVERSATION: USER: Hi there GPT:",
@@ -366,6 +373,9 @@ PROMPTS = {
     "llama2-chat": "<s>[INST] Hi there [/INST]",
     "llama3": "<s><|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
     "chatml": "<s><|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
+    "qwen2.5": ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+                "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"),
+    "gemma": "<s><start_of_turn>user\nHi there<end_of_turn>\n<start_of_turn>model\n",
 }
 TURNS = [Message(r, c) for r, c in EXPECTED]
 

@@ -67,7 +67,7 @@ class PrepareSettings:
     aliases of these keys. `as_dict()` is what stats.json records and the training cache hashes."""
 
     tokenizer: Optional[str] = None  # SentencePiece .model, or a directory with tokenizer.model/tokenizer.json
-    template: Optional[str] = None  # koala (default) | vicuna | llama2-chat | llama3 | chatml | hf
+    template: Optional[str] = None  # koala (default) | vicuna | llama2-chat | llama3 | chatml | qwen2.5 | gemma | hf
     seq_len: Optional[int] = None  # row length (default 512); with data.path: the set's
     packing: Optional[str] = None  # best_fit (default) | first_fit | none (one conversation per row)
     turn_tokens: bool = False  # add special tokens marking each user and model turn

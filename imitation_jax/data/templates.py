@@ -4,7 +4,7 @@ A `Template` is plain strings: `begin` (once), and one format per role with a si
 placeholder. In the assistant's format, the text before `{content}` is the marker that prompts the
 model's turn (untrained); the content and the end marker after it (EOS, `<|eot_id|>`,
 `<|im_end|>`) are trained; `assistant_tail` (chatml's newline) follows untrained. In any literal,
-`{bos}` / `{eos}` are the tokenizer's BOS/EOS and `<|name|>` is a special token, all placed as
+`{bos}` / `{eos}` are the tokenizer's BOS/EOS and `<|name|>` (or Gemma's `<start_of_turn>` / `<end_of_turn>`) is a special token, all placed as
 ids, never as text, so no conversation content can forge them.
 
 Built-in templates (EOS shown as </s>, BOS as <s>):
@@ -17,6 +17,11 @@ Built-in templates (EOS shown as </s>, BOS as <s>):
   llama3       <|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\n{user}<|eot_id|>
                <|start_header_id|>assistant<|end_header_id|>\\n\\n{reply}<|eot_id|>...
   chatml       <|im_start|>user\\n{user}<|im_end|>\\n<|im_start|>assistant\\n{reply}<|im_end|>\\n...
+  qwen2.5      chatml without BOS, with Qwen2.5's default system message when a conversation has none
+               (Qwen3 and other ChatML models without a default: chatml)
+  gemma        <bos><start_of_turn>user\\n{system}\\n\\n{user}<end_of_turn>\\n<start_of_turn>model\\n{reply}
+               <end_of_turn>\\n... (Gemma's own format: no system role, the system message opens the
+               first user turn; the model turn ends at <end_of_turn>)
   hf           the tokenizer's own `chat_template`; to build a training mask it must mark the
                assistant's text with `{% generation %}` ... `{% endgeneration %}` (refused
                otherwise); prompting (generate, chat, serve, export) works without them
@@ -57,8 +62,9 @@ from imitation_jax.errors import DataError
 from imitation_jax.data.tokenizer import HFTokenizer, Tokenizer
 
 CONTENT = "{content}"
-SPECIAL = re.compile(r"(\{bos\}|\{eos\}|<\|[A-Za-z0-9_.:-]+\|>)")
+SPECIAL = re.compile(r"(\{bos\}|\{eos\}|<\|[A-Za-z0-9_.:-]+\|>|<start_of_turn>|<end_of_turn>)")  # Gemma's too
 TURN_TOKENS = ("<|user|>", "<|assistant|>")
+QWEN25_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 
@@ -95,12 +101,12 @@ class Template:
 
     @property
     def special_tokens(self) -> tuple[str, ...]:
-        """The `<|name|>` tokens the template places (the tokenizer must have or add them)."""
+        """The special tokens the template places (the tokenizer must have or add them)."""
         seen: dict[str, None] = {}
         for field in ("begin", "system", "user", "assistant", "assistant_tail",
                       "user_after_system", "stop"):
             for token in SPECIAL.findall(getattr(self, field) or ""):
-                if token.startswith("<|"):
+                if token.startswith("<"):
                     seen[token] = None
         return tuple(seen)
 
@@ -131,6 +137,14 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in (
              user="<|im_start|>user\n{content}<|im_end|>\n",
              assistant="<|im_start|>assistant\n{content}<|im_end|>", assistant_tail="\n",
              stop="<|im_end|>"),
+    Template("qwen2.5", begin="", system="<|im_start|>system\n{content}<|im_end|>\n",
+             user="<|im_start|>user\n{content}<|im_end|>\n",
+             assistant="<|im_start|>assistant\n{content}<|im_end|>", assistant_tail="\n",
+             stop="<|im_end|>", default_system=QWEN25_SYSTEM),
+    Template("gemma", begin="{bos}", system="<start_of_turn>user\n{content}\n\n",
+             user="<start_of_turn>user\n{content}<end_of_turn>\n", user_after_system="{content}<end_of_turn>\n",
+             assistant="<start_of_turn>model\n{content}<end_of_turn>", assistant_tail="\n",
+             stop="<end_of_turn>"),
 )}
 HF_TEMPLATE = "hf"  # the tokenizer's own chat_template
 TEMPLATE_NAMES = (*TEMPLATES, HF_TEMPLATE)
