@@ -27,7 +27,7 @@ def gen(tiny_tokenizer):
     return Generator(tiny_loaded(tiny_tokenizer), max_batch=4, buckets=(64, MAX_LEN))
 
 
-def _prompts(gen, n, seed=0, longest=24):
+def _prompts(gen, n, seed=0, longest=12):
     rng = np.random.default_rng(seed)
     bos = gen.tokenizer.bos_id
     return [[bos] + rng.integers(4, gen.tokenizer.vocab_size, size=int(k)).tolist()
@@ -91,6 +91,26 @@ def test_slots_give_each_request_what_the_generator_gives_it_alone(gen):
     assert (gen.traces, engine.traces) == before
 
 
+def test_a_failed_device_call_fails_every_unfinished_request(gen):
+    """fail_all reaches requests in rows, ones whose first token is unread and ones freed early
+    with tokens still in flight; the engine then serves again from a fresh cache."""
+    from imitation_jax.generate import SamplingParams
+    from imitation_jax.generate.slots import SlotEngine, _Collect
+
+    engine = SlotEngine(gen, slots=2)
+    prompts = _prompts(gen, 2, seed=3)
+    results, errors = [None] * 2, [None] * 2
+    engine.admit([(p, SamplingParams(max_new_tokens=n), _Collect(i, results, errors))
+                  for i, (p, n) in enumerate(zip(prompts, (9, 30)))])
+    engine.step()  # (request 0's last tokens are in this call: its row is free already)
+    assert engine.active == 1 and engine.busy()
+    engine.fail_all(RuntimeError("device lost"))
+    assert [type(e) for e in errors] == [RuntimeError, RuntimeError] and results == [None, None]
+    assert not engine.busy()
+    [again] = engine.run(prompts[:1], SamplingParams(max_new_tokens=9))
+    assert again.tokens == gen.generate(prompts[:1], SamplingParams(max_new_tokens=9))[0].tokens
+
+
 def _slow(scheduler, seconds: float):
     """Each decode step of `scheduler` takes at least `seconds` (so requests overlap for sure)."""
     step = scheduler.engine.step
@@ -124,7 +144,7 @@ def test_a_request_joins_a_running_batch(gen, app_for):
         app = app_for(max_batch=4, scheduler=scheduler)
         sched = app.state.batcher
         if scheduler == "continuous":
-            _slow(sched, 0.05)  # 15 calls: >= 0.75 s
+            _slow(sched, 0.1)  # 15 calls: >= 1.5 s
         started = (lambda: sched.engine.active) if scheduler == "continuous" else (lambda: sched.requests)
         with serve_in_thread(app) as url:
             client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
@@ -141,8 +161,8 @@ def test_a_request_joins_a_running_batch(gen, app_for):
             ask("short", short_prompt, 4)
             t.join()
         finished[scheduler] = done["short"][0] < done["long"][0]
-        assert done["long"][1:] == (alone.text, "length")
-    assert finished == {"continuous": True, "batch": False}
+        assert done["long"][1:] == (alone.text, "length"), (scheduler, done)
+    assert finished == {"continuous": True, "batch": False}, done
 
 
 def test_a_client_that_goes_away_frees_its_row(gen, app_for):

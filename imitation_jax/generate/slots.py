@@ -334,6 +334,18 @@ class SlotEngine:
         self._release(seq)
         seq.sink.done(c)
 
+    def fail_all(self, exc: BaseException) -> None:
+        """Every unfinished request gets `sink.error(exc)` and the engine starts afresh (after a
+        failed device call, whose state cannot be trusted)."""
+        seqs = [s for s in self.rows if s is not None] + list(self._firsts)
+        if self.pending is not None:
+            seqs += [s for s in self.pending[1] if s is not None]
+        for seq in {id(s): s for s in seqs}.values():
+            if not seq.finished:
+                seq.finished = True
+                seq.sink.error(exc)
+        self.rows, self._firsts, self.pending, self.cache, self.last = [], [], None, None, None
+
     def _release(self, seq: _Seq) -> None:
         seq.finished = True
         if 0 <= seq.row < len(self.rows) and self.rows[seq.row] is seq:
@@ -354,7 +366,7 @@ class SlotEngine:
         target = max(self.index - lo, longest)
         need = len(running) + joining
         rows = self._row_bucket(need)
-        slots = self._slot_bucket(target + 2 * self.n)
+        slots = self._slot_bucket(target + 4 * self.n)  # room for 4 calls before the next relayout
         have = len(self.rows)
         if self.cache is not None and running:
             size = self.cache.k.shape[2]
@@ -403,7 +415,7 @@ class SlotEngine:
         gen = self.gen
         widths = sorted({b for b in gen.buckets if b < gen.max_len} | {_bucket(gen.max_len - 1, gen.buckets)})
         rows = self.row_buckets if scope == "full" else [1]
-        pairs = [(r, s) for r in rows for s in self.slot_buckets if s > 2 * self.n]
+        pairs = [(r, s) for r in rows for s in self.slot_buckets if s > 4 * self.n]
         greedy = SamplingParams()
 
         def prefill(width, rows):
@@ -431,7 +443,7 @@ class SlotEngine:
                     one = jnp.zeros((1,), jnp.int32)
                     cache, last = self._insert(cache, last, one, k, k, one + 1, one)
             for to in self.slot_buckets:
-                if to >= slots and to > 2 * self.n:
+                if to >= slots and to > 4 * self.n:
                     out = self._relayout(cache, last, jnp.zeros((1,), jnp.int32), jnp.int32(0), to)
                     jax.block_until_ready(out[1])
                     if to > slots:
@@ -447,7 +459,7 @@ class SlotEngine:
         prefill_rows = [r for r in (1, 2, 4, 8) if r <= min(self.slots, MAX_PREFILL_ROWS)] if scope == "full" else [1]
         return ([in_mesh(prefill, w, r) for w in widths for r in prefill_rows]
                 + [in_mesh(decode, r, s) for r, s in pairs]
-                + [in_mesh(one_row, s) for s in self.slot_buckets if s > 2 * self.n])
+                + [in_mesh(one_row, s) for s in self.slot_buckets if s > 4 * self.n])
 
     def warm_up(self, scope: str = "basic") -> int:
         """Runs `warm_up_tasks(scope)`; returns how many shapes it compiled."""

@@ -198,10 +198,4 @@ class ContinuousScheduler:
             self._service_s = 0.9 * self._service_s + 0.1 * (now - started.pop(key))
 
     def _fail_running(self, exc: BaseException) -> None:
-        e = self.engine
-        for s in e.rows:
-            if s is not None:
-                s.sink.error(exc)
-        e.rows = [None] * len(e.rows)
-        e.pending = None
-        e.cache = None
+        self.engine.fail_all(exc)
