@@ -229,8 +229,21 @@ def _from_run_dir(run_dir: str, step: Optional[int], dtype: Optional[str], mesh,
     return LoadedModel(cfg, _graphdef(cfg), params, saved.tokenizer, saved.template, saved.source)
 
 
-def lora_base(run_dir: str) -> tuple[str, str, int]:
-    """(path, kind "hf" | "checkpoint", train.seed) of a LoRA run's base, from its config.yaml."""
+def lora_base(run_dir: str, params_item: Optional[str] = None) -> tuple[str, str, int]:
+    """(path, kind "hf" | "checkpoint", train.seed) of a LoRA run's base, from its config.yaml; with
+    `params_item`, the absolute path its checkpoint recorded when the config's is relative to
+    another working directory."""
+    found = _lora_base_from_config(run_dir)
+    if params_item is not None and not os.path.exists(found[0]):
+        from imitation_jax.checkpoint import read_base
+
+        saved = read_base(os.path.dirname(params_item)) or {}
+        if saved.get("path") and os.path.exists(saved["path"]):
+            return saved["path"], found[1], found[2]
+    return found
+
+
+def _lora_base_from_config(run_dir: str) -> tuple[str, str, int]:
     from omegaconf import OmegaConf
 
     raw = OmegaConf.to_container(OmegaConf.load(os.path.join(run_dir, "config.yaml")), resolve=True)
@@ -251,7 +264,7 @@ def _lora_params(run_dir: str, saved: SavedModel, dtype: Optional[str], mesh, me
     from imitation_jax.model import lora, quant
     from imitation_jax.model.params import abstract_params, base_config, frozen_keys
 
-    path, kind, seed = lora_base(run_dir)
+    path, kind, seed = lora_base(run_dir, saved.params_item)
     checkpoint.check_base(os.path.dirname(saved.params_item), checkpoint.base_identity(path, kind))
     cfg = saved.config
     base_cfg = base_config(cfg)

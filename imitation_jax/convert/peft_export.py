@@ -68,7 +68,7 @@ def export_adapter(run_dir: str, out: str, *, step: Optional[int] = None) -> dic
         raise CheckpointError(f"{os.path.abspath(run_dir)}: --adapter needs a LoRA run (model.lora.rank > 0); "
                               "export the whole model without --adapter")
     cfg = saved.config
-    base, kind, _ = lora_base(run_dir)
+    base, kind, _ = lora_base(run_dir, saved.params_item)
     checkpoint.check_base(os.path.dirname(saved.params_item), checkpoint.base_identity(base, kind))
     if kind == "hf":
         from imitation_jax.convert.hf_config import model_config_from_dir
