@@ -175,7 +175,7 @@ def _lora_base(cfg: Config, program: Program, init: InitParams) -> tuple[dict, d
     mode = cfg.model.lora.base_quant
     if mode:  # QLoRA: the base's projections stored quantized from here on
         target = jax.tree.map(lambda x: x.sharding, lora.base_only(program.frozen))
-        weights = jax.jit(lambda w: quant.quantize_tree(w, mode), out_shardings=target, donate_argnums=0)(weights)
+        weights = jax.jit(lambda w: quant.quantize_tree(w, mode), out_shardings=target)(weights)
     stored = f"{mode} projections" if mode else program.base_model.param_dtype
     _say(f"lora: rank {cfg.model.lora.rank} adapters on {', '.join(cfg.model.lora.targets)} "
          f"({lora.count(program.abstract['params']) / 1e6:.2f}M trained params) over the frozen base "
