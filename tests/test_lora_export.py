@@ -83,6 +83,11 @@ def test_load_merges_adapters_and_peft_and_hf_exports_match(lora_run):
         peft_logits = peft_model(torch.tensor(TOKENS)).logits.numpy()
     np.testing.assert_allclose(peft_logits, ours, rtol=1e-4, atol=1e-4)
 
+    # Our loader reads the PEFT dir back (base_model_name_or_path: the HF base): the same model.
+    from_peft = load_model(str(tmp / "adapter"))
+    assert "PEFT adapter" in from_peft.source
+    np.testing.assert_allclose(_ours(from_peft), ours, rtol=1e-5, atol=1e-5)
+
     export_hf(open_model(run), str(tmp / "hf"), dtype="float32")
     with torch.no_grad():
         hf_logits = LlamaForCausalLM.from_pretrained(str(tmp / "hf"), dtype=torch.float32)(
@@ -122,3 +127,26 @@ def test_init_checkpoint_from_a_lora_run_starts_from_its_merged_model(lora_run):
         params = initial_params(types.SimpleNamespace(hf=None, checkpoint=run), merged.config, mesh,
                                 abstract_params(merged.config, mesh), 0)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, merged.params)
+
+
+def test_unsupported_peft_adapters_are_one_line_errors(lora_run, tmp_path):
+    import shutil
+
+    from imitation_jax.convert.loading import load_model
+    from imitation_jax.errors import CheckpointError
+
+    run, base, tmp = lora_run
+    src = tmp / "adapter"
+    if not src.is_dir():
+        from imitation_jax.convert.peft_export import export_adapter
+
+        export_adapter(run, str(src))
+    for change, named in [({"use_dora": True}, "use_dora"), ({"target_modules": ["lm_head"]}, "target_modules"),
+                          ({"base_model_name_or_path": str(tmp_path / "nowhere")}, "not a local HF dir")]:
+        bad = tmp_path / named.replace(" ", "_")
+        shutil.copytree(src, bad)
+        config = json.load(open(bad / "adapter_config.json"))
+        json.dump({**config, **change}, open(bad / "adapter_config.json", "w"))
+        with pytest.raises(CheckpointError, match=named) as err:
+            load_model(str(bad))
+        assert "\n" not in str(err.value)

@@ -8,6 +8,9 @@
     merged into it (a plain model; `merge=False` keeps them apart);
   * a params checkpoint dir written by `imitation-jax import-hf` (layout in
     `imitation_jax.convert.params_dir`): model.json, params/ (Orbax), tokenizer/;
+  * a PEFT LoRA adapter dir (adapter_config.json + adapter_model.safetensors, e.g. written by
+    `export-hf --adapter`) whose base_model_name_or_path is a local HF dir: the base with the
+    adapters merged (the adapter dir's tokenizer if it has one, else the base's);
   * a Hugging Face LLaMA dir (config.json + safetensors + tokenizer files), streamed in one
     tensor at a time; the template is the built-in one its `chat_template` renders (as written by
     `export-hf`), else the tokenizer's own chat_template ('hf'), else koala.
@@ -65,6 +68,8 @@ def load_model(path: str, *, step: Optional[int] = None, dtype: Optional[str] = 
         raise ConfigError(f"{path}: step={step} applies to a run dir only (no config.yaml there)")
     if params_dir.is_params_dir(path):
         return _from_params_dir(path, dtype, mesh)
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        return _from_peft_dir(path, dtype, mesh)
     if os.path.isfile(os.path.join(path, "config.json")):
         return _from_hf_dir(path, dtype, mesh)
     raise CheckpointError(f"{path}: neither a run dir (config.yaml), an import-hf checkpoint "
@@ -333,6 +338,42 @@ def _from_params_dir(path: str, dtype: Optional[str], mesh) -> LoadedModel:
     cfg, params = restore_into(os.path.join(path, params_dir.PARAMS_DIR), saved_cfg, dtype, mesh)
     cfg = _on_mesh(cfg, mesh)
     return LoadedModel(cfg, _graphdef(cfg), params, tokenizer, template, path)
+
+
+# ------------------------------------------------------------------------------------ PEFT adapter dirs
+
+
+def _from_peft_dir(path: str, dtype: Optional[str], mesh) -> LoadedModel:
+    import jax
+    from safetensors.numpy import load_file
+
+    from imitation_jax.convert.hf_import import hf_template, hf_tokenizer, load_hf_params, read_hf_config
+    from imitation_jax.convert.peft_format import adapters_from_peft, read_adapter_config
+    from imitation_jax.model import lora
+    from imitation_jax.model.params import model_graph, param_shardings
+
+    lora_cfg, base = read_adapter_config(path)
+    if not base or not os.path.isfile(os.path.join(base, "config.json")):
+        raise CheckpointError(f"{path}: its base_model_name_or_path {base!r} is not a local HF dir (config.json)")
+    weights = os.path.join(path, "adapter_model.safetensors")
+    if not os.path.isfile(weights):
+        raise CheckpointError(f"{path}: no adapter_model.safetensors")
+    cfg = read_hf_config(base)
+    adapted = dataclasses.replace(cfg, lora=lora_cfg)
+    adapters = adapters_from_peft(load_file(weights), lora_cfg, lora.split(model_graph(adapted)[1])[0], cfg.num_layers)
+    has_tokenizer = any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model"))
+    tokenizer = hf_tokenizer(path if has_tokenizer else base)
+    template = hf_template(tokenizer)
+    with jax.set_mesh(mesh):
+        params = load_hf_params(base, cfg, mesh)
+        shardings = jax.tree.map(lambda x: x.sharding, params)
+        adapters = jax.device_put(adapters, lora.split(param_shardings(adapted, mesh))[0])
+        params = jax.jit(lambda b, a: lora.merged(lora.combine(b, a), lora_cfg), out_shardings=shardings)(
+            params, adapters)
+    if dtype is not None and dtype != cfg.param_dtype:
+        params = cast_params(params, dtype)
+    cfg = _on_mesh(with_dtype(cfg, dtype), mesh)
+    return LoadedModel(cfg, _graphdef(cfg), params, tokenizer, template, f"{path} (PEFT adapter on {base})")
 
 
 # ------------------------------------------------------------------------------------ HF dirs

@@ -1,11 +1,7 @@
 """A LoRA run's adapters -> a PEFT adapter dir (`export-hf RUN --adapter --out DIR`):
-adapter_config.json + adapter_model.safetensors that `peft.PeftModel.from_pretrained(base, DIR)`
-loads onto the run's base (its HF dir), plus the tokenizer and chat template as trained.
-
-PEFT's LoRA layer computes lora_B(lora_A(dropout(x))) * lora_alpha / r with nn.Linear weights
-lora_A (r, in_features) and lora_B (out_features, r); ours are A (in..., r) and B (r, out...) per
-layer, so each is a reshape to 2-D and a transpose (in/out features flattened in HF's order: heads
-major, as hf_layout's q/k/v/o kinds).
+adapter_config.json + adapter_model.safetensors (convert/peft_format.py) that
+`peft.PeftModel.from_pretrained(base, DIR)` loads onto the run's base (its HF dir), plus the
+tokenizer and chat template as trained.
 """
 
 from __future__ import annotations
@@ -14,42 +10,8 @@ import json
 import os
 from typing import Optional
 
-import numpy as np
-
+from imitation_jax.convert.peft_format import adapter_config, peft_tensors
 from imitation_jax.errors import CheckpointError
-
-# Our block -> the HF module path of each target inside `model.layers.{i}`.
-_MODULE = {"q": "self_attn", "k": "self_attn", "v": "self_attn", "o": "self_attn",
-           "gate": "mlp", "up": "mlp", "down": "mlp"}
-_BLOCK = {"self_attn": "attn", "mlp": "mlp"}
-
-
-def peft_tensors(adapters: dict, targets, num_layers: int) -> dict[str, np.ndarray]:
-    """{PEFT key: float32 array} for our stacked adapters (numpy or jax arrays)."""
-    from imitation_jax.model import lora
-
-    out = {}
-    for target in targets:
-        module = _MODULE[target]
-        block = adapters["layers"][_BLOCK[module]]
-        a = np.asarray(block[target + lora.SUFFIX_A], np.float32)
-        b = np.asarray(block[target + lora.SUFFIX_B], np.float32)
-        rank = a.shape[-1]
-        for i in range(num_layers):
-            name = f"base_model.model.model.layers.{i}.{module}.{lora.PEFT_MODULES[target]}"
-            out[f"{name}.lora_A.weight"] = np.ascontiguousarray(a[i].reshape(-1, rank).T)
-            out[f"{name}.lora_B.weight"] = np.ascontiguousarray(b[i].reshape(rank, -1).T)
-    return out
-
-
-def adapter_config(lora_cfg, base_path: str) -> dict:
-    from imitation_jax.model import lora
-
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_path,
-            "r": lora_cfg.rank, "lora_alpha": lora_cfg.alpha, "lora_dropout": lora_cfg.dropout,
-            "target_modules": [lora.PEFT_MODULES[t] for t in lora_cfg.targets], "bias": "none",
-            "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False, "use_dora": False,
-            "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None}
 
 
 def export_adapter(run_dir: str, out: str, *, step: Optional[int] = None) -> dict:
