@@ -150,3 +150,30 @@ def test_unsupported_peft_adapters_are_one_line_errors(lora_run, tmp_path):
         with pytest.raises(CheckpointError, match=named) as err:
             load_model(str(bad))
         assert "\n" not in str(err.value)
+
+
+def test_greedy_replies_merged_unmerged_and_peft_agree(lora_run):
+    """Greedy decoding (KV cache) of the merged model, of the unmerged one (base + adapters: what
+    on-policy sampling and in-training tasks run) and of transformers + peft give the same tokens."""
+    from transformers import LlamaForCausalLM
+
+    from imitation_jax.convert.loading import load_model
+    from imitation_jax.convert.peft_export import export_adapter
+    from imitation_jax.generate import Generator, SamplingParams
+
+    run, base, tmp = lora_run
+    adapter = tmp / "adapter_greedy"
+    export_adapter(run, str(adapter))
+    prompts = [[1, 45, 99, 12, 7], [1, 300, 20]]
+    replies = []
+    for merge in (True, False):
+        generator = Generator(load_model(run, merge=merge), max_batch=2, max_len=32)
+        replies.append([c.tokens for c in generator.generate(prompts, SamplingParams(max_new_tokens=8))])
+    assert replies[0] == replies[1]
+    with torch.no_grad():
+        model = peft.PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                               str(adapter))
+        for prompt, ours in zip(prompts, replies[0]):
+            theirs = model.generate(torch.tensor([prompt]), max_new_tokens=len(ours), do_sample=False,
+                                    eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+            assert theirs == ours, (prompt, ours, theirs)
