@@ -17,8 +17,9 @@ Without --model, a randomly initialised `tiny` preset model (~4M params) with a 
 SentencePiece tokenizer is written to a temp dir (its replies are noise; the cost is the same).
 Each server runs as its own `imitation-jax serve` process, one after the other, with --max-batch
 32; clients are asyncio tasks in this process (the `openai` client; httpx for the streams left
-early). Before timing, each server gets bursts of 1, 2, 4, ... --max-batch requests and each
-load once unmeasured, so that compiles are not timed.
+early). The continuous server starts with `--warmup full` (every batch shape compiled before
+/health says ready); then each server gets bursts of 1, 2, 4, ... --max-batch requests and each
+load once unmeasured, and the compiles that still happen while measured are counted (/health).
 """
 
 from __future__ import annotations
@@ -71,14 +72,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, scheduler: str, max_batch: int, max_len: int, log_path: str):
+def start_server(model: str, scheduler: str, max_batch: int, max_len: int, warmup: str, log_path: str):
     import httpx
 
     port = free_port()
     with open(log_path, "wb") as log:  # a file, not a pipe nobody reads (a full pipe blocks the server)
         proc = subprocess.Popen([sys.executable, "-m", "imitation_jax.cli", "serve", model, "--port", str(port),
                                  "--model-name", "m", "--max-batch", str(max_batch), "--max-len", str(max_len),
-                                 "--scheduler", scheduler, "--max-queue", "1024"],
+                                 "--scheduler", scheduler, "--max-queue", "1024", "--warmup", warmup],
                                 stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}"
     t0 = time.monotonic()
@@ -177,6 +178,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--max-len", type=int, default=256, help="serve --max-len (fewer shapes to compile)")
     ap.add_argument("--schedulers", nargs="+", default=list(SCHEDULERS), choices=SCHEDULERS)
+    ap.add_argument("--warmup", default="full", choices=("basic", "full", "none"),
+                    help="serve --warmup of the continuous server (default full: every batch shape)")
     args = ap.parse_args(argv)
     loads = [(c, 0) for c in args.concurrency] + [(32, 16)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -185,26 +188,32 @@ def main(argv=None) -> int:
         one_batch: dict[str, float] = {}
         started: dict[str, float] = {}
         for sched in args.schedulers:
-            proc, url, started[sched] = start_server(model, sched, args.max_batch, args.max_len,
+            proc, url, started[sched] = start_server(model, sched, args.max_batch, args.max_len, args.warmup,
                                                      os.path.join(tmp, f"serve-{sched}.log"))
             base = url + "/v1"
             try:
                 asyncio.run(warm_up(base, args.max_batch, args.max_tokens))
                 asyncio.run(burst(base, args.max_batch, args.max_tokens))
                 one_batch[sched] = min(asyncio.run(burst(base, args.max_batch, args.max_tokens)) for _ in range(2))
+                import httpx
+
                 for c, leave in loads:
                     asyncio.run(load(base, c, args.requests, args.max_tokens, leave))  # unmeasured
+                    before = httpx.get(url + "/health").json()["compiles"]
                     r = results[(sched, c, leave)] = asyncio.run(load(base, c, args.requests, args.max_tokens, leave))
-                    print(f"  {sched}, {c} clients ({leave} leaving): {r['rps']:.2f} req/s, p99 {r['p99']:.2f} s",
-                          file=sys.stderr)
-                import httpx
+                    r["compiles"] = httpx.get(url + "/health").json()["compiles"] - before
+                    print(f"  {sched}, {c} clients ({leave} leaving): {r['rps']:.2f} req/s, p99 {r['p99']:.2f} s, "
+                          f"{r['compiles']} compiles while measured", file=sys.stderr)
                 print(f"  {sched} /health: {httpx.get(url + '/health').json()}", file=sys.stderr)
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
     print(f"\nserve load: replies of {args.max_tokens}/8 .. {args.max_tokens} tokens, {args.requests} requests per "
           f"client, --max-batch {args.max_batch}, --max-len {args.max_len}")
-    print("start to /health 200: " + ", ".join(f"{s} {started[s]:.1f} s" for s in args.schedulers))
+    print(f"start to /health 200 (continuous: --warmup {args.warmup}): "
+          + ", ".join(f"{s} {started[s]:.1f} s" for s in args.schedulers))
+    print("compiles while measured: " + ", ".join(
+        f"{s} {sum(results[(s, c, leave)]['compiles'] for c, leave in loads)}" for s in args.schedulers))
     print(f"one batch ({args.max_batch} simultaneous requests of {args.max_tokens} tokens): "
           + ", ".join(f"{s} {one_batch[s]:.2f} s" for s in args.schedulers))
     head = " | ".join(f"{s + ' req/s':>16} {'tok/s':>7} {'p50 s':>6} {'p99 s':>6}" for s in args.schedulers)

@@ -156,9 +156,9 @@ def create_app(generator, model_name: str, *, api_key: Optional[str] = None, max
                               stop=req.stops(), seed=seed % (1 << 32), logprobs=logprobs,
                               prompt_logprobs=prompt_logprobs)
 
-    def submit(prompt: list[int], params):
+    def submit(prompt: list[int], params, stream: bool):
         try:
-            return app.state.batcher.submit(prompt, params)
+            return app.state.batcher.submit(prompt, params, stream=stream)
         except QueueFull as exc:
             raise APIError(429, str(exc), type="server_overloaded", code="queue_full",
                            headers={"Retry-After": str(exc.retry_after)}) from None
@@ -245,7 +245,7 @@ def create_app(generator, model_name: str, *, api_key: Optional[str] = None, max
             raise APIError(400, "top_logprobs: needs logprobs to be true", param="top_logprobs")
         params = sampling(req, prompt, default_max_tokens,
                           logprobs=(req.top_logprobs or 0) if req.logprobs else None)
-        request = submit(prompt, params)
+        request = submit(prompt, params, req.stream)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         fmt = LogprobFormatter(strings)
         if req.stream:
@@ -282,7 +282,7 @@ def create_app(generator, model_name: str, *, api_key: Optional[str] = None, max
         scored = req.echo and req.logprobs is not None
         params = sampling(req, prompt, default_max_tokens, logprobs=req.logprobs,
                           prompt_logprobs=req.logprobs if scored else None)
-        request = submit(prompt, params)
+        request = submit(prompt, params, req.stream)
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         echoed = tok.decode(prompt) if req.echo else ""  # what the prompt's tokens' bytes add up to
         fmt = LogprobFormatter(strings, token_ids=req.return_tokens_as_token_ids)

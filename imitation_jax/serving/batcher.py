@@ -34,6 +34,7 @@ class Request:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)
     cancelled: bool = False  # the client went away: drop it if not started, ignore its output
+    stream: bool = True  # False: only the final Done (and errors) are pushed, no deltas
 
     def push(self, item: Any) -> None:
         if not self.cancelled:
@@ -90,20 +91,21 @@ class Batcher:
             self._thread.join(timeout=60)
             self._thread = None
 
-    def submit(self, prompt: list[int], params) -> Request:
-        """Queues a request; read its events with `await request.events.get()`. QueueFull when
-        `max_queue` requests already wait."""
+    def submit(self, prompt: list[int], params, stream: bool = True) -> Request:
+        """Queues a request; read its events with `await request.events.get()` (not streamed: the
+        final Done only). QueueFull when `max_queue` requests already wait."""
         waiting = self._queue.qsize()
         if waiting >= self.max_queue:
             self.rejected += 1
             raise QueueFull(max(1, math.ceil(self._batch_s * (waiting // self.max_batch + 1))))
-        req = Request(prompt, params, asyncio.get_running_loop())
+        req = Request(prompt, params, asyncio.get_running_loop(), stream=stream)
         self._queue.put(req)
         return req
 
     def health(self) -> dict:
         return {"scheduler": "batch", "ready": self.ready, "batches": self.batches, "requests": self.requests,
-                "queued": self._queue.qsize(), "rejected": self.rejected}
+                "queued": self._queue.qsize(), "rejected": self.rejected,
+                "compiles": sum(getattr(self.generator, "traces", {}).values())}
 
     def _gather(self, first: Request) -> tuple[list[Request], bool]:
         batch, deadline = [first], time.monotonic() + self.max_wait_s
@@ -133,14 +135,17 @@ class Batcher:
             pending: list[list] = [[] for _ in batch]
 
             def on_text(i: int, delta: str) -> None:
-                batch[i].push(Delta(delta, pending[i]))
+                if batch[i].stream:
+                    batch[i].push(Delta(delta, pending[i]))
                 pending[i] = []
 
             def on_logprob(i: int, entry) -> None:
-                pending[i].append(entry)
+                if batch[i].stream:
+                    pending[i].append(entry)
 
             def on_prompt_logprobs(i: int, entries) -> None:
-                batch[i].push(PromptLogprobs(entries))
+                if batch[i].stream:
+                    batch[i].push(PromptLogprobs(entries))
 
             t0 = time.monotonic()
             try:

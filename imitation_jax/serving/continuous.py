@@ -38,14 +38,17 @@ class _Sink:
         return self.request.cancelled
 
     def text(self, delta: str) -> None:
-        self.request.push(Delta(delta, self.pending))
+        if self.request.stream:  # (not streamed: the final Done only, no wake-up of the loop per token)
+            self.request.push(Delta(delta, self.pending))
         self.pending = []
 
     def logprob(self, entry) -> None:
-        self.pending.append(entry)
+        if self.request.stream:
+            self.pending.append(entry)
 
     def prompt_logprobs(self, entries) -> None:
-        self.request.push(PromptLogprobs(entries))
+        if self.request.stream:
+            self.request.push(PromptLogprobs(entries))
 
     def done(self, completion) -> None:
         self.request.push(Done(completion))
@@ -95,10 +98,10 @@ class ContinuousScheduler:
         with self._cond:
             return sum(1 for r in self._queue if not r.cancelled)
 
-    def submit(self, prompt: list[int], params) -> Request:
-        """Queues a request (read its events with `await request.events.get()`); QueueFull when
-        `max_queue` requests already wait."""
-        req = Request(prompt, params, asyncio.get_running_loop())
+    def submit(self, prompt: list[int], params, stream: bool = True) -> Request:
+        """Queues a request (read its events with `await request.events.get()`; not streamed: the
+        final Done only); QueueFull when `max_queue` requests already wait."""
+        req = Request(prompt, params, asyncio.get_running_loop(), stream=stream)
         with self._cond:
             waiting = sum(1 for r in self._queue if not r.cancelled)
             if waiting >= self.max_queue:
@@ -115,7 +118,8 @@ class ContinuousScheduler:
     def health(self) -> dict:
         e = self.engine
         return {"scheduler": "continuous", "ready": self.ready, "warmup_s": round(self.warmup_s, 1), "batches": self.batches, "requests": self.requests,
-                "running": e.active, "queued": self.queued(), "rejected": self.rejected, **e.stats}
+                "running": e.active, "queued": self.queued(), "rejected": self.rejected, **e.stats,
+                "compiles": sum(e.gen.traces.values()) + sum(e.traces.values())}
 
     # ------------------------------------------------------------------ worker
 
