@@ -434,11 +434,14 @@ class SlotEngine:
 
         cfg = gen.loaded.config
 
-        def one_row(slots):  # a fresh cache, the insert of each prompt bucket, the relayouts of one row
+        # (prompt bucket, slots) of a lone request's fresh cache, for each prompt length
+        alone = {(_bucket(p, gen.buckets), self._slot_bucket(p + 4 * self.n)) for p in range(1, gen.max_len)}
+
+        def one_row(slots):  # a fresh cache, the inserts and the relayouts a lone request meets
             cache = self._create(jnp.zeros((1,), jnp.int32), slots)
             last = jnp.zeros((1,), jnp.int32)
             for w in widths:
-                if w <= slots:
+                if (w, slots) in alone:
                     k = jnp.zeros((cfg.num_layers, 1, w, cfg.kv_heads, cfg.dim_per_head), cfg.compute_dtype)
                     one = jnp.zeros((1,), jnp.int32)
                     cache, last = self._insert(cache, last, one, k, k, one + 1, one)
