@@ -78,7 +78,7 @@ def test_a_distilled_student_is_evaluated_exported_served_and_generates(small_ov
     apps = []
     monkeypatch.setattr("uvicorn.run", lambda app, **kw: apps.append(app))
     assert main(["serve", run, "--api-key", KEY, "--max-len", str(MAX_LEN), "--max-batch", "2",
-                 "--model-name", "student"]) == 0
+                 "--model-name", "student", "--warmup", "none"]) == 0
     with serve_in_thread(apps[0]) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
         reply = client.chat.completions.create(model="student", messages=MESSAGES, max_tokens=NEW_TOKENS,

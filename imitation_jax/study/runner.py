@@ -373,7 +373,8 @@ class Study:
         port = free_port()
         if need == "teacher":
             cmd = cli_command(["serve", self.teacher_model, "--port", port, "--model-name",
-                               self.cfg.teacher.model_name, "--max-batch", 16])
+                               self.cfg.teacher.model_name, "--max-batch", 16,
+                               "--warmup", "none"])  # its first requests compile what they need
         else:
             cmd = [sys.executable, "-m", "imitation_jax.study.judge_server", "--port", str(port)]
         self.log(f"         starting the {need} API on http://127.0.0.1:{port}/v1")

@@ -137,14 +137,18 @@ def build_program(cfg: Config, mesh: Mesh, model: ModelConfig, total_steps: int,
     abstract = {"params": params, "opt_state": opt,
                 "rng": jax.ShapeDtypeStruct((2,), np.uint32, sharding=replicated(mesh))}
     state_sh = {"params": _shardings(params), "opt_state": _shardings(opt), "step": replicated(mesh)}
+    # The fused last layer's hand-written backward computes its weights' gradients: a LoRA base has no
+    # use for them (they cost a compiled step more memory than the base's gradient-free layers, and a
+    # quantized base's integer codes cannot take one). Evaluation computes no gradient: it stays fused.
+    fuse = t.fuse_last_layer and not model.lora.enabled
     loss_fn = None
     if t.objective != "sft":
-        loss_fn = make_loss_fn(graphdef, t.objective, cfg.kd, t.loss_chunk, t.fuse_last_layer,
+        loss_fn = make_loss_fn(graphdef, t.objective, cfg.kd, t.loss_chunk, fuse,
                                teacher.graphdef if teacher is not None else None)
     teacher_sh = _shardings(teacher.params) if teacher is not None else None
     frozen_sh = _shardings(frozen) if frozen is not None else None
     dropout_seed = t.seed if model.lora.enabled and model.lora.dropout > 0 else None
-    train_step = make_train_step(graphdef, optimizer, mesh, state_sh, t.loss_chunk, t.fuse_last_layer, model.platform,
+    train_step = make_train_step(graphdef, optimizer, mesh, state_sh, t.loss_chunk, fuse, model.platform,
                                  loss_fn, teacher_sh, frozen_sh, dropout_seed)
     eval_sh = state_sh["params"] if frozen is None else lora.combine(state_sh["params"], frozen_sh)
     eval_step = make_eval_step(graphdef, mesh, eval_sh, t.loss_chunk, t.fuse_last_layer, model.platform)

@@ -263,6 +263,12 @@ def lower_train_step(cfg, topo: Topology, vocab_size: int | None = None, *, teac
         program = build_program(cfg, mesh, model, t.steps or 1000, frozen)
         args = (program.abstract_step_state(),
                 program.abstract_batch(seq_len, teacher_k if kd_source == "stored" else 0))
+        if program.lora:  # LoRA: the state is the adapters; the frozen base is the step's third argument
+            args += (program.frozen,)
+            contents = contents.replace("params, optimizer state", "adapters, their optimizer state") + ", frozen base"
+            lines.append(f"lora: rank {model.lora.rank} on {', '.join(model.lora.targets)}, base "
+                         f"{model.lora.base_quant or model.param_dtype}, {shard_bytes(program.frozen) / GiB:.2f} GiB "
+                         "per device")
         if frozen is not None:
             args += (frozen.params,)
         return Lowered(program.train_step.lower(*args), args, lines, contents)
