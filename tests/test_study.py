@@ -132,8 +132,11 @@ def test_study_config_errors_name_the_key(tmp_path):
     from imitation_jax.errors import ConfigError
     from imitation_jax.study.config import load_study_config
 
-    cfg = load_study_config("configs/study/mini.yaml", ["work_dir=x", "imitation.budgets=[10,100]"])
+    cfg = load_study_config("configs/study/mini.yaml", ["work_dir=x", "imitation.budgets=[10,100]",
+                                                        "imitation.compare.budgets=[100]"])
     assert cfg.imitation.budgets == [10, 100] and set(cfg.bases) == {"small", "large"}
+    with pytest.raises(ConfigError, match=r"imitation.compare.budgets=\[200, 2000\]"):  # mini's compared budgets
+        load_study_config("configs/study/mini.yaml", ["work_dir=x", "imitation.budgets=[10,100]"])
     with pytest.raises(ConfigError, match="imitation.budget"):
         load_study_config("configs/study/mini.yaml", ["imitation.budget=3"])
     with pytest.raises(ConfigError, match="knows"):

@@ -53,6 +53,29 @@ def kernel(module, name: str, dtype) -> jax.Array:
                             getattr(module, name + quant.SUFFIX_SCALE)[...], mode, 0, dtype)
 
 
+class Adapted:
+    """LoRA adapters (model/lora.py) on a module's projections: `add_adapters` after its base weights,
+    `adapted` adds a projection's update to its output."""
+
+    def add_adapters(self, rngs: nnx.Rngs, cfg: ModelConfig, shapes: dict) -> None:
+        """shapes: projection -> (input shape, output shape, input axis names, output axis names)."""
+        self.lora = cfg.lora
+        for name, (i, o, i_names, o_names) in shapes.items():
+            if cfg.lora.targets_(name):
+                a, b = lora.adapter_params(rngs, i, i_names, o, o_names, cfg.lora.rank)
+                setattr(self, name + lora.SUFFIX_A, a)
+                setattr(self, name + lora.SUFFIX_B, b)
+        self.lora_key = lora.dropout_key(cfg.lora.rank, cfg.lora.dropout)
+
+    def adapted(self, name: str, x: jax.Array, y: jax.Array) -> jax.Array:
+        """y (= x @ W_name) plus the LoRA update of `name`, if it has one."""
+        if not self.lora.targets_(name):
+            return y
+        return y + lora.update(x, getattr(self, name + lora.SUFFIX_A), getattr(self, name + lora.SUFFIX_B),
+                               self.lora.scale, self.dtype, self.lora_key, self.lora.dropout,
+                               lora.TARGETS.index(name))
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.weight = param(rngs, (cfg.hidden_size,), ("norm",), cfg.weight_dtype, None)
@@ -116,7 +139,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
-class MLP(nnx.Module):
+class MLP(Adapted, nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)); on CPU with a hand-written backward pass (`cpu.swiglu`),
     where it was measured to help, elsewhere under autodiff."""
 
@@ -127,24 +150,9 @@ class MLP(nnx.Module):
         projection(self, rngs, cfg, "down", (f, d), ("mlp", "embed"))
         self.dtype = cfg.compute_dtype
         self.platform = cfg.platform
-        # LoRA adapters (model/lora.py), created after the base weights.
-        self.lora = cfg.lora
-        for name, (i, o, i_names, o_names) in {"gate": ((d,), (f,), ("embed",), ("mlp",)),
-                                                "up": ((d,), (f,), ("embed",), ("mlp",)),
-                                                "down": ((f,), (d,), ("mlp",), ("embed",))}.items():
-            if cfg.lora.targets_(name):
-                a, b = lora.adapter_params(rngs, i, i_names, o, o_names, cfg.lora.rank)
-                setattr(self, name + lora.SUFFIX_A, a)
-                setattr(self, name + lora.SUFFIX_B, b)
-        self.lora_key = lora.dropout_key(cfg.lora.rank, cfg.lora.dropout)
-
-    def adapted(self, name: str, x: jax.Array, y: jax.Array) -> jax.Array:
-        """y (= x @ W_name) plus the LoRA update of `name`, if it has one."""
-        if not self.lora.targets_(name):
-            return y
-        return y + lora.update(x, getattr(self, name + lora.SUFFIX_A), getattr(self, name + lora.SUFFIX_B),
-                               self.lora.scale, self.dtype, self.lora_key, self.lora.dropout,
-                               lora.TARGETS.index(name))
+        self.add_adapters(rngs, cfg, {"gate": ((d,), (f,), ("embed",), ("mlp",)),
+                                      "up": ((d,), (f,), ("embed",), ("mlp",)),
+                                      "down": ((f,), (d,), ("mlp",), ("embed",))})
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.dtype

@@ -11,11 +11,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from imitation_jax.model import lora
 from imitation_jax.model.attention import attention, cached_attention
 from imitation_jax.model.config import ModelConfig, with_platform
 from imitation_jax.model.kv_cache import KVCache, LayerCache
-from imitation_jax.model.layers import MLP, RMSNorm, apply_rope, kernel, param, projection, rope_inv_freq, rope_tables
+from imitation_jax.model.layers import MLP, Adapted, RMSNorm, apply_rope, kernel, param, projection, rope_inv_freq, rope_tables
 from imitation_jax.sharding import constrain
 
 _REMAT = {
@@ -24,7 +23,7 @@ _REMAT = {
 }
 
 
-class Attention(nnx.Module):
+class Attention(Adapted, nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
         projection(self, rngs, cfg, "q", (d, h, hd), ("embed", "heads", "head_dim"))
@@ -34,26 +33,10 @@ class Attention(nnx.Module):
         self.dtype = cfg.compute_dtype
         self.impl = cfg.attention
         self.platform = cfg.platform
-        # LoRA adapters (model/lora.py), created after the base weights.
-        self.lora = cfg.lora
-        shapes = {"q": ((d,), (h, hd), ("embed",), ("heads", "head_dim")),
-                  "k": ((d,), (kv, hd), ("embed",), ("kv_heads", "head_dim")),
-                  "v": ((d,), (kv, hd), ("embed",), ("kv_heads", "head_dim")),
-                  "o": ((h, hd), (d,), ("heads", "head_dim"), ("embed",))}
-        for name, (i, o, i_names, o_names) in shapes.items():
-            if cfg.lora.targets_(name):
-                a, b = lora.adapter_params(rngs, i, i_names, o, o_names, cfg.lora.rank)
-                setattr(self, name + lora.SUFFIX_A, a)
-                setattr(self, name + lora.SUFFIX_B, b)
-        self.lora_key = lora.dropout_key(cfg.lora.rank, cfg.lora.dropout)
-
-    def adapted(self, name: str, x: jax.Array, y: jax.Array) -> jax.Array:
-        """y (= x @ W_name) plus the LoRA update of `name`, if it has one."""
-        if not self.lora.targets_(name):
-            return y
-        return y + lora.update(x, getattr(self, name + lora.SUFFIX_A), getattr(self, name + lora.SUFFIX_B),
-                               self.lora.scale, self.dtype, self.lora_key, self.lora.dropout,
-                               lora.TARGETS.index(name))
+        self.add_adapters(rngs, cfg, {"q": ((d,), (h, hd), ("embed",), ("heads", "head_dim")),
+                                      "k": ((d,), (kv, hd), ("embed",), ("kv_heads", "head_dim")),
+                                      "v": ((d,), (kv, hd), ("embed",), ("kv_heads", "head_dim")),
+                                      "o": ((h, hd), (d,), ("heads", "head_dim"), ("embed",))})
 
     def __call__(self, x, cos, sin, segment_ids, cache: LayerCache | None = None):
         """Returns (output, cache). With a cache, this call's keys and values are written into it;
