@@ -236,10 +236,16 @@ def _mean_per_x(points: list[tuple[float, float]]) -> tuple[list[float], list[fl
     for x, y in points:
         by_x.setdefault(x, []).append(y)
     xs = sorted(by_x)
-    means = [sum(by_x[x]) / len(by_x[x]) for x in xs]
-    stds = [math.sqrt(sum((y - m) ** 2 for y in by_x[x]) / (len(by_x[x]) - 1)) if len(by_x[x]) > 1 else 0.0
-            for x, m in zip(xs, means)]
-    return xs, means, stds
+    means, stds = zip(*(mean_std(by_x[x]) for x in xs)) if xs else ((), ())
+    return xs, list(means), list(stds)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    m = sum(values) / len(values)
+    if len(values) < 2:
+        return m, 0.0
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
 
 
 def _save(fig, path: str) -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
 from typing import Any
@@ -86,32 +85,25 @@ COST = ("train_s", "teacher_calls", "sampled_tokens")  # per student: its train 
 
 
 def training_cost(study, name: str) -> dict:
+    from imitation_jax.evaluation.plots import read_metrics
+
     marker = study.state.marker(f"train/{name}") or {}
-    steps: dict[int, dict] = {}
     try:
-        with open(os.path.join(study.models[name]["path"], "metrics.jsonl")) as f:
-            for line in f:
-                r = json.loads(line)
-                if "on_policy_rows" in r:
-                    steps[r["step"]] = r  # a resumed run logs a step again: the last record counts
-    except (FileNotFoundError, json.JSONDecodeError):
-        pass
+        records = read_metrics(study.models[name]["path"])
+    except FileNotFoundError:
+        records = []
+    # A resumed run logs a step again: the last record counts.
+    steps = {r["step"]: r for r in records if "on_policy_rows" in r}
     return {"train_s": marker.get("seconds"),
             "teacher_calls": int(sum(r["on_policy_rows"] for r in steps.values())),
             "sampled_tokens": int(sum(r.get("on_policy_tokens", 0) for r in steps.values()))}
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value)."""
-    m = sum(values) / len(values)
-    if len(values) < 2:
-        return m, 0.0
-    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
-
-
 def arms_table(rows: list[dict], columns: list[str]) -> list[dict]:
     """The compared cells: one row per base x set x budget x arm with every seed's scores pooled
     (mean, std, n) and the mean training cost."""
+    from imitation_jax.evaluation.plots import mean_std  # matplotlib loads only when a report is built
+
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r["kind"] == "student":
