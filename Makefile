@@ -1,6 +1,8 @@
 # make install: .venv with the package and its dev extra (re-run only when setup.py changes)
 # make demo:    generate demo data, prepare it (printing the data summary), train the tiny student on the CPU,
 #               evaluate it on the shipped offline task suite and plot its curves
+# make demo-lora: after the demo, a LoRA student on the demo model's HF export (its frozen base):
+#               train, evaluate, export a PEFT adapter, and transformers + peft give our greedy reply
 # make test:    the test suite (CPU only, simulated devices where a mesh is needed)
 
 PYTHON ?= python3
@@ -9,8 +11,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DATA := data/demo
 DEMO_RUN ?= runs/demo
+LORA_RUN ?= runs/demo-lora
 
-.PHONY: install demo test bench clean-demo
+.PHONY: install demo demo-lora test bench clean-demo
 
 install: $(STAMP)
 
@@ -31,6 +34,15 @@ demo: install
 	$(VENV)/bin/imitation-jax export-hf $(DEMO_RUN) --out $(DEMO_RUN)/hf --dtype float32
 	$(PY) tools/hf_greedy.py $(DEMO_RUN)/hf --run $(DEMO_RUN)  # transformers loads it back: same greedy reply
 
+demo-lora: install
+	test -f $(DEMO_RUN)/hf/config.json || $(MAKE) demo
+	rm -rf $(LORA_RUN)
+	$(VENV)/bin/imitation-jax train configs/tiny.yaml run_dir=$(LORA_RUN) data.path=$(DEMO_DATA)/prepared \
+	  init.hf=$(DEMO_RUN)/hf model.lora.rank=8 model.lora.alpha=16 train.steps=60 optim.warmup_steps=10 eval.every_steps=30
+	$(VENV)/bin/imitation-jax eval $(LORA_RUN) --tasks mini_suite --limit 4 --out $(LORA_RUN)/eval/final.json
+	$(VENV)/bin/imitation-jax export-hf $(LORA_RUN) --adapter --out $(LORA_RUN)/adapter
+	$(PY) tools/hf_greedy.py $(DEMO_RUN)/hf --adapter $(LORA_RUN)/adapter --run $(LORA_RUN)  # transformers + peft: same greedy reply
+
 test: install
 	$(PY) -m pytest -q -n 2 tests
 
@@ -38,7 +50,7 @@ bench: install
 	$(PY) tools/bench_train.py
 
 clean-demo:
-	rm -rf $(DEMO_RUN) $(DEMO_DATA)
+	rm -rf $(DEMO_RUN) $(LORA_RUN) $(DEMO_DATA)
 
 # make install-tpu: .venv-tpu with jax[tpu] (libtpu), kept out of .venv: libtpu slows and warns at every
 #                   JAX start on machines without a TPU. Only compile-check needs it.

@@ -1,13 +1,16 @@
 """A LoRA run on an HF base, end to end: loading merges the adapters (the same logits as the
 unmerged model), plain export-hf writes merged weights transformers runs with the same logits, and
 `export-hf --adapter` writes a PEFT adapter that `peft.PeftModel.from_pretrained(base, DIR)` runs
-with the same logits as ours; a changed base is a one-line CheckpointError on load and export."""
+with the same logits as ours; a changed base is a one-line CheckpointError on load and export;
+`import-hf` of that adapter and `init.adapter` continue training from it; and the rest of the CPU
+demo path (`make demo-lora`: eval, transformers + peft greedy reply)."""
 
 from __future__ import annotations
 
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -128,6 +131,15 @@ def test_init_checkpoint_from_a_lora_run_starts_from_its_merged_model(lora_run):
                                 abstract_params(merged.config, mesh), 0)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, merged.params)
 
+    # init.checkpoint's architecture (norm epsilon, RoPE, sizes) is the run's, from any of its paths
+    from imitation_jax.convert.init_params import ARCH_FIELDS, with_checkpoint_architecture
+    from imitation_jax.model.config import ModelConfig
+
+    for path in (run, os.path.join(run, "checkpoints"), os.path.join(run, "checkpoints", "3")):
+        arch = with_checkpoint_architecture(ModelConfig(rms_norm_eps=1e-5, rope_theta=5e5), path)
+        assert [getattr(arch, f) for f in ARCH_FIELDS] == [getattr(merged.config, f) for f in ARCH_FIELDS]
+        assert arch.rms_norm_eps == 1e-6
+
 
 def test_unsupported_peft_adapters_are_one_line_errors(lora_run, tmp_path):
     import shutil
@@ -152,28 +164,96 @@ def test_unsupported_peft_adapters_are_one_line_errors(lora_run, tmp_path):
         assert "\n" not in str(err.value)
 
 
-def test_greedy_replies_merged_unmerged_and_peft_agree(lora_run):
-    """Greedy decoding (KV cache) of the merged model, of the unmerged one (base + adapters: what
-    on-policy sampling and in-training tasks run) and of transformers + peft give the same tokens."""
-    from transformers import LlamaForCausalLM
+def test_import_hf_of_a_peft_adapter_continues_training_from_it(lora_run, capsys):
+    """`import-hf ADAPTER` imports the base and keeps the adapter; a run with init.adapter starts
+    from those adapters (lr 0: its checkpoint is the model the adapter came from) and takes its
+    rank, alpha and targets; a different model.lora is a one-line error."""
+    from conftest import small_run_overrides
+    from imitation_jax.cli import main
+    from imitation_jax.commands.train import run_training
+    from imitation_jax.convert.loading import load_model
+    from imitation_jax.convert.peft_export import export_adapter
+    from imitation_jax.errors import ConfigError
+    from imitation_jax.train.config import load_config
 
+    run, base, tmp = lora_run
+    export_adapter(run, str(tmp / "adapter_c"))
+    assert main(["import-hf", str(tmp / "adapter_c"), "--out", str(tmp / "imported")]) == 0
+    printed = capsys.readouterr().out
+    assert f"init.checkpoint={tmp / 'imported'} init.adapter={tmp / 'imported' / 'adapter'}" in printed
+    assert json.load(open(tmp / "imported" / "adapter" / "adapter_config.json"))["base_model_name_or_path"] == base
+
+    overrides = [o for o in small_run_overrides(_demo_dir(run), tmp / "continued") if not o.startswith("train.steps=")]
+    cfg = load_config(TINY, overrides + [f"init.checkpoint={tmp / 'imported'}", f"init.adapter={tmp / 'imported' / 'adapter'}",
+                                         "optim.lr=0", "train.steps=1", "eval.max_batches=1"])
+    run_training(cfg)
+    assert (cfg.model.lora.rank, cfg.model.lora.alpha, cfg.model.lora.targets) == (4, 8.0, ["q", "v", "o", "gate", "down"])
+    np.testing.assert_allclose(_ours(load_model(str(tmp / "continued"))), _ours(load_model(run)), rtol=1e-5, atol=1e-5)
+
+    with pytest.raises(ConfigError, match="differs from init.adapter") as err:
+        run_training(load_config(TINY, overrides + [f"init.adapter={run}", "model.lora.rank=8",
+                                                    f"run_dir={tmp / 'mismatch'}"]))
+    assert "\n" not in str(err.value)
+
+
+def _demo_dir(run):
+    import yaml
+
+    return os.path.dirname(yaml.safe_load(open(os.path.join(run, "config.yaml")))["data"]["tokenizer"])
+
+
+def test_the_demo_path_eval_and_greedy_replies_merged_unmerged_and_peft(lora_run, tmp_path, capsys):
+    """What `make demo-lora` runs after training: `eval` of the LoRA run (adapters merged at load)
+    gives the bits per byte of the merged model computed directly; greedy decoding (KV cache) of the
+    merged model and of the unmerged one (base + adapters: what on-policy sampling and in-training
+    tasks run) give the same tokens, and tools/hf_greedy.py's transformers + peft reply is ours."""
+    import sys
+
+    from imitation_jax.cli import main
     from imitation_jax.convert.loading import load_model
     from imitation_jax.convert.peft_export import export_adapter
     from imitation_jax.generate import Generator, SamplingParams
 
     run, base, tmp = lora_run
-    adapter = tmp / "adapter_greedy"
-    export_adapter(run, str(adapter))
     prompts = [[1, 45, 99, 12, 7], [1, 300, 20]]
     replies = []
     for merge in (True, False):
         generator = Generator(load_model(run, merge=merge), max_batch=2, max_len=32)
         replies.append([c.tokens for c in generator.generate(prompts, SamplingParams(max_new_tokens=8))])
     assert replies[0] == replies[1]
-    with torch.no_grad():
-        model = peft.PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base, dtype=torch.float32),
-                                               str(adapter))
-        for prompt, ours in zip(prompts, replies[0]):
-            theirs = model.generate(torch.tensor([prompt]), max_new_tokens=len(ours), do_sample=False,
-                                    eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-            assert theirs == ours, (prompt, ours, theirs)
+    adapter = tmp / "adapter_demo"
+    export_adapter(run, str(adapter))
+    out = tmp_path / "eval.json"
+    assert main(["eval", run, "--tasks", "mini_perplexity", "--limit", "3", "--out", str(out)]) == 0
+    score = json.load(open(out))["results"]["mini_perplexity"]["bits_per_byte,none"]
+    assert score == pytest.approx(_bits_per_byte(run, 3), rel=1e-4)
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    try:
+        import hf_greedy
+    finally:
+        sys.path.pop(0)
+    capsys.readouterr()
+    assert hf_greedy.main([base, "--adapter", str(adapter), "--run", run, "--max-new-tokens", "8"]) == 0
+    assert "same continuation: True" in capsys.readouterr().out
+
+
+def _bits_per_byte(run, limit):
+    """lm-eval's bits_per_byte of mini_perplexity's first `limit` documents from a direct forward
+    pass: -sum log p(token | prefix) / ln 2 / UTF-8 bytes; each document is encoded with its BOS
+    and conditioned on a BOS (lm-eval's HF backend on a LLaMA tokenizer does the same)."""
+    import math
+
+    from imitation_jax.convert.loading import load_model
+
+    loaded = load_model(run)
+    model, tok = loaded.model(), loaded.tokenizer
+    path = os.path.join(ROOT, "imitation_jax", "evaluation", "tasks", "data", "mini_perplexity_test.jsonl")
+    docs = [json.loads(line) for line in open(path)][:limit]
+    nll = nbytes = 0.0
+    for doc in docs:
+        ids = [tok.bos_id, tok.bos_id] + tok.encode(doc["text"])
+        logp = np.asarray(jax.nn.log_softmax(model.logits(model(jnp.asarray([ids], jnp.int32)))[0], -1))
+        nll -= sum(logp[i, ids[i + 1]] for i in range(len(ids) - 1))
+        nbytes += len(doc["text"].encode())
+    return nll / math.log(2) / nbytes

@@ -1,7 +1,9 @@
 """Load an exported HF dir with transformers and print a greedy continuation of a chat prompt;
-with --run, also our own model's continuation of the same prompt ids, and whether they agree.
+with --run, also our own model's continuation of the same prompt ids, and whether they agree; with
+--adapter, the HF dir is a base and a PEFT adapter is loaded onto it (peft.PeftModel).
 
     python tools/hf_greedy.py runs/demo/hf --run runs/demo
+    python tools/hf_greedy.py runs/demo/hf --adapter runs/demo-lora/adapter --run runs/demo-lora
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("hf_dir")
     p.add_argument("--run", help="run dir (or checkpoint) the export came from: compare with our model")
+    p.add_argument("--adapter", help="a PEFT adapter dir to load onto HF_DIR (its base)")
     p.add_argument("--prompt", default="What is the capital of France?")
     p.add_argument("--max-new-tokens", type=int, default=24)
     args = p.parse_args(argv)
@@ -23,8 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(args.hf_dir)
+    tok = AutoTokenizer.from_pretrained(args.adapter or args.hf_dir)
     model = AutoModelForCausalLM.from_pretrained(args.hf_dir, dtype=torch.float32).eval()
+    if args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter).eval()
     messages = [{"role": "user", "content": args.prompt}]
     print(f"chat_template prompt: {tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)!r}")
     if args.run:  # the exact ids our template gives (SentencePiece and HF may split a text differently)
@@ -47,8 +54,10 @@ def main(argv: list[str] | None = None) -> int:
 
     ours, ids = loaded.model(), list(prompt)
     stops = set(np.atleast_1d(model.generation_config.eos_token_id).tolist())
+    total = len(prompt) + len(out)  # padded to one length: one compilation (the model is causal)
     for _ in range(len(out)):
-        ids.append(int(jnp.argmax(ours.logits(ours(jnp.asarray([ids])))[0, -1])))
+        padded = jnp.asarray([ids + [0] * (total - len(ids))])
+        ids.append(int(jnp.argmax(ours.logits(ours(padded))[0, len(ids) - 1])))
         if ids[-1] in stops:
             break
     same = ids[len(prompt):] == out

@@ -6,8 +6,24 @@ import argparse
 
 
 def _import_hf(args: argparse.Namespace) -> int:
+    import os
+
     from imitation_jax.convert.hf_import import import_hf
 
+    if os.path.isfile(os.path.join(args.hf_dir, "adapter_config.json")):
+        from imitation_jax.convert.adapter_init import import_adapter
+
+        result = import_adapter(args.hf_dir, args.out, base=args.base, dtype=args.dtype, allow_pickle=args.allow_pickle)
+        lora = result["lora"]
+        print(f"imported the PEFT adapter {os.path.abspath(args.hf_dir)} (rank {lora.rank}, alpha {lora.alpha:g}, "
+              f"{result['adapter_params'] / 1e6:.2f}M params on {', '.join(lora.targets)}) -> {result['adapter']} "
+              f"and its base {result['base']} -> {result['out']}; continue training with "
+              f"init.checkpoint={result['out']} init.adapter={result['adapter']}")
+        return 0
+    if args.base:
+        from imitation_jax.errors import ConfigError
+
+        raise ConfigError(f"import-hf: --base applies to a PEFT adapter dir; {args.hf_dir} has no adapter_config.json")
     result = import_hf(args.hf_dir, args.out, dtype=args.dtype, allow_pickle=args.allow_pickle)
     cfg = result["config"]
     print(f"imported {args.hf_dir} -> {result['out']} ({cfg.num_params() / 1e6:.1f}M params, {cfg.param_dtype}"
@@ -49,13 +65,15 @@ def _size(text: str) -> str:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("import-hf", help="HF LLaMA dir -> Orbax params checkpoint + model config",
+    p = sub.add_parser("import-hf", help="HF LLaMA dir (or PEFT adapter) -> Orbax params checkpoint + model config",
                        description="Reads config.json, safetensors weights (one file or sharded with an "
                        "index; fp32/fp16/bf16) and the tokenizer, one tensor at a time, and writes "
                        "OUT/params (Orbax), OUT/model.json and OUT/tokenizer. Train from it with "
                        "init.checkpoint=OUT, or skip this step with init.hf=HF_DIR.")
-    p.add_argument("hf_dir", metavar="HF_DIR")
+    p.add_argument("hf_dir", metavar="HF_DIR", help="an HF model dir, or a PEFT LoRA adapter dir (its base is "
+                   "imported, the adapter kept beside it in CKPT_DIR/adapter)")
     p.add_argument("--out", required=True, metavar="CKPT_DIR")
+    p.add_argument("--base", metavar="HF_DIR", help="a PEFT adapter's base when not its base_model_name_or_path")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="parameter dtype to store (default float32, as training keeps params)")
     p.add_argument("--allow-pickle", action="store_true",

@@ -16,16 +16,30 @@ def register(sub) -> None:
 
 
 def init_source(cfg):
-    """`init.checkpoint` / `init.hf` as the loop's `init` (None when neither is set). With init.hf
-    its config.json sets the architecture now, before the run is built."""
+    """`init.checkpoint` / `init.hf` as the loop's `init` (None when neither is set). Its
+    architecture (init.hf's config.json, init.checkpoint's model.json or run config) is set now,
+    before the run is built."""
     if not (cfg.init.checkpoint or cfg.init.hf):
         return None
-    from imitation_jax.convert.init_params import initial_params, with_hf_architecture
+    from imitation_jax.convert.init_params import initial_params, with_checkpoint_architecture, with_hf_architecture
 
     if cfg.init.hf:
         cfg.model = with_hf_architecture(cfg.model, cfg.init.hf)
+    else:
+        cfg.model = with_checkpoint_architecture(cfg.model, cfg.init.checkpoint)
     return lambda program, seed: initial_params(cfg.init, program.model, program.mesh,
                                                 program.abstract["params"], seed)
+
+
+def adapter_source(cfg):
+    """`init.adapter` as the loop's `adapters` (None when unset). Sets model.lora and, when neither
+    is set, init.hf / init.checkpoint from the adapter now: call it before `init_source`."""
+    from imitation_jax.convert.adapter_init import apply_adapter_source, initial_adapters
+
+    source = apply_adapter_source(cfg)
+    if source is None:
+        return None
+    return lambda program: initial_adapters(source, program.model, program.abstract["params"])
 
 
 def teacher_source(cfg):
@@ -48,13 +62,14 @@ def task_eval_hook(program, tokenizer):
 
 
 def run_training(cfg, restart: bool = False) -> dict:
-    """`train` with what the command layer adds: the init source, the task-eval hook, the
-    in-mesh teacher and kd.on_policy's rollout (commands.on_policy)."""
+    """`train` with what the command layer adds: the init sources (params, LoRA adapters), the
+    task-eval hook, the in-mesh teacher and kd.on_policy's rollout (commands.on_policy)."""
     from imitation_jax.commands.on_policy import on_policy_source
     from imitation_jax.train.loop import train
 
+    adapters = adapter_source(cfg)  # before init_source: it may set init.hf / init.checkpoint
     return train(cfg, restart=restart, init=init_source(cfg), hooks=(task_eval_hook,),
-                 teacher=teacher_source(cfg), batch_transform=on_policy_source(cfg))
+                 teacher=teacher_source(cfg), batch_transform=on_policy_source(cfg), adapters=adapters)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -28,3 +28,26 @@ def with_hf_architecture(model: ModelConfig, hf_dir: str) -> ModelConfig:
 
     hf = model_config_from_dir(hf_dir)
     return dataclasses.replace(model, **{f: getattr(hf, f) for f in ARCH_FIELDS})
+
+
+def with_checkpoint_architecture(model: ModelConfig, path: str) -> ModelConfig:
+    """`init.checkpoint`'s architecture (an import-hf dir's model.json, or the config.yaml of the run
+    that holds it) over `model`'s: the shapes are checked at restore, but a norm epsilon, RoPE base
+    or scaling taken from the run's preset instead would compute another model from the same weights."""
+    import os
+
+    from imitation_jax.convert import params_dir
+    from imitation_jax.convert.loading import read_run_config
+
+    path = os.path.abspath(path)
+    if params_dir.is_params_dir(path):
+        saved = params_dir.read_meta(path)[0]
+    else:
+        for _ in range(4):  # a run dir, its checkpoints/, a step, the step's params item
+            if os.path.isfile(os.path.join(path, "config.yaml")):
+                saved = read_run_config(path)[0]
+                break
+            path = os.path.dirname(path)
+        else:
+            return model  # a bare Orbax item: its shapes are all we know
+    return dataclasses.replace(model, **{f: getattr(saved, f) for f in ARCH_FIELDS})

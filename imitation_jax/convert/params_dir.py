@@ -41,19 +41,24 @@ def write_meta(path: str, cfg: ModelConfig, template: Optional[dict], source: st
         json.dump(meta, f, indent=2)
 
 
+def read_meta(path: str) -> tuple[ModelConfig, dict]:
+    """(model config, the whole record) of a params dir's model.json."""
+    meta_path = os.path.join(path, MODEL_FILE)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        return model_config_from_dict(meta["model"]), meta
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{meta_path}: not a readable model record ({str(exc).splitlines()[0][:200]})") from None
+
+
 def read(path: str) -> tuple[ModelConfig, Any, Any]:
     """(model config, tokenizer, template) of a params dir."""
     from imitation_jax.data.templates import get_template
     from imitation_jax.data.tokenizer import load_tokenizer
     from imitation_jax.data.prepare import DEFAULT_TEMPLATE
 
-    meta_path = os.path.join(path, MODEL_FILE)
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-        cfg = model_config_from_dict(meta["model"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{meta_path}: not a readable model record ({str(exc).splitlines()[0][:200]})") from None
+    cfg, meta = read_meta(path)
     tok_dir = os.path.join(path, TOKENIZER_DIR)
     if not os.path.isdir(tok_dir):
         raise CheckpointError(f"{path}: no tokenizer/ directory (the HF dir it came from had no tokenizer)")

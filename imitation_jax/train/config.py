@@ -67,6 +67,8 @@ class InitConfig:
     checkpoint: Optional[str] = None  # Orbax params checkpoint (a run dir, checkpoints/ or one step)
     hf: Optional[str] = None  # or a Hugging Face LLaMA dir: its config.json sets the architecture and its
     # safetensors are streamed into the sharded params (each process reads only its shards)
+    adapter: Optional[str] = None  # LoRA: start the adapters from a PEFT adapter dir or a LoRA run dir
+    # (convert/adapter_init.py); its rank/alpha/targets set model.lora, its base init.* when unset
 
 
 @dataclasses.dataclass

@@ -70,12 +70,14 @@ def evaluate(eval_step, params, loader: BatchLoader, sharding, max_batches: int 
 
 def train(cfg: Config, restart: bool = False, *, init: InitParams | None = None,
           hooks: Sequence[HookFactory] = (), teacher: TeacherSource | None = None,
-          batch_transform: BatchTransformFactory | None = None) -> dict[str, Any]:
+          batch_transform: BatchTransformFactory | None = None,
+          adapters: Callable[[Program], Any] | None = None) -> dict[str, Any]:
     """Run training, resuming from the newest complete checkpoint in `cfg.run_dir` if there is one
     (`restart=True` sets earlier checkpoints aside instead). `init` makes the first parameters when
     cfg.init.* is set (commands.train.init_source); `hooks` add periodic work; `teacher` loads the
     frozen teacher of kd.source=teacher onto the mesh (commands.train.teacher_source); `batch_transform`
-    rewrites each step's batch from the live parameters before the step (commands.on_policy). Returns a summary:
+    rewrites each step's batch from the live parameters before the step (commands.on_policy); `adapters`
+    makes a LoRA run's first adapters (init.adapter: commands.train.adapter_source). Returns a summary:
     run dir, steps, first/last loss, eval metrics, checkpoint path, and `preempted` when a signal
     stopped it."""
     if (cfg.init.checkpoint or cfg.init.hf) and init is None:
@@ -85,6 +87,8 @@ def train(cfg: Config, restart: bool = False, *, init: InitParams | None = None,
         raise ValueError("kd.source=teacher: pass `teacher` (imitation_jax.commands.train.teacher_source(cfg))")
     if cfg.train.objective == "kd" and cfg.kd.on_policy.fraction and batch_transform is None:
         raise ValueError("kd.on_policy: pass `batch_transform` (imitation_jax.commands.on_policy.on_policy_source(cfg))")
+    if cfg.init.adapter and adapters is None:
+        raise ValueError("init.adapter is set: pass `adapters` (imitation_jax.commands.train.adapter_source(cfg))")
     if cfg.model.lora.enabled and not (cfg.init.checkpoint or cfg.init.hf):
         raise ConfigError("config: model.lora trains adapters on a frozen base: set init.hf (an HF dir) or "
                           "init.checkpoint (a run or import-hf dir)")
@@ -146,7 +150,10 @@ def train(cfg: Config, restart: bool = False, *, init: InitParams | None = None,
             _say(f"resuming from step {start_step} ({ckpt.directory}/{start_step})")
         else:
             start_step = 0
-            if program.lora:
+            if program.lora and adapters is not None:
+                params = adapters(program)
+                _say(f"init: adapters from {cfg.init.adapter}")
+            elif program.lora:
                 params = init_adapters(cfg.model, mesh, t.seed)
             elif init is not None and (cfg.init.checkpoint or cfg.init.hf):
                 params = init(program, t.seed)
