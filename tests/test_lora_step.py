@@ -67,3 +67,47 @@ def test_the_abstract_lora_program_compiles_with_adapter_only_state():
         compiled = program.train_step.lower(program.abstract_step_state(), program.abstract_batch(16),
                                             program.frozen).compile()
     assert compiled.memory_analysis().argument_size_in_bytes > 0
+
+
+def test_compile_with_frozen_moves_the_base_into_the_layouts_the_step_chose():
+    """The loop's LoRA step: compiled with the frozen base's layout left to the compiler (on TPU it
+    wants d_in minor, which the stacked projections' default layout is not). A base that arrives in
+    another layout (here reversed dims, which the CPU compiler does not choose) is moved leaf by leaf,
+    the old buffers freed, and the step computes what the plain jitted step computes."""
+    from jax.experimental.layout import Format, Layout
+
+    from imitation_jax.train.step import compile_with_frozen
+
+    cfg, mesh = _cfg(), _mesh()
+    _, adapters, frozen = _parts(cfg)
+    optimizer, _ = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0), 10)
+    shard = lambda t: jax.tree.map(lambda x: x.sharding, t)  # noqa: E731
+
+    def state():
+        params = jax.tree.map(jnp.copy, adapters)
+        opt_state = init_opt_state(optimizer, params, mesh)
+        return {"params": params, "opt_state": opt_state, "step": jnp.int32(0)}, {
+            "params": shard(params), "opt_state": shard(opt_state),
+            "step": jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())}
+
+    first, state_sh = state()
+    with jax.set_mesh(mesh):
+        step = make_train_step(model_graph(cfg)[0], optimizer, mesh, state_sh, 0, True, "cpu",
+                               frozen_shardings=shard(frozen))
+        batch = jax.tree.map(lambda x: x.reshape(2, -1, *x.shape[1:]), _batch(rows=4))
+        want, want_metrics = step(first, batch, frozen)
+        odd = jax.tree.map(lambda x: jax.device_put(x, Format(Layout(tuple(reversed(range(x.ndim)))), x.sharding))
+                           if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) else x, frozen)
+        moved = [x for x, y in zip(jax.tree.leaves(odd), jax.tree.leaves(frozen)) if x is not y]
+        assert moved and all(x.format.layout != y.format.layout for x, y in zip(
+            moved, [y for x, y in zip(jax.tree.leaves(odd), jax.tree.leaves(frozen)) if x is not y]))
+        second, _ = state()
+        compiled, laid = compile_with_frozen(step, second, batch, odd)
+        assert all(x.is_deleted() for x in moved)
+        for x, fmt in zip(jax.tree.leaves(laid), jax.tree.leaves(compiled.input_formats[0][2],
+                                                                 is_leaf=lambda f: isinstance(f, Format))):
+            assert fmt.layout is None or x.format.layout == fmt.layout
+        got, got_metrics = compiled(second, batch, laid)
+    assert float(got_metrics["loss"]) == float(want_metrics["loss"])
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got["params"],
+                 want["params"])

@@ -31,6 +31,7 @@ from imitation_jax.train.prefetch import DevicePrefetch
 from imitation_jax.train.preemption import EXIT_PREEMPTED, StopFlag, agree
 from imitation_jax.train.run_dir import set_aside_previous_run, truncate_metrics
 from imitation_jax.train.state import init_opt_state, step_scalar
+from imitation_jax.train.step import compile_with_frozen
 
 # (program, seed) -> the first parameters, for init.checkpoint / init.hf (the command's choice)
 InitParams = Callable[[Program, int], Any]
@@ -218,6 +219,7 @@ def _run_loop(cfg: Config, program: Program, data: TrainingData, loader: BatchLo
     t, total_steps, run_dir = cfg.train, program.total_steps, os.path.abspath(cfg.run_dir)
     frozen, identity = lora_base if lora_base is not None else (None, None)
     step_args = (frozen,) if frozen is not None else ()
+    train_step = program.train_step
 
     def full(params):  # the params the model runs on
         return params if frozen is None else lora.combine(params, frozen)
@@ -255,7 +257,10 @@ def _run_loop(cfg: Config, program: Program, data: TrainingData, loader: BatchLo
             batch, extra = next(batches), None
             if transform is not None:
                 batch, extra = transform(step, full(state["params"]), batch)
-            state, metrics = program.train_step(state, batch, *step_args, *teacher_params)
+            if frozen is not None and train_step is program.train_step:  # LoRA: compile, lay out the base
+                train_step, frozen = compile_with_frozen(program.train_step, state, batch, frozen, *teacher_params)
+                step_args = (frozen,)
+            state, metrics = train_step(state, batch, *step_args, *teacher_params)
             if extra:
                 metrics = {**metrics, **extra}
             clock.steps += 1

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.experimental.layout import Format, Layout
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from imitation_jax.model import cpu, lora
@@ -44,8 +45,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
     LoRA (`frozen_shardings` given): state["params"] holds the adapters only, and the step takes the
     frozen rest of the model (the base, and the adapters' dropout keys: model.lora) as its third
-    argument, not donated. Gradients, their accumulation and the optimizer see the adapters only.
-    `dropout_seed`: adapter dropout keys drawn from (seed, step, micro-batch)."""
+    argument, not donated, in the layout the compiler chooses (call `compile_with_frozen` first).
+    Gradients, their accumulation and the optimizer see the adapters only. `dropout_seed`: adapter dropout keys drawn from (seed, step, micro-batch)."""
     param_shardings = state_shardings["params"]
     if loss_fn is None:
         loss_fn = make_loss_fn(graphdef, "sft", None, loss_chunk, fuse_last_layer)
@@ -95,13 +96,29 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     in_shardings = (state_shardings, accum_batch_sharding(mesh))
-    if frozen_shardings is not None:
-        in_shardings += (frozen_shardings,)
+    if frozen_shardings is not None:  # laid out as the compiler likes it: `compile_with_frozen`
+        in_shardings += (jax.tree.map(lambda s: Format(Layout.AUTO, s), frozen_shardings),)
     if teacher_shardings is not None:
         in_shardings += (teacher_shardings,)
     return jax.jit(step, in_shardings=in_shardings,
                    out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,),
                    compiler_options=compiler_options(platform or platform_of(mesh)))
+
+
+def compile_with_frozen(train_step: Callable, state: dict, batch: dict, frozen: Any, *rest: Any) -> tuple[Any, Any]:
+    """(the compiled LoRA train step, `frozen` moved into the layouts it chose). On TPU the default
+    layout of a stacked projection (d_in not minor) made XLA copy the whole frozen base into the
+    layout its loop wants, every step: one more base in HBM (docs/benchmarks.md). Each leaf is
+    moved and its old buffer freed before the next, so the move itself needs one leaf more."""
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), frozen)
+    compiled = train_step.lower(state, batch, abstract, *rest).compile()
+    formats = compiled.input_formats[0][2]
+    leaves, treedef = jax.tree.flatten(frozen)
+    for i, fmt in enumerate(jax.tree.leaves(formats, is_leaf=lambda x: isinstance(x, Format))):
+        if fmt.layout is not None and leaves[i].format.layout != fmt.layout:  # None: an unused argument
+            old, leaves[i] = leaves[i], jax.device_put(leaves[i], fmt)
+            old.delete()  # the caller's tree is stale from here on: use the returned one
+    return compiled, jax.tree.unflatten(treedef, leaves)
 
 
 def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, param_shardings: Any, loss_chunk: int = 0,
