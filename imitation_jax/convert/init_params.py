@@ -17,10 +17,10 @@ def initial_params(init: Any, model: ModelConfig, mesh, abstract: Any, seed: int
     return start_params(init.hf, init.checkpoint, model, mesh, abstract, seed)
 
 
-# ModelConfig fields that init.hf's config.json decides (the rest say how to compute).
-ARCH_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-               "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling",
-               "tie_word_embeddings", "initializer_range")
+# ModelConfig fields that say how to compute (the run's own); every other field is the architecture,
+# which init.hf's config.json or init.checkpoint's saved config decides (a new family field included).
+COMPUTE_FIELDS = ("preset", "param_dtype", "dtype", "remat", "attention", "scan_unroll", "platform", "lora")
+ARCH_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name not in COMPUTE_FIELDS)
 
 
 def with_hf_architecture(model: ModelConfig, hf_dir: str) -> ModelConfig:
