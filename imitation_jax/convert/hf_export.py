@@ -1,4 +1,4 @@
-"""Our model -> an HF LLaMA dir that `AutoModelForCausalLM` / `AutoTokenizer` (and vLLM) load:
+"""Our model -> an HF dir of its family (LLaMA, Qwen2, Qwen3, Mistral, Gemma 3) that `AutoModelForCausalLM` / `AutoTokenizer` (and vLLM) load:
 config.json, generation_config.json, model-0000k-of-0000n.safetensors + index, tokenizer files
 (added special tokens included) and the training template as `chat_template`.
 
@@ -28,7 +28,7 @@ DTYPES = ("bfloat16", "float16", "float32")
 
 def export_hf(loaded: Any, out: str, *, dtype: str = "bfloat16", max_shard_size: str | int = "5GB") -> dict:
     """Write `loaded` (a `loading.SavedModel`, read one parameter at a time, or a `LoadedModel`;
-    `loading.open_model` gives the right one for a path) as an HF LLaMA dir at `out`."""
+    `loading.open_model` gives the right one for a path) as an HF dir of its family at `out`."""
     if dtype not in DTYPES:
         raise CheckpointError(f"--dtype {dtype}: not one of {', '.join(DTYPES)}")
     max_bytes = parse_size(max_shard_size)
@@ -64,7 +64,7 @@ def hf_plan(cfg):
     """(HF name, layout entry, layer or None) in HF's order, parameter-major over layers."""
     globals_ = {e.hf_name: e for e in hf_layout.iter_layout(cfg) if "{i}" not in e.hf_name}
     out = [("model.embed_tokens.weight", globals_["model.embed_tokens.weight"], None)]
-    out += [(e.hf_name.format(i=i), e, i) for e in hf_layout.LAYER_LAYOUT for i in range(cfg.num_layers)]
+    out += [(e.hf_name.format(i=i), e, i) for e in hf_layout.layer_layout(cfg) for i in range(cfg.num_layers)]
     return out + [(name, globals_[name], None) for name in ("model.norm.weight", "lm_head.weight")
                   if name in globals_]
 

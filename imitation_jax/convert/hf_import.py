@@ -1,4 +1,4 @@
-"""HF LLaMA dir -> our parameters, streamed: every device shard of every parameter is filled by
+"""HF dir (LLaMA or another family of convert/hf_config.py) -> our parameters, streamed: every device shard of every parameter is filled by
 reading just the HF tensors (or tensor slices) it covers, one at a time, so a process never holds
 more than its own shards plus one tensor. Used by `import-hf`, `init.hf` and `load_model`.
 """
@@ -11,7 +11,7 @@ from typing import Any, Optional
 import numpy as np
 
 from imitation_jax.errors import CheckpointError
-from imitation_jax.convert import hf_layout
+from imitation_jax.convert import hf_config, hf_layout
 from imitation_jax.convert.hf_config import model_config_from_dir
 from imitation_jax.convert.safetensors_io import WeightFiles
 from imitation_jax.model.params import new_rows
@@ -84,8 +84,8 @@ def check_tensors(files: WeightFiles, cfg: ModelConfig, vocab_rows: int) -> None
             continue
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue  # some tied checkpoints store the shared matrix twice
-        raise CheckpointError(f"{where}: unexpected tensor '{name}' (not part of a LlamaForCausalLM with "
-                              f"this config.json)")
+        raise CheckpointError(f"{where}: unexpected tensor '{name}' (not part of a {hf_config.ARCH[cfg.family]} "
+                              f"with this config.json)")
 
 
 def load_hf_params(directory: str, cfg: ModelConfig, mesh, *, allow_pickle: bool = False,

@@ -1,4 +1,6 @@
-"""Where each Hugging Face LLaMA tensor lives in our parameter tree, and how it is laid out.
+"""Where each Hugging Face tensor lives in our parameter tree, and how it is laid out: LLaMA's
+table, plus each family's extra tensors (`FAMILY_LAYOUT`: Qwen2's biases, Qwen3's q/k norms,
+Gemma 3's four norms per layer).
 
 One table, used in both directions: HF stores `nn.Linear` weights as (out, in); we store kernels as
 (in, heads, head_dim) / (heads, head_dim, out) / (in, out), with the layers stacked on axis 0.
@@ -10,6 +12,7 @@ read as a slice of the HF tensor (what sharded, streamed loading needs):
   transpose  ours == hf.T                                   (gate/up/down, lm_head)
   qkv        ours (d, heads, hd) == hf.T.reshape(...)       hf (heads*hd, d)
   o          ours (heads, hd, d) == hf.T.reshape(...)       hf (d, heads*hd)
+  bias       ours (heads, hd) == hf.reshape(...)             hf (heads*hd,)
 """
 
 from __future__ import annotations
@@ -39,6 +42,20 @@ LAYER_LAYOUT: list[Layout] = [
     Layout("model.layers.{i}.post_attention_layernorm.weight", ("layers", "mlp_norm", "weight"), "same"),
 ]
 
+def _attn(name: str, ours: str, kind: str = "same") -> Layout:
+    return Layout(f"model.layers.{{i}}.self_attn.{name}", ("layers", "attn", *ours.split("/")), kind)
+
+
+_QKV_BIAS = [_attn(f"{p}_proj.bias", f"{p}_bias", "bias") for p in "qkv"]
+_O_BIAS = [_attn("o_proj.bias", "o_bias")]
+_QK_NORM = [_attn("q_norm.weight", "q_norm/weight"), _attn("k_norm.weight", "k_norm/weight")]
+_GEMMA_NORMS = [
+    Layout("model.layers.{i}.input_layernorm.weight", ("layers", "attn_norm", "weight"), "same"),
+    Layout("model.layers.{i}.post_attention_layernorm.weight", ("layers", "post_attn_norm", "weight"), "same"),
+    Layout("model.layers.{i}.pre_feedforward_layernorm.weight", ("layers", "mlp_norm", "weight"), "same"),
+    Layout("model.layers.{i}.post_feedforward_layernorm.weight", ("layers", "post_mlp_norm", "weight"), "same"),
+]
+
 GLOBAL_LAYOUT: list[Layout] = [
     Layout("model.embed_tokens.weight", ("embed",), "same"),
     Layout("model.norm.weight", ("norm", "weight"), "same"),
@@ -49,12 +66,24 @@ GLOBAL_LAYOUT: list[Layout] = [
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
+def layer_layout(cfg: ModelConfig) -> list[Layout]:
+    """The per-layer tensors of `cfg`'s family and features, in HF's order within a layer."""
+    attn, mlp, norms = LAYER_LAYOUT[:4], LAYER_LAYOUT[4:7], LAYER_LAYOUT[7:]
+    if cfg.qkv_bias:
+        attn = attn[:3] + _QKV_BIAS + attn[3:]
+    if cfg.o_bias:
+        attn = attn + _O_BIAS
+    if cfg.qk_norm:
+        attn = attn + _QK_NORM
+    return attn + mlp + (_GEMMA_NORMS if cfg.post_norms else norms)
+
+
 def iter_layout(cfg: ModelConfig) -> Iterator[Layout]:
     for entry in GLOBAL_LAYOUT:
         if entry.hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         yield entry
-    yield from LAYER_LAYOUT
+    yield from layer_layout(cfg)
 
 
 def hf_names(entry: Layout, cfg: ModelConfig) -> list[str]:
@@ -69,8 +98,10 @@ def hf_shape(entry: Layout, cfg: ModelConfig, vocab_rows: int) -> tuple[int, ...
     name = entry.hf_name
     if "embed_tokens" in name or "lm_head" in name:
         return (vocab_rows, d)
+    if entry.kind == "bias":
+        return ((cfg.num_heads if "q_proj" in name else cfg.kv_heads) * hd,)
     if entry.kind == "same":
-        return (d,)
+        return (hd,) if name.endswith(("q_norm.weight", "k_norm.weight")) else (d,)
     if entry.kind == "qkv":
         return ((cfg.num_heads if "q_proj" in name else cfg.kv_heads) * hd, d)
     if entry.kind == "o":
@@ -87,6 +118,8 @@ def to_ours(kind: str, w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
         return w.T
     if kind == "qkv":
         return w.T.reshape(w.shape[1], -1, hd)
+    if kind == "bias":
+        return w.reshape(-1, hd)
     return w.T.reshape(-1, hd, w.shape[0])  # o
 
 
@@ -97,6 +130,8 @@ def to_hf(kind: str, w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
         return w.T
     if kind == "qkv":
         return w.reshape(w.shape[0], -1).T
+    if kind == "bias":
+        return w.reshape(-1)
     return w.reshape(-1, w.shape[-1]).T  # o
 
 
@@ -109,6 +144,10 @@ def hf_index(kind: str, index: tuple[slice, ...], shape: tuple[int, ...], cfg: M
     if kind == "transpose":
         return tuple(slice(a, b) for a, b in reversed(full))
     hd = cfg.dim_per_head
+    if kind == "bias":
+        (h0, h1), hd_range = full
+        assert hd_range == (0, hd), "head_dim must not be split"
+        return (slice(h0 * hd, h1 * hd),)
     if kind == "qkv":
         (d0, d1), (h0, h1), hd_range = full
         assert hd_range == (0, hd), "head_dim must not be split"

@@ -4,7 +4,10 @@
 with an fp32 masked softmax in causal query blocks and a hand-written backward pass, which
 measured fastest on CPUs (`cpu.einsum_attention`). `auto` picks by the model's platform: cudnn on
 GPU, einsum on CPU, xla elsewhere. Every implementation sees the same mask: causal AND same
-segment, so attention never crosses the boundary between two examples packed in one row.
+segment, so attention never crosses the boundary between two examples packed in one row, AND, for
+a sliding-window layer, within `window` tokens (the query itself included, as HF's
+`kv_idx > q_idx - window`). Tokens of one example are contiguous in a row, so the distance in the
+row is the distance in positions.
 """
 
 from __future__ import annotations
@@ -25,26 +28,35 @@ def resolve_impl(impl: str, platform: str, dtype=None) -> str:
     return {"cpu": "einsum"}.get(platform, "xla")
 
 
-def segment_mask(segment_ids: jax.Array, causal: bool = True) -> jax.Array:
-    """(batch, 1, q, k) boolean: key visible to query."""
+def segment_mask(segment_ids: jax.Array, causal: bool = True, window: jax.Array | None = None) -> jax.Array:
+    """(batch, 1, q, k) boolean: key visible to query. `window` (a scalar, possibly traced: a layer's
+    own under the layer scan) keeps keys less than `window` tokens before the query."""
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    t = segment_ids.shape[1]
     if causal:
-        t = segment_ids.shape[1]
         same = same & jnp.tril(jnp.ones((t, t), dtype=bool))[None]
+    if window is not None:
+        same = same & within_window(jnp.arange(t), t, window)[None]
     return same[:, None]
 
 
+def within_window(query: jax.Array, keys: int, window: jax.Array) -> jax.Array:
+    """(len(query), keys) boolean: key slot k is fewer than `window` slots before query slot q (or after it)."""
+    return (query[:, None] - jnp.arange(keys)[None, :]) < window
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, impl: str,
-              platform: str) -> jax.Array:
-    """q: (B, T, H, D); k, v: (B, T, KV, D) with H a multiple of KV; returns (B, T, H, D)."""
+              platform: str, window: jax.Array | None = None) -> jax.Array:
+    """q: (B, T, H, D); k, v: (B, T, KV, D) with H a multiple of KV; returns (B, T, H, D). The
+    einsum kernel's block skipping only drops keys after a block, so a window mask is exact there too."""
     impl = resolve_impl(impl, platform, q.dtype)
     if impl == "einsum":
-        return einsum_attention(q, k, v, segment_mask(segment_ids), platform)
+        return einsum_attention(q, k, v, segment_mask(segment_ids, window=window), platform)
     if impl == "cudnn":
         # cuDNN applies the causal part itself (and skips the masked blocks).
-        return jax.nn.dot_product_attention(q, k, v, mask=segment_mask(segment_ids, causal=False),
+        return jax.nn.dot_product_attention(q, k, v, mask=segment_mask(segment_ids, causal=False, window=window),
                                             is_causal=True, implementation="cudnn")
-    return jax.nn.dot_product_attention(q, k, v, mask=segment_mask(segment_ids), implementation=impl)
+    return jax.nn.dot_product_attention(q, k, v, mask=segment_mask(segment_ids, window=window), implementation=impl)
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:

@@ -1,4 +1,5 @@
-"""Model hyper-parameters: the fields of an HF `LlamaConfig` we need, plus how to compute."""
+"""Model hyper-parameters: the fields of the HF configs we need (LLaMA and the families in
+`model/families.py`), plus how to compute."""
 
 from __future__ import annotations
 
@@ -8,17 +9,20 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from imitation_jax.model import families
 from imitation_jax.model.lora import LoraConfig
 from imitation_jax.sharding import device_platform, platform_of
 
 REMAT_POLICIES = ("none", "full", "save_dots")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "einsum")
 PLATFORMS = ("cpu", "gpu", "tpu")
+ROPE_SCALINGS = ("llama3", "linear")
 
 
 @dataclasses.dataclass
 class RopeScaling:
-    """LLaMA-3.1 style frequency scaling (HF `rope_scaling` with `rope_type: llama3`)."""
+    """LLaMA-3.1 style frequency scaling (HF `rope_scaling` with `rope_type: llama3`), or linear
+    position interpolation (`rope_type: linear`: every frequency divided by `factor`; Gemma 3)."""
 
     rope_type: str = "llama3"
     factor: float = 8.0
@@ -44,6 +48,21 @@ class ModelConfig:
     rope_scaling: Optional[RopeScaling] = None
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
+    # Family features (model/families.py says which each HF family has; export writes `family` back).
+    family: str = "llama"  # llama | qwen2 | qwen3 | mistral | gemma3
+    qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2; HF attention_bias)
+    o_bias: bool = False  # a bias on the output projection (HF attention_bias outside Qwen2)
+    qk_norm: bool = False  # per-head RMSNorm on queries and keys before RoPE (Qwen3, Gemma 3)
+    sliding_window: Optional[int] = None  # sliding layers attend to this many tokens (themselves included)
+    # Per layer "full_attention" | "sliding_attention" (HF layer_types); None: every layer sliding
+    # when sliding_window is set (Mistral), else every layer full.
+    layer_types: Optional[list[str]] = None
+    rope_local_theta: Optional[float] = None  # RoPE base of sliding layers, unscaled (Gemma 3); None: as full ones
+    hidden_act: str = "silu"  # the gated MLP's activation: silu (SwiGLU) | gelu_pytorch_tanh (GeGLU)
+    norm_style: str = "llama"  # llama: w * norm(x); gemma: (1 + w) * norm(x) in fp32, weights start at 0
+    post_norms: bool = False  # RMSNorm also after attention and after the MLP, before each residual add (Gemma)
+    scale_embeddings: bool = False  # embeddings times sqrt(hidden_size), in the compute dtype (Gemma)
+    query_pre_attn_scalar: Optional[float] = None  # attention scores scaled by this ** -0.5; None: head_dim
     # Computation.
     param_dtype: str = "float32"
     dtype: str = "float32"  # activations and matmuls; bfloat16 on accelerators
@@ -69,6 +88,10 @@ class ModelConfig:
             raise ValueError(f"model.attention={self.attention!r} is not one of {', '.join(ATTENTION_IMPLS)}")
         if self.platform not in (None, "auto", *PLATFORMS):
             raise ValueError(f"model.platform={self.platform!r} is not one of auto, {', '.join(PLATFORMS)}")
+        if isinstance(self.rope_scaling, dict):  # read back from JSON
+            self.rope_scaling = RopeScaling(**self.rope_scaling)
+        if self.layer_types is not None:
+            self.layer_types = list(self.layer_types)
 
     @property
     def kv_heads(self) -> int:
@@ -95,21 +118,36 @@ class ModelConfig:
             raise ValueError(f"head dim {self.dim_per_head} ({source}) must be even for rotary embeddings")
         if self.vocab_size <= 0:
             raise ValueError("model.vocab_size must be set (it is taken from the tokenizer when 0)")
+        if self.rope_scaling is not None and self.rope_scaling.rope_type not in ROPE_SCALINGS:
+            raise ValueError(f"model.rope_scaling.rope_type={self.rope_scaling.rope_type!r} is not one of "
+                             f"{', '.join(ROPE_SCALINGS)}")
+        families.check(self)
+
+    def sliding_layers(self) -> list[bool]:
+        """Per layer: does it attend within `sliding_window` only?"""
+        if self.layer_types is None:
+            return [self.sliding_window is not None] * self.num_layers
+        return [t == "sliding_attention" for t in self.layer_types]
 
     def num_params(self) -> int:
         """Parameter count computed from the shapes (embedding and head counted separately unless tied)."""
         d, h, kv, hd = self.hidden_size, self.num_heads, self.kv_heads, self.dim_per_head
         attn = d * h * hd * 2 + d * kv * hd * 2
+        attn += (h + 2 * kv) * hd * self.qkv_bias + d * self.o_bias + 2 * hd * self.qk_norm
         mlp = 3 * d * self.intermediate_size
-        per_layer = attn + mlp + 2 * d
+        per_layer = attn + mlp + (4 if self.post_norms else 2) * d
         emb = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * per_layer + emb + d
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward = 3x forward), PaLM appendix B style."""
         matmul_params = self.num_params() - self.vocab_size * self.hidden_size * (0 if self.tie_word_embeddings else 1)
-        matmul_params -= (2 * self.num_layers + 1) * self.hidden_size  # norms do no matmuls
-        attn = 2 * self.num_layers * self.num_heads * self.dim_per_head * seq_len  # QK^T and AV (PaLM's 12*L*H*Q*T)
+        per_layer_other = (4 if self.post_norms else 2) * self.hidden_size + self.hidden_size * self.o_bias + (
+            (self.num_heads + 2 * self.kv_heads) * self.dim_per_head * self.qkv_bias + 2 * self.dim_per_head * self.qk_norm)
+        matmul_params -= self.num_layers * per_layer_other + self.hidden_size  # norms and biases do no matmuls
+        # QK^T and AV (PaLM's 12*L*H*Q*T), a sliding layer's keys at most its window.
+        keys = sum(min(seq_len, self.sliding_window) if sliding else seq_len for sliding in self.sliding_layers())
+        attn = 2 * self.num_heads * self.dim_per_head * keys
         return 6 * matmul_params + 6 * attn
 
 

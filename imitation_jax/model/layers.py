@@ -1,5 +1,6 @@
-"""Building blocks of a LLaMA decoder: RMSNorm, rotary embeddings, projections, SwiGLU MLP.
-What differs on CPU comes from `cpu` (chosen by the config's platform)."""
+"""Building blocks of the decoder: RMSNorm (LLaMA or Gemma style), rotary embeddings, projections
+(with optional biases), the gated MLP (SwiGLU or GeGLU). What differs on CPU comes from `cpu`
+(chosen by the config's platform)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ from imitation_jax.model.config import ModelConfig, RopeScaling, decided
 from imitation_jax.sharding import constrain
 
 
-def param(rngs: nnx.Rngs, shape, names, dtype, std: float | None) -> nnx.Param:
-    """A parameter annotated with logical axis names; std=None means ones (norm scales)."""
+def param(rngs: nnx.Rngs, shape, names, dtype, std: float | None, fill: float = 1.0) -> nnx.Param:
+    """A parameter annotated with logical axis names; std=None means `fill` everywhere (norm scales: 1,
+    biases and Gemma's (1 + w) scales: 0)."""
     if std is None:
-        value = jnp.ones(shape, dtype)
+        value = jnp.full(shape, fill, dtype)
     else:
         value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
     # eager_sharding=False: placement happens once, from the rules table, when the state is jitted.
@@ -76,26 +78,41 @@ class Adapted:
                                lora.TARGETS.index(name))
 
 
+def bias(module, name: str, shape, names, cfg: ModelConfig) -> None:
+    """Set `module.<name>_bias`, zeros (HF nn.Linear biases; never quantized)."""
+    setattr(module, name + "_bias", param(None, shape, names, cfg.weight_dtype, None, fill=0.0))
+
+
 class RMSNorm(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.weight = param(rngs, (cfg.hidden_size,), ("norm",), cfg.weight_dtype, None)
+    """Over the last axis (`size`: hidden_size, or head_dim for the q/k norms). llama style:
+    w * norm(x) with norm(x) cast to x's dtype first (HF LlamaRMSNorm); gemma style: (1 + w) * norm(x)
+    all in fp32, then cast (HF Gemma3RMSNorm), w starting at 0."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, size: int | None = None, names=("norm",)):
+        self.gemma = cfg.norm_style == "gemma"
+        self.weight = param(rngs, (size or cfg.hidden_size,), names, cfg.weight_dtype, None,
+                            fill=0.0 if self.gemma else 1.0)
         self.eps = cfg.rms_norm_eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        # Statistics in fp32 whatever the compute dtype, as HF LlamaRMSNorm does.
+        # Statistics in fp32 whatever the compute dtype, as HF's RMSNorms do.
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        if self.gemma:
+            return (xf * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
         return self.weight[...].astype(x.dtype) * xf.astype(x.dtype)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
-    """Inverse frequencies of rotate-half RoPE, with LLaMA-3.1 scaling when configured (HF's
-    `_compute_llama3_parameters`), computed in float64 numpy then cast, so they are exact."""
+    """Inverse frequencies of rotate-half RoPE, with LLaMA-3.1 scaling (HF's `_compute_llama3_parameters`)
+    or linear scaling when configured, computed in float64 numpy then cast, so they are exact."""
     inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
     if scaling is None:
         return inv_freq.astype(np.float32)
+    if scaling.rope_type == "linear":
+        return (inv_freq.astype(np.float32) / np.float32(scaling.factor)).astype(np.float32)
     if scaling.rope_type != "llama3":
-        raise ValueError(f"rope_scaling type {scaling.rope_type!r} is not supported (only 'llama3')")
+        raise ValueError(f"rope_scaling type {scaling.rope_type!r} is not supported (only llama3, linear)")
     old_len = scaling.original_max_position_embeddings
     low_wavelen = old_len / scaling.low_freq_factor
     high_wavelen = old_len / scaling.high_freq_factor
@@ -139,9 +156,13 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
+
+
 class MLP(Adapted, nnx.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)); on CPU with a hand-written backward pass (`cpu.swiglu`),
-    where it was measured to help, elsewhere under autodiff."""
+    """Gated MLP: down(act(gate(x)) * up(x)), act SiLU (SwiGLU) or tanh GELU (GeGLU). SwiGLU on CPU
+    has a hand-written backward pass (`cpu.swiglu`), where it was measured to help; everything else
+    runs under autodiff."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, f = cfg.hidden_size, cfg.intermediate_size
@@ -150,6 +171,7 @@ class MLP(Adapted, nnx.Module):
         projection(self, rngs, cfg, "down", (f, d), ("mlp", "embed"))
         self.dtype = cfg.compute_dtype
         self.platform = cfg.platform
+        self.act = cfg.hidden_act
         self.add_adapters(rngs, cfg, {"gate": ((d,), (f,), ("embed",), ("mlp",)),
                                       "up": ((d,), (f,), ("embed",), ("mlp",)),
                                       "down": ((f,), (d,), ("mlp",), ("embed",))})
@@ -157,12 +179,13 @@ class MLP(Adapted, nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.dtype
         gate, up, down = kernel(self, "gate", dt), kernel(self, "up", dt), kernel(self, "down", dt)
+        act = ACTIVATIONS[self.act]
         if not any(self.lora.targets_(n) for n in ("gate", "up", "down")):
-            if decided(self.platform) == "cpu":
+            if decided(self.platform) == "cpu" and self.act == "silu":  # its backward pass is SiLU's
                 return cpu.swiglu(x, gate, up, down)
-            return constrain(jax.nn.silu(x @ gate) * (x @ up), ("batch", "seq", "act_mlp")) @ down
+            return constrain(act(x @ gate) * (x @ up), ("batch", "seq", "act_mlp")) @ down
         # With adapters: autodiff of the plain formula (cpu.swiglu's hand-written backward pass
         # has no adapter terms).
-        h = jax.nn.silu(self.adapted("gate", x, x @ gate)) * self.adapted("up", x, x @ up)
+        h = act(self.adapted("gate", x, x @ gate)) * self.adapted("up", x, x @ up)
         h = constrain(h, ("batch", "seq", "act_mlp"))
         return self.adapted("down", h, h @ down)
