@@ -180,7 +180,7 @@ def test_greedy_generation_matches_transformers(family, dirs):
 
     path = dirs(family)
     loaded = load_model(path)
-    gen = Generator(loaded, max_batch=2, steps_per_call=4, buckets=[8, 16, 32])
+    gen = Generator(loaded, max_batch=2, steps_per_call=4, buckets=[32], max_len=40)
     prompts = [TOKENS[0, :7].tolist(), TOKENS[1, :3].tolist()]  # left-padded together; both pass the window
     ours = gen.generate(prompts, SamplingParams(max_new_tokens=12))
     hf = hf_model(path)
@@ -190,7 +190,17 @@ def test_greedy_generation_matches_transformers(family, dirs):
                               pad_token_id=3)[0, len(prompt):].tolist()
         cut = next((i for i, t in enumerate(out) if t in gen.stop_ids), len(out))
         assert completion.tokens == out[:cut], (family, prompt)
-        assert len(prompt) + cut > WINDOW + 4 or cut < 12
+    if family == "gemma3":  # serve's continuous batching: rows inserted and moved, windows kept
+        from imitation_jax.generate.slots import SlotEngine
+
+        more = prompts + [TOKENS[0, 10:15].tolist()]
+        params = [SamplingParams(max_new_tokens=n) for n in (8, 3, 8)]
+        got = SlotEngine(gen, slots=2).run(more, params)
+        for prompt, sp, c in zip(more, params, got):
+            with torch.no_grad():
+                out = hf.generate(torch.tensor([prompt]), max_new_tokens=sp.max_new_tokens, do_sample=False,
+                                  eos_token_id=None, pad_token_id=3)[0, len(prompt):].tolist()
+            assert c.tokens == out[:next((i for i, t in enumerate(out) if t in gen.stop_ids), len(out))], prompt
 
 
 # ------------------------------------------------------------------------------------------------
@@ -240,7 +250,7 @@ def test_packed_training_step_equals_unpacked_rows(family, dirs):
 
     loaded = load_model(dirs(family))
     graphdef = loaded.graphdef
-    loss_fn = make_loss_fn(graphdef, "sft", None, 8, True)
+    loss_fn = make_loss_fn(graphdef, "sft", None, 0, True)
     grad = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b)[0]))
     rng = np.random.default_rng(3)
     lengths, t = (13, 9), 26

@@ -54,7 +54,8 @@ def family_of(hf: dict, where: str) -> str:
     for key, what in REFUSED.items():
         if hf.get(key):
             name = archs[0] if archs else f"model_type {model_type!r}"
-            raise CheckpointError(f"{where}: {key}={_short(hf[key])} ({what}, {name}) is not supported")
+            hint = "; save its text model as Gemma3ForCausalLM and import that" if key == "vision_config" else ""
+            raise CheckpointError(f"{where}: {key}={_short(hf[key])} ({what}, {name}) is not supported{hint}")
     supported = ", ".join(sorted(set(ARCHITECTURES) - {"LLaMAForCausalLM"}))
     if archs:
         unknown = [a for a in archs if a not in ARCHITECTURES]
