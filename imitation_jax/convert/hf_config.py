@@ -153,9 +153,7 @@ def model_fields_from_hf(hf: dict, where: str) -> dict:
                           query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)))
         else:
             theta, scaling = _rope(hf, where)
-        if family == "qwen2":
-            pass  # biases on q, k, v always (fixed by the family)
-        elif family != "mistral":
+        if family not in ("qwen2", "mistral"):  # HF attention_bias: q, k, v and o (Qwen2's q/k/v ones are fixed)
             fields.update(qkv_bias=bool(hf.get("attention_bias")), o_bias=bool(hf.get("attention_bias")))
         fields.update(
             family=family, vocab_size=hf["vocab_size"], hidden_size=d, intermediate_size=hf["intermediate_size"],
