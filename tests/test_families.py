@@ -168,6 +168,11 @@ def test_config_mapping_reads_each_family_feature(dirs):
     assert (qwen2.qkv_bias, qwen2.o_bias, qwen2.sliding_window) == (True, False, None)  # use_sliding_window off
     assert (qwen3h.qk_norm, qwen3h.qkv_bias, qwen3h.o_bias, qwen3h.head_dim, qwen3h.rope_theta) == (
         True, True, True, 32, 1e4)
+    from imitation_jax.convert.hf_config import model_fields_from_hf
+
+    qwen_window = model_fields_from_hf(dict(json.loads(open(os.path.join(dirs("qwen2", "hub"), "config.json")).read()),
+                                            use_sliding_window=True, max_window_layers=1), "x")
+    assert (qwen_window["sliding_window"], qwen_window["layer_types"]) == (4096, ["full_attention", "sliding_attention"])
     mistral = model_config_from_dir(dirs("mistral", "hub"))
     assert (mistral.sliding_window, mistral.layer_types, mistral.rope_theta) == (WINDOW, None, 1e6)
     g5, gh = model_config_from_dir(dirs("gemma3", "v5")), model_config_from_dir(dirs("gemma3", "hub"))
@@ -201,9 +206,9 @@ def test_greedy_generation_matches_transformers(family, dirs):
     if family == "gemma3":  # serve's continuous batching: rows inserted and moved, windows kept
         from imitation_jax.generate.slots import SlotEngine
 
-        more = prompts + [TOKENS[0, 10:15].tolist()]
-        params = [SamplingParams(max_new_tokens=n) for n in (8, 3, 8)]
-        got = SlotEngine(gen, slots=2).run(more, params)
+        more = [prompts[0], TOKENS[0, 10:15].tolist()]  # the second joins when the first leaves
+        params = [SamplingParams(max_new_tokens=n) for n in (8, 8)]
+        got = SlotEngine(gen, slots=1).run(more, params)
         for prompt, sp, c in zip(more, params, got):
             with torch.no_grad():
                 out = hf.generate(torch.tensor([prompt]), max_new_tokens=sp.max_new_tokens, do_sample=False,
