@@ -43,7 +43,8 @@ FAMILIES = {
     "qwen2": ("Qwen2ForCausalLM", "Qwen2Config",
               dict(_BASE, num_hidden_layers=2, rope_parameters=_ROPE6),
               # As Qwen2.5's published configs: a window given but switched off.
-              dict(use_sliding_window=False, sliding_window=4096, max_window_layers=2), {}),
+              dict(use_sliding_window=False, sliding_window=4096, max_window_layers=2),
+              dict(sliding_window=4096)),
     "qwen3": ("Qwen3ForCausalLM", "Qwen3Config",
               dict(_BASE, num_hidden_layers=2, head_dim=32, attention_bias=False, rope_parameters=_ROPE6),
               dict(attention_bias=True, rope_parameters={"rope_type": "default", "rope_theta": 1e4}), {}),
