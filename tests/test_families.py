@@ -318,9 +318,9 @@ print("SHARDED_OK")
 
 
 def test_eight_device_mesh_equals_one_device(dirs):
-    """The families' new parameters (biases on heads, Gemma's norms and per-layer windows and RoPE)
-    sharded by the rules table; Mistral's parameters are LLaMA's, Qwen3's q/k norms replicated."""
-    paths = [dirs(f) for f in ("qwen2", "gemma3")]
+    """Every family's parameters (biases on heads, q/k norms, Gemma's four norms) sharded by the rules
+    table, with its windows and per-layer RoPE tables in the scan."""
+    paths = [dirs(f) for f in FAMILIES]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", SHARDED, *paths], env=env, capture_output=True, text=True,
                           timeout=300)
