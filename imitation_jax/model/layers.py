@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -101,6 +102,36 @@ class RMSNorm(nnx.Module):
         if self.gemma:
             return (xf * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
         return self.weight[...].astype(x.dtype) * xf.astype(x.dtype)
+
+
+# ------------------------------------------------------------------ per-layer windows and RoPE
+
+FULL_WINDOW = 1 << 30  # a full-attention layer's window in a model that also has sliding ones
+
+
+class Layer(NamedTuple):
+    """What differs between layers, one scalar each (scanned as (layers,) arrays)."""
+
+    window: jax.Array  # keys fewer than this many tokens back are visible
+    rope: jax.Array  # 0: the rope_theta table, 1: the rope_local_theta one
+
+
+def layer_plan(cfg: ModelConfig) -> Layer | None:
+    """Per-layer windows and RoPE tables as (layers,) int32 arrays; None when every layer is full."""
+    sliding = np.asarray(cfg.sliding_layers())
+    if not sliding.any():
+        return None
+    window = np.where(sliding, cfg.sliding_window, FULL_WINDOW).astype(np.int32)
+    rope = (sliding & (cfg.rope_local_theta is not None)).astype(np.int32)
+    return Layer(window, rope)
+
+
+def pick_rope(ropes, layer: Layer | None):
+    """(cos, sin) of this layer: the only table, or the one its `rope` names."""
+    if len(ropes) == 1 or layer is None:
+        return ropes[0]
+    local = layer.rope == 1
+    return tuple(jnp.where(local, l, g) for g, l in zip(ropes[0], ropes[1]))
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:

@@ -6,57 +6,26 @@ Parameter layout mirrors Hugging Face's `LlamaForCausalLM` (rotate-half RoPE, q/
 so conversion is a transpose and reshape; projections keep heads as their own axis so tensor
 parallelism shards heads, not an opaque fused dimension. Layers that differ (Gemma 3's sliding and
 global layers, with their own RoPE bases) stay one stack: each layer's window and RoPE table are
-arrays scanned alongside it (`layer_plan`).
+arrays scanned alongside it (`layers.layer_plan`).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from imitation_jax.model.attention import attention, cached_attention, within_window
 from imitation_jax.model.config import ModelConfig, with_platform
 from imitation_jax.model.kv_cache import KVCache, LayerCache
-from imitation_jax.model.layers import (MLP, Adapted, RMSNorm, apply_rope, bias, kernel, param, projection,
-                                        rope_inv_freq, rope_tables)
+from imitation_jax.model.layers import (MLP, Adapted, Layer, RMSNorm, apply_rope, bias, kernel, layer_plan, param,
+                                        pick_rope, projection, rope_inv_freq, rope_tables)
 from imitation_jax.sharding import constrain
 
 _REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-FULL_WINDOW = 1 << 30  # a full-attention layer's window in a model that also has sliding ones
-
-
-class Layer(NamedTuple):
-    """What differs between layers, one scalar each (scanned as (layers,) arrays)."""
-
-    window: jax.Array  # keys fewer than this many tokens back are visible
-    rope: jax.Array  # 0: the rope_theta table, 1: the rope_local_theta one
-
-
-def layer_plan(cfg: ModelConfig) -> Layer | None:
-    """Per-layer windows and RoPE tables as (layers,) int32 arrays; None when every layer is full."""
-    sliding = np.asarray(cfg.sliding_layers())
-    if not sliding.any():
-        return None
-    window = np.where(sliding, cfg.sliding_window, FULL_WINDOW).astype(np.int32)
-    rope = (sliding & (cfg.rope_local_theta is not None)).astype(np.int32)
-    return Layer(window, rope)
-
-
-def _pick(ropes, layer: Layer | None):
-    """(cos, sin) of this layer: the only table, or the one its `rope` names."""
-    if len(ropes) == 1 or layer is None:
-        return ropes[0]
-    local = layer.rope == 1
-    return tuple(jnp.where(local, l, g) for g, l in zip(ropes[0], ropes[1]))
-
-
 class Attention(Adapted, nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
@@ -153,7 +122,7 @@ class Block(nnx.Module):
 
     def attend(self, x, ropes, segment_ids, cache: LayerCache | None = None, layer: Layer | None = None):
         """The part that mixes positions: attention up to (not including) its output projection."""
-        cos, sin = _pick(ropes, layer)
+        cos, sin = pick_rope(ropes, layer)
         window = None if layer is None else layer.window
         return self.attn.core(self.attn_norm(x), cos, sin, segment_ids, cache, window)
 
