@@ -9,8 +9,8 @@ is no Qwen3ForCausalLM), the free ones (biases where HF has `attention_bias`, wi
 
 from __future__ import annotations
 
-# The ModelConfig fields that make up a family's architecture, beyond LLaMA's (what `init.hf` and
-# `init.checkpoint` must take from the source along with the shapes).
+# The ModelConfig fields that make up a family's architecture beyond LLaMA's (architecture fields:
+# `init.hf` / `init.checkpoint` take them from the source, convert/init_params.py).
 FIELDS = ("family", "qkv_bias", "o_bias", "qk_norm", "sliding_window", "layer_types", "rope_local_theta",
           "hidden_act", "norm_style", "post_norms", "scale_embeddings", "query_pre_attn_scalar")
 LAYER_TYPES = ("full_attention", "sliding_attention")
