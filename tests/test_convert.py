@@ -251,7 +251,7 @@ def test_errors_are_one_line(tmp_path, capsys, bpe_tokenizer):
     (mixtral / "config.json").write_text(json.dumps({**cfg, "architectures": ["MixtralForCausalLM"],
                                                       "model_type": "mixtral", "num_local_experts": 8}))
     err = _cli_error(capsys, ["import-hf", str(mixtral), "--out", str(tmp_path / "y")])
-    assert "num_local_experts" in err and "MixtralForCausalLM" in err, err
+    assert "num_local_experts" in err and "MixtralForCausalLM" in err and err.count("config.json") == 1, err
     # Missing tensor, wrong shape, unexpected tensor.
     from safetensors.numpy import load_file, save_file
 

@@ -426,7 +426,8 @@ def shape_param_count(cfg: ModelConfig) -> int:
 
 
 def test_every_preset_is_checked():
-    assert set(PRESETS) - {"tiny"} == set(PUBLISHED)
+    # the family presets are checked against transformers' counts in test_families
+    assert set(PRESETS) - {"tiny", "qwen3-8b", "mistral-7b", "gemma3-4b"} == set(PUBLISHED)
 
 
 @pytest.mark.parametrize("name", list(PUBLISHED))

@@ -180,6 +180,8 @@ def model_config_from_dir(directory: str, param_dtype: str = "float32") -> Model
     try:
         cfg = ModelConfig(**model_fields_from_hf(hf, where), param_dtype=param_dtype, dtype=param_dtype)
         cfg.validate()
+    except CheckpointError:
+        raise  # already names the file (CheckpointError is a ValueError)
     except ValueError as exc:
         raise CheckpointError(f"{where}: {exc}") from None
     return cfg
