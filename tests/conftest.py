@@ -132,3 +132,15 @@ def kd_teacher(demo_dir, tmp_path_factory) -> str:
     cfg = load_config("configs/tiny.yaml", small_run_overrides(demo_dir, run_dir) + [
         "train.steps=8", "optim.lr=3e-3", "logging.tensorboard=false"])
     return run_training(cfg)["run_dir"]
+
+
+# The longest tests start first: with `pytest -n 2` a minutes-long test collected late (the smoke
+# study is near the end of the alphabet) would run alone while the other worker idles.
+RUN_FIRST = ("tests/test_study.py::test_smoke_study_runs_resumes_and_recomputes_one_student",
+             "tests/test_train.py::test_sharded_and_multiprocess_runs_equal_single_device",
+             "tests/test_checkpoint.py::test_sigkill_at_random_moments_then_resume_is_bit_identical")
+
+
+def pytest_collection_modifyitems(config, items):
+    first = {name: i for i, name in enumerate(RUN_FIRST)}
+    items.sort(key=lambda item: first.get(item.nodeid, len(first)))  # stable: the rest keep their order
