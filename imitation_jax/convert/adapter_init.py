@@ -32,11 +32,9 @@ def describe_adapter(path: str) -> AdapterSource:
 
     path = os.path.abspath(path)
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
-        from imitation_jax.convert.peft_format import read_adapter_config
+        from imitation_jax.convert.peft_format import read_adapter_dir
 
-        lora_cfg, base = read_adapter_config(path)
-        if not os.path.isfile(os.path.join(path, "adapter_model.safetensors")):
-            raise CheckpointError(f"init.adapter={path}: no adapter_model.safetensors")
+        lora_cfg, base, _ = read_adapter_dir(path)
         kind = "checkpoint" if base and os.path.isfile(os.path.join(base, "model.json")) else "hf"
         return AdapterSource(path, lora_cfg, base, kind, peft=True)
     if os.path.isfile(os.path.join(path, "config.yaml")):
@@ -87,9 +85,6 @@ def initial_adapters(source: AdapterSource, model: ModelConfig, abstract_adapter
             adapters = adapters_from_peft(tensors, model.lora, abstract_adapters, model.num_layers)
         except CheckpointError as exc:
             raise CheckpointError(f"init.adapter={source.path}: {exc}") from None
-        if set(tensors) - _expected_keys(adapters, model):
-            raise CheckpointError(f"init.adapter={source.path}: it adapts more layers than this model's "
-                                  f"{model.num_layers}")
         return jax.device_put(adapters, jax.tree.map(lambda x: x.sharding, abstract_adapters))
     from imitation_jax import checkpoint
     from imitation_jax.convert.loading import run_params_item
@@ -97,12 +92,6 @@ def initial_adapters(source: AdapterSource, model: ModelConfig, abstract_adapter
     item, _ = run_params_item(source.path, None)
     # check_fits inside names the first adapter whose shape differs
     return checkpoint.restore_params(item, abstract_adapters)
-
-
-def _expected_keys(adapters: dict, model: ModelConfig) -> set:
-    from imitation_jax.convert.peft_format import peft_tensors
-
-    return set(peft_tensors(adapters, model.lora.targets, model.num_layers))
 
 
 def import_adapter(directory: str, out: str, *, base: str | None = None, dtype: str = "float32",
@@ -114,27 +103,19 @@ def import_adapter(directory: str, out: str, *, base: str | None = None, dtype: 
     import json
     import shutil
 
-    from safetensors.numpy import load_file
-
     from imitation_jax.convert.hf_import import import_hf
-    from imitation_jax.convert.peft_format import adapters_from_peft, read_adapter_config
+    from imitation_jax.convert.peft_format import load_adapters, read_adapter_dir
     from imitation_jax.model import lora
-    from imitation_jax.model.params import model_graph
 
     directory = os.path.abspath(directory)
-    lora_cfg, named = read_adapter_config(directory)
+    lora_cfg, named, weights = read_adapter_dir(directory)
     base = os.path.abspath(base or named or "")
     if not os.path.isfile(os.path.join(base, "config.json")):
         raise CheckpointError(f"{directory}: its base {base!r} is not a local HF dir (config.json); "
                               "pass --base HF_DIR")
-    weights = os.path.join(directory, "adapter_model.safetensors")
-    if not os.path.isfile(weights):
-        raise CheckpointError(f"{directory}: no adapter_model.safetensors")
     result = import_hf(base, out, dtype=dtype, allow_pickle=allow_pickle)
-    adapted = dataclasses.replace(result["config"], lora=lora_cfg)
     try:
-        adapters = adapters_from_peft(load_file(weights), lora_cfg, lora.split(model_graph(adapted)[1])[0],
-                                      adapted.num_layers)
+        adapters = load_adapters(weights, lora_cfg, result["config"])
     except CheckpointError as exc:
         raise CheckpointError(f"{directory}: {exc} ({base})") from None
     target = os.path.join(result["out"], "adapter")

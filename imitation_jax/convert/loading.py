@@ -345,22 +345,18 @@ def _from_params_dir(path: str, dtype: Optional[str], mesh) -> LoadedModel:
 
 def _from_peft_dir(path: str, dtype: Optional[str], mesh) -> LoadedModel:
     import jax
-    from safetensors.numpy import load_file
 
     from imitation_jax.convert.hf_import import hf_template, hf_tokenizer, load_hf_params, read_hf_config
-    from imitation_jax.convert.peft_format import adapters_from_peft, read_adapter_config
+    from imitation_jax.convert.peft_format import load_adapters, read_adapter_dir
     from imitation_jax.model import lora
-    from imitation_jax.model.params import model_graph, param_shardings
+    from imitation_jax.model.params import param_shardings
 
-    lora_cfg, base = read_adapter_config(path)
+    lora_cfg, base, weights = read_adapter_dir(path)
     if not base or not os.path.isfile(os.path.join(base, "config.json")):
         raise CheckpointError(f"{path}: its base_model_name_or_path {base!r} is not a local HF dir (config.json)")
-    weights = os.path.join(path, "adapter_model.safetensors")
-    if not os.path.isfile(weights):
-        raise CheckpointError(f"{path}: no adapter_model.safetensors")
     cfg = read_hf_config(base)
     adapted = dataclasses.replace(cfg, lora=lora_cfg)
-    adapters = adapters_from_peft(load_file(weights), lora_cfg, lora.split(model_graph(adapted)[1])[0], cfg.num_layers)
+    adapters = load_adapters(weights, lora_cfg, cfg)
     has_tokenizer = any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model"))
     tokenizer = hf_tokenizer(path if has_tokenizer else base)
     template = hf_template(tokenizer)

@@ -85,13 +85,38 @@ def read_adapter_config(directory: str):
     return cfg, config.get("base_model_name_or_path")
 
 
+def read_adapter_dir(directory: str):
+    """(our LoraConfig, the base's path, the weights file) of a PEFT LoRA adapter dir."""
+    lora_cfg, base = read_adapter_config(directory)
+    weights = os.path.join(directory, "adapter_model.safetensors")
+    if not os.path.isfile(weights):
+        raise CheckpointError(f"{directory}: no adapter_model.safetensors")
+    return lora_cfg, base, weights
+
+
+def load_adapters(weights: str, lora_cfg, model) -> dict:
+    """Our stacked adapters (numpy float32) for `model` (a ModelConfig: the base's) from a PEFT
+    adapter_model.safetensors; a tensor that does not fit the base is a one-line CheckpointError."""
+    import dataclasses
+
+    from safetensors.numpy import load_file
+
+    from imitation_jax.model import lora
+    from imitation_jax.model.params import model_graph
+
+    shapes = lora.split(model_graph(dataclasses.replace(model, lora=lora_cfg))[1])[0]
+    return adapters_from_peft(load_file(weights), lora_cfg, shapes, model.num_layers)
+
+
 def adapters_from_peft(tensors: dict, lora_cfg, adapter_shapes: dict, num_layers: int) -> dict:
     """Our stacked adapters (numpy float32) from PEFT tensors: the inverse of `peft_tensors`;
-    `adapter_shapes`: our adapters' abstract shapes (model.params.model_graph, lora.split)."""
+    `adapter_shapes`: our adapters' abstract shapes (model.params.model_graph, lora.split). A tensor
+    left over (a layer the base does not have) is a one-line CheckpointError."""
     from imitation_jax.model import lora
 
     prefix = "base_model.model.model.layers"
     out: dict = {"layers": {}}
+    used = set()
     for target in lora_cfg.targets:
         module = _MODULE[target]
         block = _BLOCK[module]
@@ -103,10 +128,14 @@ def adapters_from_peft(tensors: dict, lora_cfg, adapter_shapes: dict, num_layers
                 key = f"{prefix}.{i}.{module}.{lora.PEFT_MODULES[target]}.{peft_name}.weight"
                 if key not in tensors:
                     raise CheckpointError(f"PEFT adapter: tensor {key} is missing")
+                used.add(key)
                 w = np.asarray(tensors[key], np.float32).T  # A: (in, r); B: (r, out)
                 if w.size != int(np.prod(shape[1:])):
                     raise CheckpointError(f"PEFT adapter: {key} has shape {tuple(w.T.shape)}, which does not fit "
                                           f"the base's {'input' if peft_name == 'lora_A' else 'output'} size")
                 per_layer.append(w.reshape(shape[1:]))
             node[target + suffix] = np.stack(per_layer)
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise CheckpointError(f"PEFT adapter: tensor {extra[0]} has no place in this {num_layers}-layer base")
     return out
