@@ -178,11 +178,12 @@ def main(argv=None) -> int:
 
     def run(name):
         key = keys[name]
-        b0, t0, c0 = _busy(), time.perf_counter(), os.times()
+        # process_time: all this process's threads, in ns (os.times ticks 10 ms, longer than a tiny step)
+        b0, t0, c0 = _busy(), time.perf_counter(), time.process_time()
         states[key], metrics = compiled[name](states[key], batches[key])
         jax.block_until_ready((states[key], metrics))
-        b1, t1, c1 = _busy(), time.perf_counter(), os.times()
-        own = c1.user + c1.system - c0.user - c0.system
+        b1, t1, c1 = _busy(), time.perf_counter(), time.process_time()
+        own = c1 - c0
         cpu_s[name].append(own)
         foreign[name].append(max(0.0, (b1 - b0 - own) / (t1 - t0)))
         return t1 - t0
@@ -214,7 +215,8 @@ def main(argv=None) -> int:
     for n in names:
         med = statistics.median(times[n])
         ratio = statistics.median(a / b for a, b in zip(times[n], times[ref]))
-        cpu_ratio = statistics.median(a / b for a, b in zip(cpu_s[n][-args.steps:], cpu_s[ref][-args.steps:]))
+        own, ref_own = sum(cpu_s[n][-args.steps:]), sum(cpu_s[ref][-args.steps:])
+        cpu_ratio = own / ref_own if ref_own > 0 else float("nan")
         print(f"{n:40s} {tokens[n] / med:9.1f} {1e3 * med:10.0f} {ratio:9.3f} {ratio * flops[ref] / flops[n]:14.3f} "
               f"{statistics.median(cpu_s[n][-args.steps:]):7.2f} {cpu_ratio:8.3f}")
     quiet = [r for r in range(args.steps) if all(foreign[n][-args.steps:][r] < QUIET for n in names)]
