@@ -10,11 +10,12 @@ and a 49K vocabulary; a LLaMA-3.2-1B shape) in its own process, one after the ot
 per shape and finally `panel_min_speedup=<x.xx>` (the slowest shape's ratio; nan if a torch side
 could not run on some shape). Other flags pass through to every shape.
 
-Memory: before starting torch workers the bench estimates what each needs (parameters, gradients and
-AdamW moments in fp32, plus activations) against the memory available; a variant that would not
-fit is reported as not run, and when even one torch side cannot fit beside ours, ours is timed
+Memory: torch workers start one at a time, each sized by an estimate (parameters, gradients and
+AdamW moments in fp32, plus activations) or by the peak the started ones reached, whichever is
+larger, against the memory available then; a variant that would not fit is reported as not run, and when even one torch side cannot fit beside ours, ours is timed
 first and released, then each torch variant alone (rounds no longer alternate; the output says
-so). A worker that dies anyway (killed for memory) is reported as such, never a traceback.
+so). Workers volunteer to the kernel's OOM killer, so one that does not fit after all dies instead
+of the bench's own process, and is reported as killed for memory, never a traceback.
 
 Both sides train the same LLaMA configuration on the same batch (random tokens, two examples
 packed in each row, about half of the tokens trained): ours is the jitted train step of
@@ -278,6 +279,13 @@ class TorchWorker:
         raise RuntimeError("the worker was killed (SIGKILL: out of memory?)" if status == -9 else
                            f"the worker exited with status {status}")
 
+    def peak(self) -> float:
+        """Its peak resident memory so far (bytes; 0 once it has exited or off Linux)."""
+        return _proc_bytes(f"/proc/{self.proc.pid}/status", "VmHWM") or 0.0
+
+    def rss(self) -> float:
+        return _proc_bytes(f"/proc/{self.proc.pid}/status", "VmRSS") or 0.0
+
     def round(self, steps: int) -> list[float]:
         try:
             self.proc.stdin.write(f"{steps}\n")
@@ -342,6 +350,11 @@ def torch_worker_main(args) -> int:
         times = os.times()
         print(WORKER_PREFIX + json.dumps({"cpu_s": times.user + times.system, **reply}), flush=True)
 
+    try:  # if memory runs out anyway, the kernel kills this worker rather than the bench's own process
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass
     try:
         import torch
         if device == "cuda" and not torch.cuda.is_available():
@@ -427,11 +440,18 @@ def main(args) -> int:
     elif missing := [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]:
         print(f"torch: skipped ({missing[0]} is not installed)")
     else:
-        free = mem_available() if on_cpu else None
+        # One worker at a time, each sized by the estimate or by what the started ones peaked at
+        # (their VmHWM), whichever is larger, against what is available now less the started
+        # workers' headroom back to their peak (torch's default allocator hands memory back between
+        # steps). A misjudged worker is the one the kernel kills (oom_score_adj), not ours.
         for impl in [x.strip() for x in args.torch_attn.split(",") if x.strip()]:
             allocs = args.torch_alloc or ("default,kept" if on_cpu else "default")
             for alloc in [x.strip() for x in allocs.split(",") if x.strip()]:
-                name, need = f"torch/{impl}/{alloc}", torch_need(args, cfg, impl)
+                name = f"torch/{impl}/{alloc}"
+                need = max([torch_need(args, cfg, impl)] + [w.peak() for n, w in workers.items()
+                                                            if n.split("/")[1] == impl])
+                free = None if not on_cpu or mem_available() is None else (
+                    mem_available() - sum(w.peak() - w.rss() for w in workers.values()))
                 if free is not None and need > free - GiB:
                     if need <= free + own_rss() - 2 * GiB:
                         later.append((name, impl, alloc))
@@ -441,8 +461,6 @@ def main(args) -> int:
                     continue
                 try:
                     workers[name] = TorchWorker(impl, alloc, torch_device, dtype)
-                    if free is not None:
-                        free -= need
                 except RuntimeError as exc:  # no CUDA torch, an attn implementation this transformers lacks
                     failed[name] = f"skipped: {exc}"
     # Peak: a large f32 matmul measured on CPU in this run (same load); the bf16 figure elsewhere.
