@@ -63,6 +63,33 @@ def test_kept_memory_removes_the_page_faults_of_every_step():
     assert kept["faults_per_call"] < 10_000, kept
 
 
+BIG_FREE = textwrap.dedent("""
+    import ctypes, json, resource, sys
+    from imitation_jax import host_memory
+    host_memory.configure("keep")
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+    counts = []
+    for _ in range(2):  # 2.5 GiB freed at once, more than any positive int threshold would keep
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        blocks = [libc.malloc(256 << 20) for _ in range(10)]
+        for b in blocks:
+            ctypes.memset(b, 1, 256 << 20)
+        for b in reversed(blocks):
+            libc.free(b)
+        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(json.dumps(counts))
+""")
+
+
+def test_more_than_2_gib_freed_at_once_is_kept_too():
+    out = subprocess.run([sys.executable, "-c", BIG_FREE], capture_output=True, text=True, timeout=120,
+                         env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}, check=True)
+    first, second = json.loads(out.stdout.strip().splitlines()[-1])
+    assert first > 600_000, first  # 2.5 GiB of 4 KiB pages faulted in once...
+    assert second < 10_000, second  # ...and kept: none again
+
+
 def test_auto_follows_the_platform(monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cuda")
     assert not host_memory.cpu_only()
