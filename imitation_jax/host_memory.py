@@ -51,3 +51,10 @@ def configure(mode: str = "auto") -> bool:
     libc = ctypes.CDLL(None)
     settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1), (_M_ARENA_MAX, 1))
     return all(libc.mallopt(option, value) == 1 for option, value in settings)
+
+
+def trim() -> None:
+    """Hand the memory kept by `configure` back to the system now (malloc_trim), e.g. once a large
+    model is released and the process goes on to something else; a no-op off glibc."""
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        ctypes.CDLL(None).malloc_trim(0)
