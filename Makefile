@@ -13,7 +13,7 @@ DEMO_DATA := data/demo
 DEMO_RUN ?= runs/demo
 LORA_RUN ?= runs/demo-lora
 
-.PHONY: install demo demo-lora test bench clean-demo
+.PHONY: install demo demo-lora test bench bench-panel clean-demo
 
 install: $(STAMP)
 
@@ -48,6 +48,9 @@ test: install
 
 bench: install
 	$(PY) tools/bench_train.py
+
+bench-panel: install
+	$(PY) tools/bench_train.py --panel
 
 clean-demo:
 	rm -rf $(DEMO_RUN) $(LORA_RUN) $(DEMO_DATA)
