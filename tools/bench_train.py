@@ -276,6 +276,11 @@ class TorchWorker:
                 self.cpu_s = reply.get("cpu_s", 0.0)
                 self.losses = reply.get("losses", self.losses)
                 return reply
+        try:  # its CPU time until it died (a zombie keeps it until waited for)
+            fields = open(f"/proc/{self.proc.pid}/stat").read().rsplit(")", 1)[1].split()
+            self.cpu_s = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            pass
         status = self.proc.wait()
         raise RuntimeError("the worker was killed (SIGKILL: out of memory?)" if status == -9 else
                            f"the worker exited with status {status}")
@@ -469,7 +474,10 @@ def main(args) -> int:
     # best round's median step.
     times = {name: [] for name in [*runners, *workers]}
     load = ForeignLoad()
-    worker_cpu = {name: w.cpu_s for name, w in workers.items()}
+    # Our workers' CPU time is not "other processes": those started before the window count from
+    # here, later ones from their start (their set-up and warm-up included), killed ones until death.
+    cpu_base = {name: w.cpu_s for name, w in workers.items()}
+    started = dict(workers)
     losses = {}
 
     def rounds_of(named: dict) -> None:
@@ -488,7 +496,6 @@ def main(args) -> int:
                     worker.close()
 
     rounds_of({"ours": None, **workers})
-    own_worker_cpu = sum(w.cpu_s - worker_cpu[n] for n, w in workers.items())
     losses["ours"] = runners["ours"]["losses"]
     losses.update({n: w.losses for n, w in workers.items()})
     for worker in workers.values():
@@ -512,15 +519,13 @@ def main(args) -> int:
             except RuntimeError as exc:
                 failed[name] = f"skipped: {exc}"
                 continue
-            workers[name], times[name] = worker, []
-            cpu0 = worker.cpu_s
+            workers[name], times[name], started[name] = worker, [], worker
             rounds_of({name: worker})
             if name in workers:
-                own_worker_cpu += worker.cpu_s - cpu0
                 losses[name] = worker.losses
                 worker.close()
         runners["ours"] = {"compile_s": compile_s}
-    foreign = load.cores(own_elsewhere=own_worker_cpu)
+    foreign = load.cores(own_elsewhere=sum(w.cpu_s - cpu_base.get(n, 0.0) for n, w in started.items()))
     step_s = {name: min(statistics.median(r) for r in rounds) for name, rounds in times.items()}
     best_s = {name: min(min(r) for r in rounds) for name, rounds in times.items()}
 
