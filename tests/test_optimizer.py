@@ -49,6 +49,7 @@ def test_make_optimizer_uses_it():
     params = {"w": jnp.ones((3,))}
     state = tx.init(params)
     updates, _ = tx.update({"w": jnp.full((3,), 100.0)}, state, params)
-    optax_chain = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(optax.constant_schedule(1e-3), mask=decay_mask))
+    optax_chain = optax.chain(optax.clip_by_global_norm(1.0),
+                              optax.adamw(optax.constant_schedule(1e-3), mask=decay_mask))
     assert jax.tree.structure(state) == jax.tree.structure(optax_chain.init(params))  # checkpoints unchanged
     assert np.all(np.isfinite(updates["w"]))

@@ -12,10 +12,11 @@ could not run on some shape). Other flags pass through to every shape.
 
 Memory: torch workers start one at a time, each sized by an estimate (parameters, gradients and
 AdamW moments in fp32, plus activations) or by the peak the started ones reached, whichever is
-larger, against the memory available then; a variant that would not fit is reported as not run, and when even one torch side cannot fit beside ours, ours is timed
-first and released, then each torch variant alone (rounds no longer alternate; the output says
-so). Workers volunteer to the kernel's OOM killer, so one that does not fit after all dies instead
-of the bench's own process, and is reported as killed for memory, never a traceback.
+larger, against the memory available then. A variant that does not fit beside ours runs alone
+after ours is timed and released (rounds no longer alternate; the output says so), unless it is
+clearly too large even then (reported as not run). Workers volunteer to the kernel's OOM killer,
+so one that does not fit after all dies instead of the bench's own process, and is reported as
+killed for memory, never a traceback.
 
 Both sides train the same LLaMA configuration on the same batch (random tokens, two examples
 packed in each row, about half of the tokens trained): ours is the jitted train step of
@@ -327,10 +328,6 @@ def _proc_bytes(path: str, key: str) -> float | None:
 def mem_available() -> float | None:
     """Bytes the kernel says a new process can use."""
     return _proc_bytes("/proc/meminfo", "MemAvailable")
-
-
-def own_rss() -> float:
-    return _proc_bytes("/proc/self/status", "VmRSS") or 0.0
 
 
 def torch_need(args, cfg, impl: str) -> float:

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+
 @dataclasses.dataclass
 class OptimConfig:
     lr: float = 3e-4
