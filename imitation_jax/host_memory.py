@@ -8,7 +8,7 @@ LD_PRELOADed jemalloc/tcmalloc would, without a preload:
 - M_MMAP_MAX=0: large blocks come from the heap, not from mmap;
 - M_TRIM_THRESHOLD=-1, which glibc stores as a size_t (SIZE_MAX): freed heap memory is never
   returned. The largest positive int (2 GiB-1) is not enough: a step that frees more than 2 GiB at
-  once had it all trimmed and faulted back in every step (a 135M-parameter model, ~1.2M faults);
+  once had it trimmed and faulted back in every step (docs/benchmarks.md: the 135M-shape step);
 - M_ARENA_MAX=1: one arena for every thread; a per-thread arena cannot grow past 64 MiB, and for
   anything larger glibc falls back to mmap whatever M_MMAP_MAX says.
 
