@@ -46,7 +46,7 @@ def configure(mode: str = "auto") -> bool:
         raise ValueError(f"host memory mode {mode!r} is not one of {', '.join(MODES)}")
     if mode == "release" or (mode == "auto" and not cpu_only()):
         return False
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not _glibc():
         return False
     libc = ctypes.CDLL(None)
     settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1), (_M_ARENA_MAX, 1))
@@ -56,5 +56,9 @@ def configure(mode: str = "auto") -> bool:
 def trim() -> None:
     """Hand the memory kept by `configure` back to the system now (malloc_trim), e.g. once a large
     model is released and the process goes on to something else; a no-op off glibc."""
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+    if _glibc():
         ctypes.CDLL(None).malloc_trim(0)
+
+
+def _glibc() -> bool:
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"

@@ -453,8 +453,9 @@ def main(args) -> int:
                 name = f"torch/{impl}/{alloc}"
                 need = max([torch_need(args, cfg, impl)] + [w.peak() for n, w in workers.items()
                                                             if n.split("/")[1] == impl])
-                free = None if not on_cpu or mem_available() is None else (
-                    mem_available() - sum(w.peak() - w.rss() for w in workers.values()))
+                free = mem_available() if on_cpu else None
+                if free is not None:
+                    free -= sum(w.peak() - w.rss() for w in workers.values())
                 if free is not None and need > free - GiB:
                     later.append((name, impl, alloc, need))
                     continue
@@ -507,8 +508,9 @@ def main(args) -> int:
         for name, impl, alloc, need in later:
             # The estimate is rough (within ~1 GiB of the peaks measured), and a worker that does not
             # fit after all is killed and reported, so it is tried unless clearly too large.
-            if need > mem_available() + GiB:
-                failed[name] = f"not run: needs ~{need / GiB:.1f} GiB, {mem_available() / GiB:.1f} GiB available"
+            free = mem_available()
+            if need > free + GiB:
+                failed[name] = f"not run: needs ~{need / GiB:.1f} GiB, {free / GiB:.1f} GiB available"
                 continue
             print(f"{name}: timed alone, after ours (it does not fit beside it)", flush=True)
             try:

@@ -76,13 +76,11 @@ def initial_adapters(source: AdapterSource, model: ModelConfig, abstract_adapter
     import jax
 
     if source.peft:
-        from safetensors.numpy import load_file
+        from imitation_jax.convert.peft_format import load_adapters
 
-        from imitation_jax.convert.peft_format import adapters_from_peft
-
-        tensors = load_file(os.path.join(source.path, "adapter_model.safetensors"))
         try:
-            adapters = adapters_from_peft(tensors, model.lora, abstract_adapters, model.num_layers)
+            adapters = load_adapters(os.path.join(source.path, "adapter_model.safetensors"), model.lora, model,
+                                     abstract_adapters)
         except CheckpointError as exc:
             raise CheckpointError(f"init.adapter={source.path}: {exc}") from None
         return jax.device_put(adapters, jax.tree.map(lambda x: x.sharding, abstract_adapters))

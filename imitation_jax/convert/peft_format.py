@@ -94,18 +94,20 @@ def read_adapter_dir(directory: str):
     return lora_cfg, base, weights
 
 
-def load_adapters(weights: str, lora_cfg, model) -> dict:
+def load_adapters(weights: str, lora_cfg, model, adapter_shapes: dict | None = None) -> dict:
     """Our stacked adapters (numpy float32) for `model` (a ModelConfig: the base's) from a PEFT
-    adapter_model.safetensors; a tensor that does not fit the base is a one-line CheckpointError."""
-    import dataclasses
-
+    adapter_model.safetensors; a tensor that does not fit the base is a one-line CheckpointError.
+    `adapter_shapes`: our adapters' abstract shapes when the caller has them (else derived)."""
     from safetensors.numpy import load_file
 
-    from imitation_jax.model import lora
-    from imitation_jax.model.params import model_graph
+    if adapter_shapes is None:
+        import dataclasses
 
-    shapes = lora.split(model_graph(dataclasses.replace(model, lora=lora_cfg))[1])[0]
-    return adapters_from_peft(load_file(weights), lora_cfg, shapes, model.num_layers)
+        from imitation_jax.model import lora
+        from imitation_jax.model.params import model_graph
+
+        adapter_shapes = lora.split(model_graph(dataclasses.replace(model, lora=lora_cfg))[1])[0]
+    return adapters_from_peft(load_file(weights), lora_cfg, adapter_shapes, model.num_layers)
 
 
 def adapters_from_peft(tensors: dict, lora_cfg, adapter_shapes: dict, num_layers: int) -> dict:
