@@ -93,6 +93,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--torch-worker", default=None, help=argparse.SUPPRESS)  # IMPL:ALLOC:DEVICE:DTYPE, internal
     p.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before JAX starts")
     p.add_argument("--tie-embeddings", action="store_true", help="the output layer is the embedding (LLaMA-3.2)")
+    p.add_argument("--trained", default="answers", choices=("answers", "all"),
+                   help="which positions the loss trains: each example's second half (imitation data) "
+                        "or every position (pretraining style; the MFU convention's full output layer)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--panel", action="store_true", help="run every shape of PANEL, each against torch")
     return p.parse_args(argv)
@@ -138,9 +141,10 @@ import numpy as np  # noqa: E402
 
 # ---------------------------------------------------------------------------------------- batch
 
-def make_batch(vocab: int, batch: int, seq: int, seed: int) -> dict[str, np.ndarray]:
+def make_batch(vocab: int, batch: int, seq: int, seed: int, trained: str = "answers") -> dict[str, np.ndarray]:
     """Rows of two packed examples each (a boundary at a random point near the middle); in each
-    example the first ~half (the "prompt") is not trained and the rest (the "answer") is."""
+    example the first ~half (the "prompt") is not trained and the rest (the "answer") is, or with
+    `trained="all"` every position is."""
     rng = np.random.default_rng(seed)
     tokens = rng.integers(3, vocab, size=(batch, seq + 1), dtype=np.int64)
     segment_ids = np.ones((batch, seq), np.int32)
@@ -154,6 +158,8 @@ def make_batch(vocab: int, batch: int, seq: int, seed: int) -> dict[str, np.ndar
             answer = lo + (hi - lo) // 2
             loss_mask[r, answer:hi - 1] = 1  # the last token of an example predicts across the boundary
         loss_mask[r, seq - 1] = 1
+    if trained == "all":
+        loss_mask[:] = 1
     return {"inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32),
             "loss_mask": loss_mask, "segment_ids": segment_ids, "positions": positions}
 
@@ -363,7 +369,8 @@ def torch_worker_main(args) -> int:
         if device == "cuda" and not torch.cuda.is_available():
             say(error="no CUDA torch for this accelerator")
             return 0
-        runner = setup_torch(args, make_batch(args.vocab, args.batch, args.seq, args.seed), impl, device, dtype)
+        batch_np = make_batch(args.vocab, args.batch, args.seq, args.seed, args.trained)
+        runner = setup_torch(args, batch_np, impl, device, dtype)
         for _ in range(max(args.warmup, 1)):
             runner["step"]()
     except Exception as exc:  # an attn implementation this transformers lacks, ...
@@ -421,7 +428,7 @@ def main(args) -> int:
     dtype = args.dtype or ("float32" if on_cpu else "bfloat16")
     cfg = model_config(args, dtype)
     cfg.validate()
-    batch_np = make_batch(args.vocab, args.batch, args.seq, args.seed)
+    batch_np = make_batch(args.vocab, args.batch, args.seq, args.seed, args.trained)
     flops_tok = cfg.flops_per_token(args.seq)
     print(f"device: {device.device_kind} ({device.platform}), {os.cpu_count()} CPU cores, jax {jax.__version__}")
     print(f"model: {cfg.num_params() / 1e6:.1f}M params, hidden {cfg.hidden_size}, layers {cfg.num_layers}, "
