@@ -3,8 +3,9 @@
 # step that proves our code runs under the machine's JAX, then the LLaMA-3.2-1B shape in bf16 against
 # HF torch (MFU), and variants of ours. Logs go to $OUT (or ./device_out). Runs under the machine's
 # own python3 and packages: no install, no network.
-#   bash tools/device_bench.sh            # everything
-#   bash tools/device_bench.sh quick      # versions + the tiny step only
+#   bash tools/device_bench.sh                 # versions, the tiny step, the default runs
+#   bash tools/device_bench.sh quick           # versions + the tiny step only
+#   bash tools/device_bench.sh vs-torch b16    # versions + the named runs (see the case below)
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-device_out}
@@ -18,10 +19,11 @@ import importlib.metadata as m
 print('versions:', ', '.join(f'{p} {m.version(p)}' for p in ('jax', 'jaxlib', 'flax', 'optax', 'torch', 'transformers')))"
 
 # Fail fast (a broken import or API change under this JAX) before the long runs.
-timeout 150 $PY tools/bench_train.py --hidden 256 --layers 2 --heads 4 --kv-heads 2 --intermediate 512 \
+[ $# -gt 0 ] && [ "$1" != quick ] && skip_tiny=1 || skip_tiny=0
+[ $skip_tiny = 1 ] || timeout 150 $PY tools/bench_train.py --hidden 256 --layers 2 --heads 4 --kv-heads 2 --intermediate 512 \
     --vocab 1024 --seq 256 --batch 2 --steps 2 --warmup 1 --rounds 1 --torch-attn sdpa >"$OUT/tiny.log" 2>&1
 rc=$?
-tail -4 "$OUT/tiny.log"
+[ $skip_tiny = 1 ] || tail -4 "$OUT/tiny.log"
 [ $rc -eq 0 ] || { echo "tiny bench failed (rc $rc):"; tail -40 "$OUT/tiny.log"; exit 1; }
 [ "${1:-}" = quick ] && exit 0
 
@@ -32,10 +34,22 @@ run() {  # name, seconds, flags...
     echo "== $name: $*"
     timeout "$limit" $PY tools/bench_train.py $ONE_B "$@" >"$OUT/$name.log" 2>&1
     echo "   rc $?"
-    grep -E "^(model|ours|compile|matmul|hf torch|  |ours jax|speedup)" "$OUT/$name.log" | grep -v "^  *$" | tail -12
+    grep -E "^(model|ours|compile|matmul|hf torch|  |ours jax|speedup)|RESOURCE_EXHAUSTED" "$OUT/$name.log" | tail -12
 }
-# Every position trained: the MFU convention (full output layer); then imitation-style answers only.
-run 1b-seq2048-b4-all 180 --seq 2048 --batch 4 --trained all --steps 8 --warmup 2 --rounds 2 --torch-attn sdpa
-run 1b-seq2048-b8-all-xla 100 --seq 2048 --batch 8 --trained all --steps 8 --warmup 2 --rounds 1 --no-torch --attention xla
-run 1b-seq2048-b8-all 100 --seq 2048 --batch 8 --trained all --steps 8 --warmup 2 --rounds 1 --no-torch
-run 1b-seq2048-b8-answers 100 --seq 2048 --batch 8 --steps 8 --warmup 2 --rounds 1 --no-torch
+ALL="--seq 2048 --trained all --steps 8 --warmup 2"  # every position trained: the MFU convention
+runs=("$@")
+[ ${#runs[@]} -eq 0 ] && runs=(b4-vs-torch b8 b8-answers)
+for r in "${runs[@]}"; do
+    case $r in
+        # JAX takes what it needs (no preallocation), so torch fits beside it on one 80 GB card.
+        b4-vs-torch) XLA_PYTHON_CLIENT_PREALLOCATE=false PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+                     run "$r" 170 $ALL --batch 4 --rounds 2 --torch-attn sdpa ;;
+        b8) run "$r" 90 $ALL --batch 8 --rounds 1 --no-torch ;;
+        b8-xla) run "$r" 90 $ALL --batch 8 --rounds 1 --no-torch --attention xla ;;
+        b8-answers) run "$r" 90 --seq 2048 --steps 8 --warmup 2 --batch 8 --rounds 1 --no-torch ;;
+        b8-chunk1024) run "$r" 90 $ALL --batch 8 --rounds 1 --no-torch --loss-chunk 1024 ;;
+        b16) run "$r" 100 $ALL --batch 16 --rounds 1 --no-torch ;;
+        b16-save-dots) run "$r" 100 $ALL --batch 16 --rounds 1 --no-torch --remat save_dots ;;
+        *) echo "unknown run $r" ;;
+    esac
+done
