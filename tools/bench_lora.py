@@ -37,6 +37,7 @@ def run_variant(args) -> dict:
     from imitation_jax.train.builder import build_program, resolve_model
     from imitation_jax.train.config import Config
     from imitation_jax.train.state import init_opt_state, step_scalar
+    from imitation_jax.train.step import compile_with_frozen
 
     model = ModelConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8,
                         max_position_embeddings=args.seq_len, scan_unroll=8)
@@ -67,14 +68,18 @@ def run_variant(args) -> dict:
                  "positions": np.concatenate([np.arange(half), np.arange(t - half)])[None, None].repeat(args.batch, 1)}
         batch = {k: jax.device_put(jnp.asarray(v, jnp.float32 if k == "loss_mask" else jnp.int32),
                                    program.batch_sharding) for k, v in batch.items()}
-        compiled = program.train_step.lower(state, batch, *extra).compile()
+        if program.lora:  # the frozen base takes the layouts the compiler chose, as `train` does
+            compiled, frozen = compile_with_frozen(program.train_step, state, batch, frozen)
+            extra = (frozen,)
+        else:
+            compiled = program.train_step.lower(state, batch).compile()
         mem = compiled.memory_analysis()
-        state, m = program.train_step(state, batch, *extra)
+        state, m = compiled(state, batch, *extra)
         jax.block_until_ready(m)
         times = []
         for _ in range(args.steps):
             start = time.perf_counter()
-            state, m = program.train_step(state, batch, *extra)
+            state, m = compiled(state, batch, *extra)
             jax.block_until_ready(m)
             times.append(time.perf_counter() - start)
     opt_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state["opt_state"]))
