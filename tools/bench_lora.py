@@ -39,8 +39,9 @@ def run_variant(args) -> dict:
     from imitation_jax.train.state import init_opt_state, step_scalar
     from imitation_jax.train.step import compile_with_frozen
 
-    model = ModelConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8,
-                        max_position_embeddings=args.seq_len, scan_unroll=8)
+    model = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                        num_layers=args.layers, num_heads=args.heads, max_position_embeddings=args.seq_len,
+                        scan_unroll=args.layers)
     if args.variant == "lora":
         model = dataclasses.replace(model, lora=LoraConfig(rank=args.rank, alpha=2.0 * args.rank))
     cfg = Config()
@@ -97,6 +98,11 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--hidden", type=int, default=512)  # the model: bench_train's default 58M shape
+    p.add_argument("--intermediate", type=int, default=1376)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--variant", choices=("full", "lora"), default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.variant:
@@ -104,8 +110,8 @@ def main(argv=None) -> int:
         return 0
     results = {}
     for variant in ("full", "lora"):
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--variant", variant, "--rank", str(args.rank),
-                              "--seq-len", str(args.seq_len), "--batch", str(args.batch), "--steps", str(args.steps)],
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "variant"]
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--variant", variant, *flags],
                              capture_output=True, text=True)
         if out.returncode:
             print(out.stderr[-3000:], file=sys.stderr)
