@@ -393,7 +393,7 @@ def test_lora_on_gemma3_targets_all_projections_and_merges(dirs):
 # ------------------------------------------------------------------------------------------------
 # Presets: the published shapes, as transformers builds them from our exported config.json.
 
-@pytest.mark.parametrize("name, count", [("qwen3-8b", 8_190_735_360), ("mistral-7b", 7_241_732_096),
+@pytest.mark.parametrize("name, count", [("qwen2.5-7b", 7_615_616_512), ("qwen3-8b", 8_190_735_360), ("mistral-7b", 7_241_732_096),
                                          ("gemma3-4b", 3_880_263_168)])
 def test_family_presets_are_the_published_models(name, count):
     from imitation_jax.convert.hf_config import hf_config_dict, model_fields_from_hf
@@ -403,7 +403,7 @@ def test_family_presets_are_the_published_models(name, count):
     hf = hf_config_dict(cfg, "bfloat16", 1, 2, None)
     fields = model_fields_from_hf(json.loads(json.dumps(hf)), name)  # read back: the same architecture
     assert {k: getattr(cfg, k) for k in fields} == fields
-    config = getattr(transformers, {"qwen3": "Qwen3Config", "mistral": "MistralConfig",
+    config = getattr(transformers, {"qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "mistral": "MistralConfig",
                                     "gemma3": "Gemma3TextConfig"}[cfg.family])(**{
         k: v for k, v in hf.items() if k not in ("architectures", "model_type", "transformers_version")})
     with torch.device("meta"):

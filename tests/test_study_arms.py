@@ -109,3 +109,24 @@ def test_arms_table_pools_seeds_with_mean_and_sample_std():
     assert op["teacher_calls"] == 11 and op["sampled_tokens"] == 330 and op["train_s"] == 32.0
     md = arms_markdown(table, ["acc", "style"])
     assert "| large | local | 190 | on_policy | 2 | 0.600 +/- 0.141 | - | 32 | 11 | 330 |" in md
+
+
+def test_the_qwen_study_extends_full_with_qwen_students_only(tmp_path):
+    """configs/study/full_qwen.yaml extends full.yaml: its bases replace full's LLaMA pair, and each
+    student's train config resolves to its Qwen family, trained on sets prepared with ChatML."""
+    from imitation_jax.study.runner import Study
+    from imitation_jax.train.config import load_config
+
+    cfg = load_study_config("configs/study/full_qwen.yaml", [f"work_dir={tmp_path / 'w'}"])
+    full = load_study_config("configs/study/full.yaml")
+    assert list(cfg.bases) == ["qwen2.5-7b", "qwen3-8b"] and cfg.imitation == full.imitation
+    study = Study(cfg, log=lambda *_: None)
+    stages = {s.name: s for s in study.plan()}
+    assert not any("llama" in name for name in stages)
+    assert '"chatml"' in stages["prepare/local"].key and "Qwen3-8B-Base/tokenizer.json" in stages["prepare/local"].key
+    for base, family in (("qwen2.5-7b", "qwen2"), ("qwen3-8b", "qwen3")):
+        spec = cfg.bases[base]
+        path = study._train_yaml(f"student-{base}", str(tmp_path / base), spec.model, cfg.imitation.train,
+                                 {"path": "p", "max_train_tokens": 10}, {"hf": spec.init_hf})
+        train = load_config(path, cfg.imitation.train.overrides)
+        assert (train.model.family, train.model.preset, train.init.hf) == (family, base, spec.init_hf)

@@ -35,7 +35,10 @@ PRESETS: dict[str, dict] = {
     "llama3-70b": dict(_LLAMA3, **_size(8192, 28672, 80, 64, 8)),
     "llama3.1-8b": dict(_LLAMA31, **_size(4096, 14336, 32, 32, 8), rope_scaling=RopeScaling()),
     "llama3.1-70b": dict(_LLAMA31, **_size(8192, 28672, 80, 64, 8), rope_scaling=RopeScaling()),
-    # Qwen/Qwen3-8B, mistralai/Mistral-7B-v0.1, google/gemma-3-4b-pt's text_config (config.json).
+    # Qwen/Qwen2.5-7B, Qwen/Qwen3-8B, mistralai/Mistral-7B-v0.1, google/gemma-3-4b-pt's text_config
+    # (config.json).
+    "qwen2.5-7b": dict(families.features("qwen2"), family="qwen2", vocab_size=152064, max_position_embeddings=131072,
+                       rms_norm_eps=1e-6, rope_theta=1e6, **_size(3584, 18944, 28, 28, 4)),
     "qwen3-8b": dict(families.features("qwen3"), family="qwen3", vocab_size=151936, max_position_embeddings=40960,
                      rms_norm_eps=1e-6, rope_theta=1e6, **_size(4096, 12288, 36, 32, 8)),
     "mistral-7b": dict(families.features("mistral"), family="mistral", vocab_size=32000,

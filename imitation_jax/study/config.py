@@ -147,9 +147,10 @@ def load_study_config(path: Optional[str], overrides: Sequence[str] = ()) -> Stu
     layers = read_layers(path, overrides, label="study config")
     base = OmegaConf.structured(StudyConfig)
     for where, layer in layers:
-        if where == path and "bases" in layer:  # the file's bases replace the default pair
+        in_file = not where.startswith("override ")  # the file or one it extends
+        if in_file and "bases" in layer:  # a file's bases replace the default pair (or those it extends)
             base.bases = {}
-        if where == path and "arms" in (layer.get("imitation") or {}) or where.startswith("override 'imitation.arms="):
+        if in_file and "arms" in (layer.get("imitation") or {}) or where.startswith("override 'imitation.arms="):
             base.imitation.arms = {}  # a file's arms, or `imitation.arms={...}`, replace the arms before it
         try:
             base = OmegaConf.merge(base, layer)
