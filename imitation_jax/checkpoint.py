@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 import re
 import sys
@@ -199,12 +200,23 @@ def resolve_params_path(path: str) -> str:
     return path
 
 
+def _no_step_metadata_warning(record: logging.LogRecord) -> bool:
+    """An item inside a step has no step metadata of its own; Orbax warns of it on every restore of
+    one (every generate, eval, export of a run), which says nothing wrong."""
+    return not str(record.msg).startswith("Metadata file does not exist")
+
+
 def restore_params(path: str, abstract_params: Any) -> Any:
     """Parameters only (e.g. `init.checkpoint`), into the shapes and shardings of `abstract_params`."""
     item = resolve_params_path(path)
-    check_fits(item, abstract_params)
-    with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(item, abstract_params)
+    log = logging.getLogger("absl")
+    log.addFilter(_no_step_metadata_warning)
+    try:
+        check_fits(item, abstract_params)
+        with ocp.StandardCheckpointer() as ckptr:
+            return ckptr.restore(item, abstract_params)
+    finally:
+        log.removeFilter(_no_step_metadata_warning)
 
 
 def save_params(directory: str, params: Any) -> str:

@@ -251,3 +251,22 @@ def test_resume_on_changed_data_with_the_same_row_count_fails_with_one_line(base
     assert len(lines) == 1 and lines[0].startswith("imitation-jax train: error: resume:"), resumed.stderr
     assert "fingerprint" in lines[0] and "--restart" in lines[0] and "Traceback" not in resumed.stderr
     assert sorted(os.listdir(run / "checkpoints")) == ["2"]  # nothing trained, nothing lost
+
+
+def test_restoring_a_steps_params_item_warns_of_nothing(tmp_path, caplog):
+    """A step's params item has no step metadata of its own (the step has it); Orbax's warning of
+    that on every load of a run (generate, eval, export) is not passed on."""
+    import logging
+
+    import jax
+    import jax.numpy as jnp
+
+    from imitation_jax.checkpoint import restore_params, save_params
+
+    params = {"w": jnp.arange(6.0).reshape(2, 3)}
+    item = save_params(str(tmp_path / "7" / "params"), params)
+    os.remove(os.path.join(item, "_CHECKPOINT_METADATA"))  # as inside a step of a run
+    with caplog.at_level(logging.WARNING):
+        got = restore_params(str(tmp_path), jax.eval_shape(lambda: params))
+    np.testing.assert_array_equal(got["w"], params["w"])
+    assert not [r for r in caplog.records if "Metadata file does not exist" in r.getMessage()], caplog.text
