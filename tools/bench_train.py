@@ -40,7 +40,9 @@ without torch/transformers or without a CUDA torch.
 
 MFU = model training FLOPs/token (`ModelConfig.flops_per_token`) x tokens/s / peak, where the
 peak is a large fp32 matmul measured in the same run on a CPU, and the chip's published bf16
-peak on an accelerator (compute then defaults to bf16). The last line is
+peak on an accelerator (compute then defaults to bf16). The FLOPs count the output layer at every
+position, which ours skips where nothing is trained: `--trained all` trains every position, as the
+MFU convention assumes (`tools/device_bench.sh` runs it on a lent GPU). The last line is
 
     speedup_vs_hf_torch=<x.xx> mfu=<0.xx>
 

@@ -5,7 +5,7 @@
 # own python3 and packages: no install, no network.
 #   bash tools/device_bench.sh                 # versions, the tiny step, the default runs
 #   bash tools/device_bench.sh quick           # versions + the tiny step only
-#   bash tools/device_bench.sh vs-torch b16    # versions + the named runs (see the case below)
+#   bash tools/device_bench.sh b2-vs-torch b16 # versions + the named runs (see the case below)
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-device_out}
@@ -38,10 +38,13 @@ run() {  # name, seconds, flags...
 }
 ALL="--seq 2048 --trained all --steps 8 --warmup 2"  # every position trained: the MFU convention
 runs=("$@")
-[ ${#runs[@]} -eq 0 ] && runs=(b4-vs-torch b8 b8-answers)
+[ ${#runs[@]} -eq 0 ] && runs=(b2-vs-torch b8 b16 b8-answers)
 for r in "${runs[@]}"; do
     case $r in
-        # JAX takes what it needs (no preallocation), so torch fits beside it on one 80 GB card.
+        # JAX takes what it needs (no preallocation), so torch fits beside it: at batch 2 on an
+        # 80 GB card (at batch 4 torch asked for more than the 44 GiB left beside ours on an H100).
+        b2-vs-torch) XLA_PYTHON_CLIENT_PREALLOCATE=false PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
+                     run "$r" 170 $ALL --batch 2 --rounds 2 --torch-attn sdpa ;;
         b4-vs-torch) XLA_PYTHON_CLIENT_PREALLOCATE=false PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
                      run "$r" 170 $ALL --batch 4 --rounds 2 --torch-attn sdpa ;;
         b8) run "$r" 90 $ALL --batch 8 --rounds 1 --no-torch ;;
