@@ -393,8 +393,17 @@ def test_lora_on_gemma3_targets_all_projections_and_merges(dirs):
 # ------------------------------------------------------------------------------------------------
 # Presets: the published shapes, as transformers builds them from our exported config.json.
 
-@pytest.mark.parametrize("name, count", [("qwen2.5-7b", 7_615_616_512), ("qwen3-8b", 8_190_735_360), ("mistral-7b", 7_241_732_096),
-                                         ("gemma3-4b", 3_880_263_168)])
+PRESET_COUNTS = {"qwen2.5-7b": 7_615_616_512, "qwen3-8b": 8_190_735_360, "mistral-7b": 7_241_732_096,
+                 "gemma3-4b": 3_880_263_168}  # the published models' parameter counts
+
+
+def test_every_family_preset_is_checked():
+    from imitation_jax.model.presets import PRESETS
+
+    assert set(PRESET_COUNTS) == {n for n, fields in PRESETS.items() if fields.get("family", "llama") != "llama"}
+
+
+@pytest.mark.parametrize("name, count", PRESET_COUNTS.items())
 def test_family_presets_are_the_published_models(name, count):
     from imitation_jax.convert.hf_config import hf_config_dict, model_fields_from_hf
     from imitation_jax.model import preset

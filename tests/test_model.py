@@ -426,8 +426,9 @@ def shape_param_count(cfg: ModelConfig) -> int:
 
 
 def test_every_preset_is_checked():
-    # the family presets are checked against transformers' counts in test_families
-    assert set(PRESETS) - {"tiny", "qwen3-8b", "mistral-7b", "gemma3-4b"} == set(PUBLISHED)
+    # the other families' presets are checked against transformers' counts in test_families
+    families = {name for name, fields in PRESETS.items() if fields.get("family", "llama") != "llama"}
+    assert set(PRESETS) - {"tiny"} - families == set(PUBLISHED)
 
 
 @pytest.mark.parametrize("name", list(PUBLISHED))
