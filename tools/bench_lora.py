@@ -92,7 +92,7 @@ def run_variant(args) -> dict:
             "loss": float(m["loss"])}
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=512)
@@ -104,7 +104,11 @@ def main(argv=None) -> int:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--variant", choices=("full", "lora"), default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.variant:
         print(json.dumps(run_variant(args)))
         return 0
