@@ -209,12 +209,14 @@ def test_chunked_equals_unchunked(source):
             f = lambda h, k, c: sparse_kd_loss(h, k, ids, lp, mask, chunk=c, **kw)  # noqa: E731
         else:
             f = lambda h, k, c: dense_kd_loss(h, k, th, tk, mask, chunk=c, **kw)  # noqa: E731
-        whole = f(hidden, kernel, 0)
-        g_whole = jax.grad(lambda h, k: f(h, k, 0)[0], argnums=(0, 1))(hidden, kernel)
+        def value_and_grads(chunk):  # one traced evaluation: ((loss, trained count), (d hidden, d kernel))
+            return jax.value_and_grad(lambda h, k: f(h, k, chunk), argnums=(0, 1), has_aux=True)(hidden, kernel)
+
+        whole, g_whole = value_and_grads(0)
         for chunk in (1, 4, 5, 16, 40):  # 5 does not divide 16: padded
-            np.testing.assert_allclose(f(hidden, kernel, chunk)[0], whole[0], rtol=1e-5)
-            assert f(hidden, kernel, chunk)[1] == whole[1] == mask.sum()
-            g = jax.grad(lambda h, k: f(h, k, chunk)[0], argnums=(0, 1))(hidden, kernel)
+            (loss, count), g = value_and_grads(chunk)
+            np.testing.assert_allclose(loss, whole[0], rtol=1e-5)
+            assert count == whole[1] == mask.sum()
             for a, b in zip(g, g_whole):
                 np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 

@@ -149,23 +149,21 @@ def test_cli_train_writes_run_dir_and_restarts_from_checkpoint(small_overrides, 
 
 
 def test_sharded_and_multiprocess_runs_equal_single_device(small_overrides, tmp_path):
-    """The same 5 steps on 1 device, on a (2, 2, 2) mesh of 8 simulated devices, and on the same
-    mesh spread over 2 processes x 4 devices (launch/local.sh: each process loads its own rows)."""
+    """The same 5 steps on 1 device and on a (2, 2, 2) mesh spread over 2 processes x 4 simulated
+    devices (launch/local.sh: each process loads its own rows). The same mesh in one process is
+    checked by test_kd_train and test_on_policy (whole runs) and test_kd_modes (the step)."""
     def at(name):
         return [o if not o.startswith("run_dir=") else f"run_dir={tmp_path / name}" for o in small_overrides]
 
     r1 = _cli(["train", TINY, *at("one")], {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
     assert r1.returncode == 0, r1.stderr
     mesh = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
-    r8 = _cli(["train", TINY, *at("eight"), *mesh], {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
-    assert r8.returncode == 0, r8.stderr
     env = dict(os.environ, IMITATION_JAX=f"{sys.executable} -m imitation_jax.cli", LOG_DIR=str(tmp_path / "logs"))
     r2x4 = subprocess.run(["bash", os.path.join(ROOT, "launch", "local.sh"), "2", TINY, *at("two_procs"), *mesh],
                           capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert r2x4.returncode == 0, r2x4.stderr[-3000:]
-    l1, l8, l2x4 = (_losses(tmp_path / n) for n in ("one", "eight", "two_procs"))
-    assert len(l1) == len(l8) == len(l2x4) == 5 and l1[-1] < l1[0]
-    np.testing.assert_allclose(l8, l1, rtol=1e-5)
+    l1, l2x4 = (_losses(tmp_path / n) for n in ("one", "two_procs"))
+    assert len(l1) == len(l2x4) == 5 and l1[-1] < l1[0]
     np.testing.assert_allclose(l2x4, l1, rtol=1e-5)
     assert (tmp_path / "two_procs" / "checkpoints" / "5").is_dir()
 
