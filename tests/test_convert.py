@@ -274,6 +274,7 @@ def test_student_export_matches_our_greedy_continuation(demo_dir, small_override
     """A trained student (koala + turn tokens added by prepare) exported: transformers' greedy
     continuation equals ours, AutoTokenizer has the added tokens, and the chat_template's text
     tokenizes to our prompt's ids."""
+    import jax
     import jax.numpy as jnp
 
     from imitation_jax.train.config import load_config
@@ -299,10 +300,15 @@ def test_student_export_matches_our_greedy_continuation(demo_dir, small_override
     rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert tok(rendered, add_special_tokens=False)["input_ids"] == prompt.tolist()
     model = loaded.model()
-    ids = list(prompt)
+    ids, total = list(prompt), len(prompt) + 8
+
+    @jax.jit
+    def next_logits(tokens, last):  # one compiled length: the pad after `last` is never attended to
+        return model.logits(model(tokens))[0, last]
+
     for _ in range(8):
-        logits = model.logits(model(jnp.asarray([ids])))
-        ids.append(int(jnp.argmax(logits[0, -1])))
+        padded = jnp.asarray([ids + [0] * (total - len(ids))])
+        ids.append(int(jnp.argmax(next_logits(padded, len(ids) - 1))))
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
         hf_ids = hf.generate(torch.tensor([prompt.tolist()]), max_new_tokens=8, do_sample=False,
