@@ -121,6 +121,20 @@ def small_run_overrides(demo_dir: str, run_dir) -> list[str]:
     ]
 
 
+def run_two_processes(overrides: list[str], log_dir, timeout: int = 600):
+    """`launch/local.sh 2 configs/tiny.yaml OVERRIDES` from the repository root: 2 cooperating
+    processes x 4 simulated devices, this interpreter's CLI; the other process's logs in log_dir."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, IMITATION_JAX=f"{sys.executable} -m imitation_jax.cli", LOG_DIR=str(log_dir))
+    return subprocess.run(["bash", os.path.join(root, "launch", "local.sh"), "2",
+                           os.path.join(root, "configs", "tiny.yaml"), *overrides],
+                          capture_output=True, text=True, env=env, timeout=timeout, cwd=root)
+
+
 @pytest.fixture(scope="session")
 def kd_teacher(demo_dir, tmp_path_factory) -> str:
     """Run dir of a distillation teacher trained once per session (test_kd_train's `teacher_run`:

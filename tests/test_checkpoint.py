@@ -15,6 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from conftest import run_two_processes
 from imitation_jax.train.preemption import EXIT_PREEMPTED
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -165,10 +166,8 @@ print("OK")
 
 def test_checkpoint_from_two_processes_restores_on_other_meshes(base, tmp_path):
     run = tmp_path / "run"
-    env = dict(os.environ, IMITATION_JAX=f"{sys.executable} -m imitation_jax.cli", LOG_DIR=str(tmp_path / "logs"))
-    out = subprocess.run(["bash", os.path.join(ROOT, "launch", "local.sh"), "2", TINY, *base, f"run_dir={run}",
-                          "train.steps=3", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
-                         capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    out = run_two_processes([*base, f"run_dir={run}", "train.steps=3", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
+                            tmp_path / "logs")
     assert out.returncode == 0, out.stderr[-3000:]
     probe = subprocess.run([sys.executable, "-c", RESHARD_PROBE, str(run / "checkpoints" / "3"), str(run)],
                            capture_output=True, text=True, cwd=ROOT, timeout=300,

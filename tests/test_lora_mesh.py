@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -38,7 +36,7 @@ def _losses(run_dir):
 
 
 def test_lora_kd_over_two_processes_equals_one_device(demo_dir, tmp_path):
-    from conftest import small_run_overrides
+    from conftest import run_two_processes, small_run_overrides
     from imitation_jax.commands.train import run_training
     from imitation_jax.train.config import load_config
 
@@ -52,10 +50,7 @@ def test_lora_kd_over_two_processes_equals_one_device(demo_dir, tmp_path):
         return [o for o in small_run_overrides(demo_dir, tmp_path / run) if not o.startswith("train.steps=")] + extra
 
     one = run_training(load_config(TINY, overrides("one")))
-    env = dict(os.environ, IMITATION_JAX=f"{sys.executable} -m imitation_jax.cli", LOG_DIR=str(tmp_path / "logs"))
-    out = subprocess.run(["bash", os.path.join(ROOT, "launch", "local.sh"), "2", TINY, *overrides("two_procs"),
-                          "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], capture_output=True, text=True, cwd=ROOT,
-                         env=env, timeout=600)
+    out = run_two_processes([*overrides("two_procs"), "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], tmp_path / "logs")
     assert out.returncode == 0, out.stderr[-3000:]
     l1, l2x4 = _losses(tmp_path / "one"), _losses(tmp_path / "two_procs")
     assert len(l1) == len(l2x4) == 3 and l1[-1] < l1[0], (l1, l2x4)

@@ -198,17 +198,12 @@ def test_on_policy_over_two_processes_equals_one_device(runs, ref_run, tmp_path)
     """The same run with the (2, 2, 2) mesh spread over 2 processes x 4 devices (launch/local.sh):
     each process loads its own rows; the rollout gathers the global batch, both processes sample
     the same tokens and each rebuilds its shards, so the steps equal the one-device run's."""
-    import os
-    import subprocess
-    import sys
+    from conftest import run_two_processes
 
     root, base, models = runs
-    cwd = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, IMITATION_JAX=f"{sys.executable} -m imitation_jax.cli", LOG_DIR=str(tmp_path / "logs"))
-    done = subprocess.run(["bash", os.path.join(cwd, "launch", "local.sh"), "2", "configs/tiny.yaml", *base, *ON_POLICY,
-                           *RESUMED, f"run_dir={root}/two_procs", f"kd.teacher={models['teacher']}",
-                           f"init.checkpoint={models['student0']}", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
-                          capture_output=True, text=True, cwd=cwd, timeout=600, env=env)
+    done = run_two_processes([*base, *ON_POLICY, *RESUMED, f"run_dir={root}/two_procs", f"kd.teacher={models['teacher']}",
+                              f"init.checkpoint={models['student0']}", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
+                             tmp_path / "logs")
     assert done.returncode == 0, done.stderr[-3000:]
     keys = ("loss", "kd", "on_policy_rows", "on_policy_tokens")
     two = [[r[k] for k in keys] for r in _records(f"{root}/two_procs")]

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import run_two_processes
 from imitation_jax.train.config import load_config
 from imitation_jax.errors import ConfigError
 from imitation_jax.data.build import build_rows
@@ -158,9 +159,7 @@ def test_sharded_and_multiprocess_runs_equal_single_device(small_overrides, tmp_
     r1 = _cli(["train", TINY, *at("one")], {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
     assert r1.returncode == 0, r1.stderr
     mesh = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
-    env = dict(os.environ, IMITATION_JAX=f"{sys.executable} -m imitation_jax.cli", LOG_DIR=str(tmp_path / "logs"))
-    r2x4 = subprocess.run(["bash", os.path.join(ROOT, "launch", "local.sh"), "2", TINY, *at("two_procs"), *mesh],
-                          capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    r2x4 = run_two_processes([*at("two_procs"), *mesh], tmp_path / "logs")
     assert r2x4.returncode == 0, r2x4.stderr[-3000:]
     l1, l2x4 = (_losses(tmp_path / n) for n in ("one", "two_procs"))
     assert len(l1) == len(l2x4) == 5 and l1[-1] < l1[0]

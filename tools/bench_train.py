@@ -273,6 +273,7 @@ class TorchWorker:
                f"{impl}:{alloc}:{device}:{dtype}"]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.losses: list[float] = []
+        self.cpu_s = 0.0  # its CPU seconds as of its last reply
         reply = self._reply()
         if "error" in reply:
             self.close()
@@ -282,14 +283,10 @@ class TorchWorker:
         for line in self.proc.stdout:  # anything else a library prints to stdout is skipped
             if line.startswith(WORKER_PREFIX):
                 reply = json.loads(line[len(WORKER_PREFIX):])
-                self.cpu_s = reply.get("cpu_s", 0.0)
+                self.cpu_s = process_cpu_s(self.proc.pid, self.cpu_s)
                 self.losses = reply.get("losses", self.losses)
                 return reply
-        try:  # its CPU time until it died (a zombie keeps it until waited for)
-            fields = open(f"/proc/{self.proc.pid}/stat").read().rsplit(")", 1)[1].split()
-            self.cpu_s = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError, IndexError):
-            pass
+        self.cpu_s = process_cpu_s(self.proc.pid, self.cpu_s)  # until it died: a zombie keeps it until waited for
         status = self.proc.wait()
         raise RuntimeError("the worker was killed (SIGKILL: out of memory?)" if status == -9 else
                            f"the worker exited with status {status}")
@@ -333,6 +330,26 @@ def _proc_bytes(path: str, key: str) -> float | None:
     return None
 
 
+def process_cpu_s(pid, default: float = 0.0) -> float:
+    """User + system CPU seconds of process `pid` ("self" for this one) from /proc (default elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return default
+
+
+def machine_busy_s() -> float | None:
+    """CPU seconds the whole machine has been busy, all cores (/proc/stat; None elsewhere)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (fields[0] + fields[1] + fields[2] + sum(fields[5:8])) / os.sysconf("SC_CLK_TCK")
+
+
 def mem_available() -> float | None:
     """Bytes the kernel says a new process can use."""
     return _proc_bytes("/proc/meminfo", "MemAvailable")
@@ -358,8 +375,7 @@ def torch_worker_main(args) -> int:
     impl, alloc, device, dtype = args.torch_worker.split(":")
 
     def say(**reply) -> None:
-        times = os.times()
-        print(WORKER_PREFIX + json.dumps({"cpu_s": times.user + times.system, **reply}), flush=True)
+        print(WORKER_PREFIX + json.dumps(reply), flush=True)
 
     try:  # if memory runs out anyway, the kernel kills this worker rather than the bench's own process
         with open("/proc/self/oom_score_adj", "w") as f:
@@ -393,14 +409,9 @@ class ForeignLoad:
 
     @staticmethod
     def _sample():
-        try:
-            with open("/proc/stat") as f:
-                fields = [int(v) for v in f.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        busy = (fields[0] + fields[1] + fields[2] + sum(fields[5:8])) / os.sysconf("SC_CLK_TCK")
+        busy = machine_busy_s()
         own = os.times()
-        return time.perf_counter(), busy, own.user + own.system
+        return None if busy is None else (time.perf_counter(), busy, own.user + own.system)
 
     def cores(self, own_elsewhere: float = 0.0):
         """own_elsewhere: CPU seconds our own worker processes used meanwhile (not foreign)."""

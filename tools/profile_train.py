@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     from imitation_jax import host_memory
     host_memory.configure(args.host_memory)  # as `imitation-jax train` and tools/bench_train.py run
     import jax
-    from bench_train import make_batch
+    from bench_train import machine_busy_s, make_batch
     from imitation_jax.model import ModelConfig
     from imitation_jax.model import cpu
     from imitation_jax.model.params import init_params, model_graph
@@ -179,10 +179,10 @@ def main(argv=None) -> int:
     def run(name):
         key = keys[name]
         # process_time: all this process's threads, in ns (os.times ticks 10 ms, longer than a tiny step)
-        b0, t0, c0 = _busy(), time.perf_counter(), time.process_time()
+        b0, t0, c0 = machine_busy_s(), time.perf_counter(), time.process_time()
         states[key], metrics = compiled[name](states[key], batches[key])
         jax.block_until_ready((states[key], metrics))
-        b1, t1, c1 = _busy(), time.perf_counter(), time.process_time()
+        b1, t1, c1 = machine_busy_s(), time.perf_counter(), time.process_time()
         own = c1 - c0
         cpu_s[name].append(own)
         foreign[name].append(max(0.0, (b1 - b0 - own) / (t1 - t0)))
@@ -232,13 +232,6 @@ def main(argv=None) -> int:
 
 
 QUIET = 0.3
-
-
-def _busy() -> float:
-    """CPU seconds the whole machine has been busy (/proc/stat)."""
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    return (fields[0] + fields[1] + fields[2] + sum(fields[5:8])) / os.sysconf("SC_CLK_TCK")
 
 
 if __name__ == "__main__":
